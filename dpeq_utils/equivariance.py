@@ -1,0 +1,220 @@
+"""Groups by name, escnn fixes for ``torch.func``, and measurements of equivariance error.
+
+Groups are named as in the paper: ``"C<N>"`` (the N rotations by multiples of 360°/N) and
+``"D<N>"`` (those rotations and the reflections). ``C1`` is the trivial group (a plain CNN
+written in escnn's terms), ``D1`` the single reflection.
+
+Importing this module applies two fixes to escnn 1.0.11 that whole-model ``torch.func``
+per-sample gradients need (measured, see ``shared/docs/FACTS.md``):
+
+* escnn's basis-expansion modules hash their tensor *contents*; inside ``vmap`` those tensors
+  have no storage, and ``Module.named_modules`` hashes every module. They get the identity hash
+  of ``torch.nn.Module`` instead.
+* ``escnn.nn.GroupPooling`` writes into a preallocated tensor in place, which ``vmap`` rejects;
+  dpeq pools regular fields with :func:`group_pool` (a reshape and a max) instead.
+
+Warning:
+    Equivariance on the pixel grid is exact only for rotations by multiples of 90° and for
+    reflections (they permute pixels). Other angles need interpolation, so even a perfectly
+    equivariant network shows an error there: :func:`rotation_error_curve` measures it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import escnn.gspaces as gspaces
+from escnn.nn import GeometricTensor
+from escnn.nn.modules.basismanager import basisexpansion_blocks, basisexpansion_singleblock
+
+GROUPS = ("C1", "C2", "C4", "C8", "C16", "D1", "D2", "D4", "D8")
+
+
+def _apply_torch_func_fixes() -> None:
+    for cls in (basisexpansion_blocks.BlocksBasisExpansion, basisexpansion_singleblock.SingleBlockBasisExpansion):
+        cls.__hash__ = torch.nn.Module.__hash__
+
+
+_apply_torch_func_fixes()
+
+
+def parse_group(name: str) -> tuple[bool, int]:
+    """``"D4"`` → ``(True, 4)`` (has reflections, number of rotations).
+
+    >>> parse_group("C8"), parse_group("D1")
+    ((False, 8), (True, 1))
+    """
+    match = re.fullmatch(r"([CD])([1-9][0-9]*)", str(name))
+    if not match:
+        raise ValueError(f"unknown group {name!r}: use C<N> or D<N>, e.g. one of {GROUPS}")
+    return match.group(1) == "D", int(match.group(2))
+
+
+def group_order(name: str) -> int:
+    """Number of elements: ``|C_N| = N``, ``|D_N| = 2N``.
+
+    >>> group_order("D4")
+    8
+    """
+    reflections, rotations = parse_group(name)
+    return rotations * (2 if reflections else 1)
+
+
+def make_gspace(name: str) -> gspaces.GSpace2D:
+    """The escnn gspace acting on the plane (and so on images) for a group name."""
+    reflections, rotations = parse_group(name)
+    if reflections:
+        return gspaces.flip2dOnR2() if rotations == 1 else gspaces.flipRot2dOnR2(rotations)
+    return gspaces.rot2dOnR2(rotations)
+
+
+def halved_subgroup(name: str) -> tuple[str, object]:
+    """The subgroup the paper restricts to after the second stage, and escnn's id for it.
+
+    Halving keeps every second rotation (D4 → D2, C8 → C4); D1 keeps only the identity (D1 → C1).
+
+    >>> halved_subgroup("D4")[0], halved_subgroup("C8")[0], halved_subgroup("D1")[0]
+    ('D2', 'C4', 'C1')
+    """
+    reflections, rotations = parse_group(name)
+    if reflections:
+        if rotations == 1:
+            return "C1", 1
+        if rotations % 2:
+            raise ValueError(f"{name} has an odd number of rotations and cannot be halved; use restrict=False")
+        return f"D{rotations // 2}", (0, rotations // 2)
+    if rotations % 2:
+        raise ValueError(f"{name} has no subgroup of half its rotations; use restrict=False")
+    return f"C{rotations // 2}", rotations // 2
+
+
+def group_pool(x: torch.Tensor, field_size: int) -> torch.Tensor:
+    """Max over each regular field's channels: ``(B, n·|G|, H, W)`` → ``(B, n, H, W)``, invariant.
+
+    A regular field's channels are permuted by the group, so their maximum is invariant.
+    """
+    batch, channels, height, width = x.shape
+    return x.view(batch, channels // field_size, field_size, height, width).amax(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# measurements
+
+
+def grid_elements(gspace: gspaces.GSpace2D) -> list:
+    """Elements of the gspace's group that act exactly on a square pixel grid (90° multiples, reflections)."""
+    exact = []
+    for element in gspace.fibergroup.elements:
+        quarter_turns = _rotation_angle(element) / (math.pi / 2)
+        if abs(quarter_turns - round(quarter_turns)) < 1e-9:
+            exact.append(element)
+    return exact
+
+
+def _rotation_angle(element) -> float:
+    value = element.to("radians")
+    return float(value[1] if isinstance(value, tuple) else value)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
+
+
+@dataclass
+class EquivarianceResult:
+    stage: str
+    element: str
+    relative_error: float
+
+
+def feature_equivariance_errors(model: torch.nn.Module, x: torch.Tensor) -> list[EquivarianceResult]:
+    """``‖f(g·x) − g·f(x)‖ / ‖g·f(x)‖`` for every feature map ``f`` the model exposes and every
+    grid-exact element ``g`` of the group that feature map is equivariant to.
+
+    The model must offer ``input_type`` (escnn field type of its input) and ``feature_maps(x)``
+    (a dict of name → :class:`escnn.nn.GeometricTensor`); feature maps after a restriction carry
+    the subgroup's field type and are tested only on the subgroup's elements.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            reference = model.feature_maps(x)
+            results = []
+            for g in grid_elements(model.input_type.gspace):
+                moved = model.feature_maps(GeometricTensor(x, model.input_type).transform(g).tensor)
+                for stage, feature in reference.items():
+                    element = _as_element_of(g, feature.type.gspace, model.input_type.gspace)
+                    if element is None:
+                        continue
+                    expected = feature.transform(element).tensor
+                    results.append(EquivarianceResult(stage, str(g), _relative_error(moved[stage].tensor, expected)))
+            return results
+    finally:
+        model.train(was_training)
+
+
+def _as_element_of(g, sub_gspace, parent_gspace):
+    """``g`` seen as an element of the (sub)group ``sub_gspace`` acts by, or None if it is not in it."""
+    if sub_gspace == parent_gspace:
+        return g
+    restriction = getattr(sub_gspace, "_dpeq_restriction", None)
+    if restriction is None:
+        raise ValueError("feature map on a subgroup without a recorded restriction map; build it with "
+                         "dpeq_utils.models.equivariant.restrict_field_type")
+    return restriction(g)
+
+
+def transform_images(x: torch.Tensor, rotation_quarter_turns: int = 0, flip: bool = False) -> torch.Tensor:
+    """Rotate images by multiples of 90° (counter-clockwise) and optionally mirror them left-right first."""
+    if flip:
+        x = x.flip(-1)
+    return torch.rot90(x, rotation_quarter_turns, dims=(-2, -1))
+
+
+def invariance_error(model: torch.nn.Module, x: torch.Tensor, rotation_quarter_turns: int = 1, flip: bool = False) -> float:
+    """``‖model(g·x) − model(x)‖ / ‖model(x)‖`` for a 90°-multiple rotation and/or a reflection."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _relative_error(model(transform_images(x, rotation_quarter_turns, flip)), model(x))
+    finally:
+        model.train(was_training)
+
+
+def rotate_images(x: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotate images by an arbitrary angle (radians, counter-clockwise) with bilinear interpolation,
+    keeping only the disc inscribed in the image (corners would leave the grid)."""
+    batch, _, height, width = x.shape
+    cos, sin = math.cos(angle), math.sin(angle)
+    theta = torch.tensor([[cos, sin, 0.0], [-sin, cos, 0.0]], dtype=x.dtype, device=x.device).expand(batch, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    rotated = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return rotated * disc_mask(height, width, x)
+
+
+def disc_mask(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    ys = torch.linspace(-1, 1, height, dtype=like.dtype, device=like.device)
+    xs = torch.linspace(-1, 1, width, dtype=like.dtype, device=like.device)
+    return ((ys[:, None] ** 2 + xs[None, :] ** 2) <= 1).to(like.dtype)
+
+
+def rotation_error_curve(model: torch.nn.Module, x: torch.Tensor, angles_deg=range(0, 361, 15)) -> list[tuple[float, float]]:
+    """Invariance error of the logits against rotation angle (inputs masked to a disc so that only
+    interpolation, not cropping, separates the angles). Exact (≈1e-6) at multiples of 90° for a
+    model with an invariant head, larger in between."""
+    masked = x * disc_mask(x.shape[-2], x.shape[-1], x)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            base = model(masked)
+            return [(float(a), _relative_error(model(rotate_images(masked, math.radians(a))), base)) for a in angles_deg]
+    finally:
+        model.train(was_training)

@@ -1,0 +1,84 @@
+"""Models by name. Every model maps ``(B, 3, H, W)`` float images to ``(B, num_classes)`` logits.
+
+==================  ===========================================================================
+name                what
+==================  ===========================================================================
+``eq_resnet9``      the paper's equivariant ResNet-9 (any group, optional restriction)
+``resnet9``         plain ResNet-9 with the *same tensor widths* as that equivariant model
+``resnet9_matched`` plain ResNet-9 with (about) the *same parameter count* as that model
+``wrn16_4``         WRN-16-4 with GroupNorm and weight standardisation (De et al. 2022)
+==================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..equivariance import group_order, halved_subgroup
+from .baselines import PlainResNet9, WideResNet
+from .equivariant import PAPER_WIDTHS, EquivariantResNet9, fields_for_width
+
+MODELS = ("eq_resnet9", "resnet9", "resnet9_matched", "wrn16_4")
+#: Arguments each model family takes from a run config.
+RESNET9_ARGS = ("group", "restrict", "widths", "num_groups", "head", "num_classes")
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of trainable parameters (for escnn convs: basis coefficients, not expanded filter entries)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def same_width_channels(group: str = "D4", restrict: bool = True, widths=PAPER_WIDTHS) -> tuple[int, int, int, int]:
+    """Channel counts of a plain ResNet-9 whose activations have the equivariant model's shapes.
+
+    >>> same_width_channels("D4", True, (16, 32, 64))
+    (48, 104, 312, 156)
+    """
+    late = halved_subgroup(group)[0] if restrict else group
+    n0, n1 = fields_for_width(widths[0], group), fields_for_width(widths[1], group)
+    n2 = fields_for_width(widths[2], late)
+    order, late_order = group_order(group), group_order(late)
+    return n0 * order, n1 * order, n2 * order, n2 * late_order
+
+
+def matched_channels(target_params: int, reference: tuple[int, int, int, int], num_groups: int = 8,
+                     head: str = "pool2x2", num_classes: int = 10) -> tuple[int, int, int, int]:
+    """Scale ``reference`` channel counts (keeping their ratios) so a PlainResNet9 has about ``target_params``."""
+    def params_at(scale: float) -> tuple[int, tuple[int, ...]]:
+        channels = tuple(max(1, round(c * scale)) for c in reference)
+        model = PlainResNet9(channels, num_groups=num_groups, head=head, num_classes=num_classes)
+        return count_params(model), channels
+
+    low, high = 1e-3, 4.0
+    for _ in range(40):
+        middle = (low * high) ** 0.5
+        if params_at(middle)[0] < target_params:
+            low = middle
+        else:
+            high = middle
+    return min((params_at(s) for s in (low, high)), key=lambda pc: abs(pc[0] - target_params))[1]
+
+
+def build_model(name: str, *, group: str = "D4", restrict: bool = True, widths=PAPER_WIDTHS, num_groups: int = 8,
+                head: str = "pool2x2", num_classes: int = 10) -> nn.Module:
+    """A model by name (see the module docstring); ``wrn16_4`` ignores the ResNet-9 arguments.
+
+    >>> count_params(build_model("eq_resnet9", group="D4", restrict=True, widths=(4, 8, 16))) > 0
+    True
+    """
+    widths = tuple(widths)
+    if name == "eq_resnet9":
+        return EquivariantResNet9(group, restrict, widths, num_groups, head, num_classes)
+    if name == "resnet9":
+        return PlainResNet9(same_width_channels(group, restrict, widths), num_groups, head, num_classes)
+    if name == "resnet9_matched":
+        target = count_params(EquivariantResNet9(group, restrict, widths, num_groups, head, num_classes))
+        channels = matched_channels(target, same_width_channels(group, restrict, widths), num_groups, head, num_classes)
+        return PlainResNet9(channels, num_groups, head, num_classes)
+    if name == "wrn16_4":
+        return WideResNet(depth=16, width=4, num_groups=16, num_classes=num_classes)
+    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+
+
+__all__ = ["MODELS", "build_model", "count_params", "same_width_channels", "matched_channels",
+           "EquivariantResNet9", "PlainResNet9", "WideResNet", "fields_for_width"]

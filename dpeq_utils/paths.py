@@ -1,0 +1,52 @@
+"""Folders of the project, independent of the current working directory.
+
+Every folder can be moved with an environment variable, so a notebook executed by papermill from
+any directory, a test writing into a temporary folder, and a user with a shared dataset cache all
+resolve the same names.
+
+=====================  ===========================  ==========================
+folder                 default                      override
+=====================  ===========================  ==========================
+data                   ``<repo>/data``              ``DPEQ_DATA_DIR``
+dataset cache          ``<data>/cache``             ``DPEQ_CACHE_DIR``
+run records            ``<data>/runs/<profile>``    ``DPEQ_RUNS_DIR`` (parent)
+figures                ``<repo>/figures``           ``DPEQ_FIGURES_DIR``
+profiles               ``<repo>/notebooks/profiles``
+=====================  ===========================  ==========================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _from_env(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return Path(value).expanduser().resolve() if value else default
+
+
+def data_dir() -> Path:
+    return _from_env("DPEQ_DATA_DIR", REPO_ROOT / "data")
+
+
+def cache_dir() -> Path:
+    """Where downloaded datasets are kept (ignored by git)."""
+    return _from_env("DPEQ_CACHE_DIR", data_dir() / "cache")
+
+
+def runs_dir(profile: str | None = None) -> Path:
+    """Run records; one sub-folder per profile."""
+    root = _from_env("DPEQ_RUNS_DIR", data_dir() / "runs")
+    return root / profile if profile else root
+
+
+def figures_dir(profile: str | None = None) -> Path:
+    root = _from_env("DPEQ_FIGURES_DIR", REPO_ROOT / "figures")
+    return root / profile if profile else root
+
+
+def profiles_dir() -> Path:
+    return REPO_ROOT / "notebooks" / "profiles"
