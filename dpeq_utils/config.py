@@ -1,0 +1,195 @@
+"""``RunConfig``: every setting of one training run, in the vocabulary shared by the parameters
+cells, the run records and the figure labels. Profiles (``notebooks/profiles/*.yaml``) fill it.
+
+Only settings live here. Values derived from them (noise multiplier, sample rate, steps actually
+taken, ε spent) are computed by the trainer and stored in the run record, never set by hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data import DATASETS
+from .equivariance import parse_group
+from .models import MODELS
+from .models.equivariant import HEADS
+from .paths import profiles_dir
+from .privacy import ACCOUNTANTS
+
+PROFILES = ("smoke", "teach", "paper")
+FLOAT_FIELDS = ("target_epsilon", "target_delta", "clip_norm", "epochs", "lr", "momentum", "ema_decay")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One DP-SGD (or non-private reference) training run. Field names follow DESIGN.md."""
+
+    profile: str = "custom"
+    # data
+    dataset: str = "synthetic"
+    train_size: int | None = None  # None: the whole training set (synthetic: 5000)
+    test_size: int | None = None  # None: the whole test set (synthetic: 1000)
+    # model
+    model: str = "eq_resnet9"
+    group: str = "D4"
+    restrict: bool = True
+    widths: tuple[int, int, int] = (16, 32, 64)
+    num_groups: int = 8
+    head: str = "pool2x2"
+    # privacy
+    non_private: bool = False
+    target_epsilon: float = 8.0
+    target_delta: float = 1e-5
+    accountant: str = "rdp"
+    clip_norm: float = 2.0
+    # optimisation
+    batch_size: int = 8192  # logical batch: the *expected* size under Poisson sampling
+    physical_batch_size: int = 256  # examples per forward/backward chunk (memory only)
+    aug_mult: int = 4
+    update_steps: int | None = 2160
+    epochs: float | None = None  # alternative to update_steps: steps = round(epochs * N / batch_size)
+    lr: float = 2.0
+    momentum: float = 0.0
+    ema_decay: float = 0.999
+    eval_every: int = 0  # evaluate every this many steps (0: only at the end)
+    # reproducibility
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        object.__setattr__(self, "widths", tuple(self.widths))
+        # one spelling per value, so equal configs hash to equal record keys (8 and 8.0; YAML's "1e-5" string)
+        for name in FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, (int, str)) and not isinstance(value, bool):
+                try:
+                    object.__setattr__(self, name, float(value))
+                except ValueError:
+                    pass  # reported by the checks below
+        problems = list(self._problems())
+        if problems:
+            raise ValueError("invalid run config:\n  - " + "\n  - ".join(problems))
+
+    def _problems(self):
+        def positive_int(name, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                yield f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}"
+
+        def positive_float(name, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                yield f"{name} must be a positive finite number, got {value!r}"
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                yield f"{name} must be one of {tuple(options)}, got {getattr(self, name)!r}"
+
+        yield from choice("dataset", DATASETS)
+        yield from choice("model", MODELS)
+        yield from choice("head", HEADS)
+        yield from choice("accountant", ACCOUNTANTS)
+        try:
+            parse_group(self.group)
+        except ValueError as err:
+            yield str(err)
+        if len(self.widths) != 3 or not all(isinstance(w, int) and w > 0 for w in self.widths):
+            yield f"widths must be three positive integers, got {self.widths!r}"
+        for name in ("num_groups", "batch_size", "physical_batch_size", "aug_mult"):
+            yield from positive_int(name)
+        for name in ("train_size", "test_size", "update_steps"):
+            yield from positive_int(name, allow_none=True)
+        for name in ("target_epsilon", "target_delta", "clip_norm", "lr"):
+            yield from positive_float(name)
+        yield from positive_float("epochs", allow_none=True)
+        if (self.update_steps is None) == (self.epochs is None):
+            yield "set exactly one of update_steps and epochs (the other to None)"
+        if not isinstance(self.target_delta, (int, float)) or not 0 < self.target_delta < 1:
+            yield f"target_delta must lie in (0, 1), got {self.target_delta!r}"
+        if not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            yield f"momentum must lie in [0, 1), got {self.momentum!r}"
+        if not isinstance(self.ema_decay, (int, float)) or not 0 <= self.ema_decay < 1:
+            yield f"ema_decay must lie in [0, 1), got {self.ema_decay!r}"
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            yield f"eval_every must be an integer >= 0, got {self.eval_every!r}"
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            yield f"seed must be an integer >= 0, got {self.seed!r}"
+        for name in ("restrict", "non_private"):
+            if not isinstance(getattr(self, name), bool):
+                yield f"{name} must be true or false, got {getattr(self, name)!r}"
+        if self.restrict is True and self.group == "C1" and self.model != "wrn16_4":
+            yield "group C1 has no subgroup to restrict to: set restrict=False"
+
+    def replace(self, **changes) -> "RunConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - set(field_names()))
+        if unknown:
+            raise ValueError(f"unknown run config field(s) {unknown}; valid fields: {', '.join(field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["widths"] = list(self.widths)
+        return values
+
+
+def field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def profile_path(profile: str | Path) -> Path:
+    """A profile by name (``smoke``, ``teach``, ``paper``) or by path to a YAML file."""
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"no profile file at {path}")
+        return path
+    path = profiles_dir() / f"{profile}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+        raise ValueError(f"unknown profile {profile!r}; available: {available} (or give a path to a .yaml file)")
+    return path
+
+
+def load_profile(profile: str | Path) -> dict:
+    """The whole profile file as a dict (its ``run`` section feeds :func:`config_from_profile`)."""
+    with open(profile_path(profile)) as handle:
+        content = yaml.safe_load(handle) or {}
+    if not isinstance(content, dict) or not isinstance(content.get("run"), dict):
+        raise ValueError(f"profile {profile!r} must be a mapping with a 'run' section of RunConfig fields")
+    return content
+
+
+def config_from_profile(profile: str | Path, **overrides) -> RunConfig:
+    """``RunConfig`` from a profile's ``run`` section, then ``overrides``."""
+    content = load_profile(profile)
+    values = {**content["run"], **overrides}
+    values.setdefault("profile", Path(profile).stem)
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:
+        raise ValueError(f"unknown run config field(s) {unknown} in profile {profile!r}; valid: {', '.join(field_names())}")
+    return RunConfig(**values)
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    """``"key=value"`` with the value read as YAML (numbers, booleans, lists, null).
+
+    >>> parse_assignment("widths=[4, 8, 16]"), parse_assignment("update_steps=null")
+    (('widths', [4, 8, 16]), ('update_steps', None))
+    """
+    if "=" not in text:
+        raise ValueError(f"expected key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if key not in field_names():
+        raise ValueError(f"unknown run config field {key!r}; valid fields: {', '.join(field_names())}")
+    return key, yaml.safe_load(raw)

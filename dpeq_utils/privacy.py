@@ -1,0 +1,166 @@
+"""Noise calibration and privacy accounting for DP-SGD with Poisson sampling.
+
+Both functions take the sample rate ``q`` and the number of steps ``T`` that the sampler will
+*really* use; the trainer derives them from the same numbers it samples with. (Opacus's
+``make_private_with_epsilon`` calibrates with ``q = 1/len(data_loader)``, which is not the rate its
+Poisson sampler uses when the dataset size is not a multiple of the batch size; the official code
+of the paper calibrated with a different q and T than its loader used, overshooting ε by ~1%.)
+
+Accountants (Opacus implementations):
+
+``"rdp"``
+    Rényi DP (Mironov 2017; Mironov et al. 2019), the paper's accountant; an upper bound on ε.
+``"prv"``
+    Privacy random variables (Gopi et al. 2021), numerically tight; dpeq reports its *upper*
+    estimate, so ε is never understated. For the same σ it gives a smaller ε than RDP.
+
+Calibration finds the smallest σ (to 0.1% relative) whose ε does not exceed the target, so
+``epsilon_spent(calibrate_noise(...)) <= target_epsilon`` always holds.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+class PrivacyBudgetError(RuntimeError):
+    """A run would spend more privacy than its target allows."""
+
+
+def _check_finite(name: str, value, low=None, high=None, low_open=True, high_open=True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return float(value)
+
+
+def _check_common(sample_rate, steps, target_delta, dataset_size, accountant) -> None:
+    _check_finite("sample_rate", sample_rate, 0, 1, low_open=True, high_open=False)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    _check_finite("target_delta", target_delta, 0, 1)
+    if dataset_size is not None:
+        if not isinstance(dataset_size, int) or dataset_size < 1:
+            raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
+        if target_delta >= 1 / dataset_size:
+            raise ValueError(f"target_delta={target_delta} is not below 1/N = 1/{dataset_size}: such a δ allows "
+                             f"releasing a whole example. Use δ < {1 / dataset_size:.2e} (the paper uses 1e-5 for N=50000).")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
+
+
+def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, target_delta: float, accountant: str) -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about the optimal RDP order at the grid's edge
+        rdp = RDPAccountant()
+        rdp.history = [(noise_multiplier, sample_rate, steps)]
+        eps_rdp = float(rdp.get_epsilon(target_delta))
+        if accountant == "rdp":
+            return eps_rdp
+        # PRV ε never exceeds RDP ε; its discretisation error is absolute, so tie it to that scale
+        # (0.1%), which keeps small budgets resolved and large ones cheap
+        prv = PRVAccountant()
+        prv.history = [(noise_multiplier, sample_rate, steps)]
+        return float(prv.get_epsilon(target_delta, eps_error=max(1e-3 * eps_rdp, 1e-4)))
+
+
+def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, target_delta: float,
+                  accountant: str = "rdp", dataset_size: int | None = None) -> float:
+    """ε of ``steps`` Poisson-sampled Gaussian-mechanism steps at rate ``sample_rate`` and noise σ.
+
+    >>> round(epsilon_spent(0.6342, 256 / 50000, 5860, 1e-5), 2)
+    7.99
+    """
+    _check_common(sample_rate, steps, target_delta, dataset_size, accountant)
+    _check_finite("noise_multiplier", noise_multiplier, 0)
+    return _epsilon(float(noise_multiplier), float(sample_rate), steps, float(target_delta), accountant)
+
+
+def calibrate_noise(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
+                    accountant: str = "rdp", dataset_size: int | None = None, rtol: float = 1e-3) -> float:
+    """The smallest noise multiplier σ (within ``rtol``) with ``epsilon_spent(σ, ...) <= target_epsilon``.
+
+    >>> sigma = calibrate_noise(8.0, 1e-5, 256 / 50000, 5860)
+    >>> round(sigma, 2), epsilon_spent(sigma, 256 / 50000, 5860, 1e-5) <= 8.0
+    (0.63, True)
+    """
+    _check_common(sample_rate, steps, target_delta, dataset_size, accountant)
+    target_epsilon = _check_finite("target_epsilon", target_epsilon, 0)
+    _check_finite("rtol", rtol, 0, 0.1)
+
+    def bisect(eps, low: float, high: float) -> float:
+        """Smallest σ in [low, high] with eps(σ) <= target, given eps(low) > target >= eps(high)."""
+        while (high - low) / high > rtol:
+            middle = (low + high) / 2
+            low, high = (low, middle) if eps(middle) <= target_epsilon else (middle, high)
+        return high
+
+    def rdp(sigma: float) -> float:
+        return _epsilon(sigma, sample_rate, steps, target_delta, "rdp")
+
+    high = 1.0
+    while rdp(high) > target_epsilon:  # grow until the budget holds
+        high *= 2
+        if high > 1e5:
+            raise PrivacyBudgetError(f"no noise multiplier up to 1e5 reaches ε={target_epsilon} with q={sample_rate}, "
+                                     f"T={steps}, δ={target_delta}: raise ε or lower q/T")
+    low = high / 2
+    while low > 1e-3 and rdp(low) <= target_epsilon:  # shrink until it is violated
+        low, high = low / 2, low
+    sigma = bisect(rdp, low, high)
+    if accountant == "rdp":
+        return sigma
+
+    # PRV's ε is below RDP's for the same σ, so its σ is below the RDP one. Walk down in small steps
+    # rather than probing tiny σ: PRV's cost and memory explode for ε far above the target.
+    def prv(sigma_: float) -> float:
+        return _epsilon(sigma_, sample_rate, steps, target_delta, "prv")
+
+    high = sigma
+    low = high * 0.9
+    while prv(low) <= target_epsilon:
+        low, high = low * 0.9, low
+    return bisect(prv, low, high)
+
+
+class PrivacyBudget:
+    """The trainer's guard: σ, q and the step allowance that keep ε at or below the target.
+
+    ε grows with every step, so the budget is a number of steps. :meth:`spend` counts one step and
+    refuses a step beyond the allowance; the ε reported for a run is computed from the steps really
+    taken.
+    """
+
+    def __init__(self, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
+                 accountant: str = "rdp", dataset_size: int | None = None, noise_multiplier: float | None = None):
+        self.target_epsilon, self.target_delta = float(target_epsilon), float(target_delta)
+        self.sample_rate, self.allowed_steps, self.accountant = float(sample_rate), int(steps), accountant
+        if noise_multiplier is None:
+            noise_multiplier = calibrate_noise(target_epsilon, target_delta, sample_rate, steps, accountant, dataset_size)
+        self.noise_multiplier = float(noise_multiplier)
+        planned = epsilon_spent(self.noise_multiplier, sample_rate, steps, target_delta, accountant, dataset_size)
+        if planned > self.target_epsilon:
+            raise PrivacyBudgetError(f"σ={self.noise_multiplier:.4g} over {steps} steps at q={sample_rate:.4g} spends "
+                                     f"ε={planned:.4f} > target {self.target_epsilon}: use more noise or fewer steps")
+        self.planned_epsilon = planned
+        self.steps_taken = 0
+
+    def spend(self) -> None:
+        if self.steps_taken >= self.allowed_steps:
+            raise PrivacyBudgetError(f"step {self.steps_taken + 1} would exceed the {self.allowed_steps} steps that "
+                                     f"ε={self.target_epsilon} allows at σ={self.noise_multiplier:.4g}")
+        self.steps_taken += 1
+
+    def epsilon(self) -> float:
+        """ε spent by the steps taken so far (0 before the first)."""
+        if self.steps_taken == 0:
+            return 0.0
+        return epsilon_spent(self.noise_multiplier, self.sample_rate, self.steps_taken, self.target_delta, self.accountant)

@@ -1,0 +1,122 @@
+"""Run records: config → key → one JSON file per run; ``load_or_run``; a pandas results table.
+
+A record is written atomically (a temporary file in the same folder, then a rename), so a crash
+never leaves a half-written record that a later ``load_or_run`` would trust. Its name is
+``<model>-<group>-<key>.json``, where the key hashes every config field that can change the result
+(not ``profile``, ``device`` or ``physical_batch_size``, which change only where and how fast).
+
+Record fields (top level): ``key``, ``config``, ``noise_multiplier``, ``sample_rate``, ``steps``,
+``epsilon_spent`` (null for a non-private run), ``test_accuracy``, ``test_accuracy_ema``,
+``test_loss``, ``num_params``, ``wall_time_s``, ``device``, ``versions``, ``git_commit``, ``seed``,
+``dataset_size``, ``test_size``, ``mean_batch_size``, ``history`` (one entry per evaluation),
+``created``, ``schema``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .config import RunConfig
+from .paths import runs_dir as default_runs_dir
+from .runtime import device_name, git_commit, library_versions, pick_device
+
+SCHEMA = 1
+#: Fields that do not change what a run computes, only where or how fast.
+NOT_IN_KEY = ("profile", "device", "physical_batch_size")
+REQUIRED_FIELDS = ("key", "config", "noise_multiplier", "sample_rate", "steps", "epsilon_spent", "test_accuracy",
+                   "test_accuracy_ema", "num_params", "wall_time_s", "device", "versions", "git_commit", "seed")
+
+
+def config_key(config: RunConfig) -> str:
+    """A stable hash of the fields that determine a run's result.
+
+    >>> config_key(RunConfig(device="cpu")) == config_key(RunConfig(device="auto", profile="x"))
+    True
+    """
+    values = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_KEY}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _runs_dir(config: RunConfig, runs_dir) -> Path:
+    return Path(runs_dir) if runs_dir is not None else default_runs_dir(config.profile)
+
+
+def record_path(config: RunConfig, runs_dir: str | os.PathLike | None = None) -> Path:
+    tag = config.model if config.model == "wrn16_4" else f"{config.model}-{config.group}"
+    return _runs_dir(config, runs_dir) / f"{tag}-{config_key(config)}.json"
+
+
+def write_json_atomic(path: Path, content: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            json.dump(content, handle, indent=1, allow_nan=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+
+
+def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, progress: bool = True, data=None) -> dict:
+    """Train ``config`` and write its record; returns the record."""
+    from .train import train
+
+    results = train(config, progress=progress, data=data)
+    record = {
+        "schema": SCHEMA,
+        "key": config_key(config),
+        "config": config.to_dict(),
+        **results,
+        "device": device_name(pick_device(config.device)),
+        "versions": library_versions(),
+        "git_commit": git_commit(),
+        "seed": config.seed,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(record_path(config, runs_dir), record)
+    return record
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    with open(path) as handle:
+        record = json.load(handle)
+    missing = [f for f in REQUIRED_FIELDS if f not in record]
+    if missing:
+        raise ValueError(f"{path} is not a dpeq run record (missing {missing})")
+    return record
+
+
+def load_or_run(config: RunConfig, runs_dir: str | os.PathLike | None = None, force: bool = False,
+                progress: bool = True, data=None) -> dict:
+    """The record of ``config``: read if it exists (and ``force`` is off), trained and written otherwise."""
+    path = record_path(config, runs_dir)
+    if path.is_file() and not force:
+        return read_record(path)
+    return run(config, runs_dir, progress, data)
+
+
+def load_records(runs_dir: str | os.PathLike) -> list[dict]:
+    """Every record in a folder (temporary files of interrupted writes are ignored)."""
+    return [read_record(p) for p in sorted(Path(runs_dir).glob("*.json"))]
+
+
+def results_table(records) -> "pandas.DataFrame":
+    """One row per run: the config fields, then the derived and measured values (no history)."""
+    import pandas as pd
+
+    if isinstance(records, (str, os.PathLike)):
+        records = load_records(records)
+    rows = []
+    for record in records:
+        row = dict(record["config"])
+        row["widths"] = tuple(row["widths"])
+        row.update({k: v for k, v in record.items() if k not in ("config", "history", "versions")})
+        rows.append(row)
+    return pd.DataFrame(rows)

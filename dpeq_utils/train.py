@@ -1,0 +1,284 @@
+"""DP-SGD training: Poisson sampling, per-example gradients, clipping, noise, EMA, evaluation.
+
+One logical step of DP-SGD (Abadi et al. 2016) as implemented here:
+
+1. **Poisson sampling.** Every training example joins the batch independently with probability
+   ``q = batch_size / N``; the batch size itself is random (expected ``batch_size``). This ``q`` and
+   the number of steps are exactly what the accountant is given.
+2. **Per-example gradients** of each example's loss averaged over its ``aug_mult`` views, computed in
+   physical chunks of ``physical_batch_size`` examples (memory only; the result is the same).
+3. **Clipping** of each example's whole gradient to norm ``clip_norm``, then summing (Opacus
+   ``DPOptimizer``, accumulating across the chunks).
+4. **Noise** ``N(0, σ² clip_norm²)`` added once per logical step to the sum, which is divided by the
+   *expected* batch size (dividing by the realised size would leak it) before the SGD update.
+5. **EMA** of the weights updated once per logical step; evaluation reports raw and EMA weights.
+
+The noise multiplier σ is calibrated before training for the target (ε, δ) and the run can take no
+step beyond the calibrated number (:class:`dpeq_utils.privacy.PrivacyBudget`). ``non_private=True``
+trains the same model on the same batches with the plain mean gradient: the reference line.
+
+Run from the shell: ``python -m dpeq_utils.train --profile smoke --set target_epsilon=3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from opacus.optimizers import DPOptimizer
+
+from .config import RunConfig
+from .data import ImageDataset, augment_views, load_dataset, normalize
+from .models import build_model, count_params
+from .per_sample import vmap_per_sample_grads
+from .privacy import PrivacyBudget, PrivacyBudgetError
+from .runtime import pick_device, set_seed
+
+
+def planned_steps(config: RunConfig, dataset_size: int) -> int:
+    """Logical steps of a run: ``update_steps``, or ``epochs`` worth of expected batches."""
+    if config.update_steps is not None:
+        return config.update_steps
+    return max(1, round(config.epochs * dataset_size / config.batch_size))
+
+
+def sample_rate(config: RunConfig, dataset_size: int) -> float:
+    if config.batch_size > dataset_size:
+        raise ValueError(f"batch_size={config.batch_size} exceeds the {dataset_size} training examples; "
+                         "lower batch_size (it is the expected Poisson batch, q = batch_size / N)")
+    return config.batch_size / dataset_size
+
+
+def build_model_for(config: RunConfig) -> nn.Module:
+    return build_model(config.model, group=config.group, restrict=config.restrict, widths=config.widths,
+                       num_groups=config.num_groups, head=config.head)
+
+
+def _streams(seed: int, count: int) -> list[int]:
+    """Independent seeds for the sampler, the augmentations and the noise, derived from one seed."""
+    return [int(s) >> 1 for s in np.random.SeedSequence(seed).generate_state(count, np.uint64)]
+
+
+@contextlib.contextmanager
+def swapped_parameters(model: nn.Module, values: dict[str, torch.Tensor]):
+    """Temporarily load ``values`` (e.g. the EMA) into the model's parameters."""
+    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(values[name])
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(saved[name])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageDataset, device: torch.device, batch_size: int = 500) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy on ``data``.
+
+    The model is switched to train and back to eval mode first: escnn rebuilds its cached filters
+    only on that switch, so evaluation always sees the current parameters.
+    """
+    was_training = model.training
+    model.train()
+    model.eval()
+    correct, loss = 0, 0.0
+    try:
+        for start in range(0, len(data), batch_size):
+            index = slice(start, start + batch_size)
+            logits = model(data.normalized(index, device))
+            labels = data.labels[index].to(device)
+            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += int((logits.argmax(1) == labels).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(data), loss / len(data)
+
+
+class WeightEMA:
+    """Exponential moving average of the parameters, one update per logical step.
+
+    The decay is warmed up as ``min(decay, (1 + t) / (10 + t))`` (as TensorFlow's EMA with
+    ``num_updates``), so short runs are not dominated by the initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.values = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for name, p in model.named_parameters():
+            self.values[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+        self.updates += 1
+
+
+def train(config: RunConfig, *, progress: bool = True, data: tuple[ImageDataset, ImageDataset] | None = None) -> dict:
+    """Train one run and return its results (the body of a run record, without provenance).
+
+    ``data`` lets a caller pass already loaded (train, test) splits; otherwise they are loaded
+    from ``config``.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    set_seed(config.seed)
+    device = pick_device(config.device)
+    train_data, test_data = data if data is not None else load_dataset(
+        config.dataset, train_size=config.train_size, test_size=config.test_size, seed=config.seed)
+    n = len(train_data)
+    q = sample_rate(config, n)
+    steps = planned_steps(config, n)
+    budget = None if config.non_private else PrivacyBudget(
+        config.target_epsilon, config.target_delta, q, steps, config.accountant, dataset_size=n)
+
+    model = build_model_for(config).to(device)
+    model.train()
+    base_optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    sampler_seed, augment_seed, noise_seed = _streams(config.seed, 3)
+    sampler = torch.Generator().manual_seed(sampler_seed)
+    augmenter = torch.Generator(device=device).manual_seed(augment_seed)
+    if budget is None:
+        optimizer = base_optimizer
+    else:
+        optimizer = DPOptimizer(base_optimizer, noise_multiplier=budget.noise_multiplier, max_grad_norm=config.clip_norm,
+                                expected_batch_size=config.batch_size, loss_reduction="mean",
+                                generator=torch.Generator(device=device).manual_seed(noise_seed))
+    ema = WeightEMA(model, config.ema_decay)
+    images = train_data.images.to(device)
+    labels = train_data.labels.to(device)
+
+    history, batch_sizes, recent_losses = [], [], []
+
+    def record_evaluation(step: int) -> dict:
+        accuracy, loss = evaluate(model, test_data, device)
+        with swapped_parameters(model, ema.values):
+            accuracy_ema, loss_ema = evaluate(model, test_data, device)
+        entry = {"step": step, "epsilon": budget.epsilon() if budget else None,
+                 "train_loss": float(np.mean(recent_losses)) if recent_losses else None,
+                 "test_accuracy": accuracy, "test_loss": loss, "test_accuracy_ema": accuracy_ema,
+                 "test_loss_ema": loss_ema, "elapsed_s": time.perf_counter() - started}
+        history.append(entry)
+        recent_losses.clear()
+        return entry
+
+    bar = tqdm(range(1, steps + 1), desc=f"{config.model} {'non-private' if budget is None else 'DP-SGD'}",
+               disable=not progress, leave=False)
+    for step in bar:
+        if budget is not None:
+            budget.spend()
+        chosen = torch.nonzero(torch.rand(n, generator=sampler) < q).squeeze(1).to(device)
+        batch_sizes.append(len(chosen))
+        chunks = chosen.split(config.physical_batch_size) if len(chosen) else [chosen]
+        for i, chunk in enumerate(chunks):
+            views = augment_views(normalize(images[chunk], train_data.mean, train_data.std), config.aug_mult, augmenter)
+            if budget is None:
+                _accumulate_plain_gradient(model, views, labels[chunk], len(chosen), recent_losses)
+            else:
+                _store_per_sample_gradients(model, views, labels[chunk], recent_losses)
+                optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
+                optimizer.step()  # clip + accumulate; on the last chunk also noise, scale and update
+                optimizer.zero_grad(set_to_none=True)
+        if budget is None:
+            if len(chosen):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        ema.update(model)
+        if recent_losses:
+            bar.set_postfix(loss=f"{recent_losses[-1]:.3f}", eps=f"{budget.epsilon():.2f}" if budget else "inf",
+                            refresh=False)
+        if config.eval_every and step % config.eval_every == 0 and step != steps:
+            record_evaluation(step)
+    bar.close()
+    final = record_evaluation(steps)
+
+    epsilon = None
+    if budget is not None:
+        epsilon = budget.epsilon()
+        if budget.steps_taken != steps or epsilon > config.target_epsilon:
+            raise PrivacyBudgetError(f"internal error: took {budget.steps_taken} of {steps} steps, ε={epsilon} "
+                                     f"(target {config.target_epsilon}); the run is discarded")
+    return {
+        "noise_multiplier": budget.noise_multiplier if budget else 0.0,
+        "sample_rate": q,
+        "steps": steps,
+        "epsilon_spent": epsilon,
+        "dataset_size": n,
+        "test_size": len(test_data),
+        "mean_batch_size": float(np.mean(batch_sizes)),
+        "test_accuracy": final["test_accuracy"],
+        "test_accuracy_ema": final["test_accuracy_ema"],
+        "test_loss": final["test_loss"],
+        "num_params": count_params(model),
+        "wall_time_s": time.perf_counter() - started,
+        "history": history,
+    }
+
+
+def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, losses: list) -> None:
+    """Put each example's gradient into ``p.grad_sample`` for Opacus's DPOptimizer to clip."""
+    if len(views) == 0:  # an empty Poisson batch still gets its noise step
+        for p in model.parameters():
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        return
+    grads, example_losses = vmap_per_sample_grads(model, views, labels)
+    for name, p in model.named_parameters():
+        p.grad_sample = grads[name]
+    losses.append(float(example_losses.mean()))
+
+
+def _accumulate_plain_gradient(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, batch_size: int, losses: list) -> None:
+    if len(views) == 0:
+        return
+    batch, k = views.shape[:2]
+    logits = model(views.flatten(0, 1))
+    per_example = F.cross_entropy(logits, labels.repeat_interleave(k), reduction="none").view(batch, k).mean(1)
+    (per_example.sum() / batch_size).backward()
+    losses.append(float(per_example.mean()))
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import config_from_profile, parse_assignment
+    from .runs import load_or_run, record_path
+
+    parser = argparse.ArgumentParser(prog="python -m dpeq_utils.train", description=(
+        "Train one run of a profile and write its record. The last line printed is the record's path."))
+    parser.add_argument("--profile", default="smoke", help="smoke, teach, paper, or a path to a profile .yaml")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run config field (repeatable), e.g. --set target_epsilon=3")
+    parser.add_argument("--runs-dir", default=None, help="folder for the record (default: data/runs/<profile>)")
+    parser.add_argument("--force", action="store_true", help="train even if a record of this config exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_profile(args.profile, **dict(parse_assignment(a) for a in args.assignments))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    record = load_or_run(config, runs_dir=args.runs_dir, force=args.force, progress=not args.no_progress)
+    eps = record["epsilon_spent"]
+    print(f"{config.model} {config.group if config.model != 'wrn16_4' else ''} on {config.dataset}: "
+          f"test accuracy {record['test_accuracy']:.3f} (EMA {record['test_accuracy_ema']:.3f}), "
+          f"ε = {'∞ (non-private)' if eps is None else f'{eps:.3f} ≤ {config.target_epsilon}'}, "
+          f"σ = {record['noise_multiplier']:.4g}, q = {record['sample_rate']:.4g}, {record['steps']} steps, "
+          f"{record['num_params']} parameters, {record['wall_time_s']:.1f} s on {record['device']}")
+    print(record_path(config, args.runs_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
