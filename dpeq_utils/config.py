@@ -49,7 +49,7 @@ class RunConfig:
     clip_norm: float = 2.0
     # optimisation
     batch_size: int = 8192  # logical batch: the *expected* size under Poisson sampling
-    physical_batch_size: int = 256  # examples per forward/backward chunk (memory only)
+    physical_batch_size: int = 64  # examples per forward/backward chunk (memory and speed only)
     aug_mult: int = 4
     update_steps: int | None = 2160
     epochs: float | None = None  # alternative to update_steps: steps = round(epochs * N / batch_size)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import sys
 import time
 
@@ -181,23 +180,13 @@ def train(config: RunConfig, *, progress: bool = True, data: tuple[ImageDataset,
         chosen = torch.nonzero(torch.rand(n, generator=sampler) < q).squeeze(1).to(device)
         batch_sizes.append(len(chosen))
         chunks = chosen.split(config.physical_batch_size) if len(chosen) else [chosen]
-        for i, chunk in enumerate(chunks):
-            views = augment_views(normalize(images[chunk], train_data.mean, train_data.std), config.aug_mult, augmenter)
-            if budget is None:
-                _accumulate_plain_gradient(model, views, labels[chunk], len(chosen), recent_losses)
-            else:
-                _store_per_sample_gradients(model, views, labels[chunk], recent_losses)
-                optimizer.signal_skip_step(do_skip=i < len(chunks) - 1)
-                optimizer.step()  # clip + accumulate; on the last chunk also noise, scale and update
-                optimizer.zero_grad(set_to_none=True)
-        if budget is None:
-            if len(chosen):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        batches = ((augment_views(normalize(images[c], train_data.mean, train_data.std), config.aug_mult, augmenter),
+                    labels[c]) for c in chunks)
+        recent_losses.extend(logical_step(model, optimizer, batches, len(chunks), private=budget is not None,
+                                          batch_size=len(chosen)))
         ema.update(model)
         if recent_losses:
-            bar.set_postfix(loss=f"{recent_losses[-1]:.3f}", eps=f"{budget.epsilon():.2f}" if budget else "inf",
-                            refresh=False)
+            bar.set_postfix(loss=f"{recent_losses[-1]:.3f}", refresh=False)
         if config.eval_every and step % config.eval_every == 0 and step != steps:
             record_evaluation(step)
     bar.close()
@@ -226,26 +215,50 @@ def train(config: RunConfig, *, progress: bool = True, data: tuple[ImageDataset,
     }
 
 
-def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, losses: list) -> None:
+def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private: bool, batch_size: int) -> list[float]:
+    """One update from a logical batch given as ``num_chunks`` physical chunks of ``(views, labels)``.
+
+    Private: per-example gradients of every chunk go to Opacus's ``DPOptimizer``, which clips and
+    sums them, skipping the update until the last chunk, where it adds the noise, divides by the
+    expected batch size and steps. Non-private: the mean gradient over the ``batch_size`` examples.
+    Returns the mean training loss of each non-empty chunk.
+    """
+    losses = []
+    for i, (views, labels) in enumerate(batches):
+        if private:
+            losses += _store_per_sample_gradients(model, views, labels)
+            optimizer.signal_skip_step(do_skip=i < num_chunks - 1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            losses += _accumulate_plain_gradient(model, views, labels, batch_size)
+    if not private:
+        if batch_size:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: torch.Tensor) -> list[float]:
     """Put each example's gradient into ``p.grad_sample`` for Opacus's DPOptimizer to clip."""
     if len(views) == 0:  # an empty Poisson batch still gets its noise step
         for p in model.parameters():
             p.grad_sample = p.new_zeros((0, *p.shape))
-        return
+        return []
     grads, example_losses = vmap_per_sample_grads(model, views, labels)
     for name, p in model.named_parameters():
         p.grad_sample = grads[name]
-    losses.append(float(example_losses.mean()))
+    return [float(example_losses.mean())]
 
 
-def _accumulate_plain_gradient(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, batch_size: int, losses: list) -> None:
+def _accumulate_plain_gradient(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[float]:
     if len(views) == 0:
-        return
+        return []
     batch, k = views.shape[:2]
     logits = model(views.flatten(0, 1))
     per_example = F.cross_entropy(logits, labels.repeat_interleave(k), reduction="none").view(batch, k).mean(1)
     (per_example.sum() / batch_size).backward()
-    losses.append(float(per_example.mean()))
+    return [float(per_example.detach().mean())]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,224 @@
+import hashlib
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpeq_utils import data
+from dpeq_utils.data import DatasetError, augment_views, load_cifar10, load_dataset, make_synthetic, synthetic_glyphs
+
+
+# ---------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_per_seed_and_differs_across_seeds():
+    a_train, a_test = make_synthetic(64, 32, seed=5)
+    b_train, b_test = make_synthetic(64, 32, seed=5)
+    c_train, _ = make_synthetic(64, 32, seed=6)
+    assert torch.equal(a_train.images, b_train.images) and torch.equal(a_train.labels, b_train.labels)
+    assert torch.equal(a_test.images, b_test.images)
+    assert not torch.equal(a_train.images, c_train.images)
+    assert not torch.equal(a_train.images[:32], a_test.images), "train and test must be different draws"
+
+
+def test_synthetic_shapes_labels_and_normalisation():
+    train, test = make_synthetic(400, 100, seed=0)
+    assert train.images.shape == (400, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert test.images.shape == (100, 3, 32, 32)
+    assert set(train.labels.tolist()) == set(range(10))
+    normalized = train.normalized()
+    assert normalized.mean().abs() < 0.05 and (normalized.std() - 1).abs() < 0.05
+
+
+def test_synthetic_classes_are_distinct_under_rotations_and_reflections():
+    glyphs = synthetic_glyphs()
+    assert glyphs.shape == (10, 7, 7)
+    for i in range(10):
+        for j in range(i + 1, 10):
+            distances = [int((glyphs[i] != t).sum()) for t in data._d4_orbit(glyphs[j])]
+            assert min(distances) >= 6, (i, j)
+
+
+def test_synthetic_orientation_is_random():
+    """Images of one class appear at many orientations: their mean is far blurrier than one image."""
+    train, _ = make_synthetic(2000, 10, seed=0)
+    one_class = train.images[train.labels == 0].float()
+    assert one_class.mean(0).std() < 0.6 * one_class[0].std()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5])
+def test_synthetic_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="train_size"):
+        make_synthetic(bad, 10)
+
+
+def test_load_dataset_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        load_dataset("mnist")
+
+
+def test_subset_is_seeded_and_validated():
+    train, _ = make_synthetic(100, 10)
+    a, b = train.subset(30, seed=1), train.subset(30, seed=1)
+    assert len(a) == 30 and torch.equal(a.images, b.images)
+    with pytest.raises(ValueError, match="subset size"):
+        train.subset(101)
+
+
+# ---------------------------------------------------------------------------------------------- augmult
+
+
+def test_augment_views_are_independent_reflect_padded_crops_with_flips():
+    images = torch.randn(3, 3, 8, 8)
+    views = augment_views(images, 6, torch.Generator().manual_seed(0))
+    assert views.shape == (3, 6, 3, 8, 8)
+    assert torch.equal(views[:, 0], images)
+    padded = F.pad(images, (4, 4, 4, 4), mode="reflect")
+    for b in range(3):
+        for k in range(1, 6):
+            candidates = [padded[b, :, y:y + 8, x:x + 8] for y in range(9) for x in range(9)]
+            candidates += [c.flip(-1) for c in candidates]
+            assert any(torch.equal(views[b, k], c) for c in candidates), "a view must be a (flipped) crop"
+    # views are drawn independently: not all the same
+    assert len({views[0, k].sum().item() for k in range(1, 6)}) > 1
+
+
+def test_augment_views_k1_and_empty_batch():
+    images = torch.randn(2, 3, 8, 8)
+    assert torch.equal(augment_views(images, 1)[:, 0], images)
+    assert augment_views(images[:0], 4).shape == (0, 4, 3, 8, 8)
+    with pytest.raises(ValueError, match="aug_mult"):
+        augment_views(images, 0)
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR-10
+
+
+def _batch(n, seed, key_type=bytes, label_offset=0):
+    rng = np.random.default_rng(seed)
+    content = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+               "labels": [int(v) + label_offset for v in rng.integers(0, 10, n)],
+               "batch_label": "tiny", "filenames": [f"{i}.png" for i in range(n)]}
+    return {(k.encode() if key_type is bytes else k): v for k, v in content.items()}
+
+
+def _tiny_batches(key_type=bytes):
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    return {name: _batch(4, seed, key_type) for seed, name in enumerate(names)}
+
+
+def _write_archive(path: Path, batches) -> str:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in batches.items():
+            raw = pickle.dumps(content, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def tiny_archive(tmp_path):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    md5 = _write_archive(path, _tiny_batches())
+    return path, md5
+
+
+def test_reads_official_format_archive(tiny_archive):
+    path, md5 = tiny_archive
+    train, test = load_cifar10(path, md5=md5)
+    assert train.images.shape == (20, 3, 32, 32) and test.images.shape == (4, 3, 32, 32)
+    expected = _batch(4, 0)
+    assert torch.equal(train.images[:4].reshape(4, -1), torch.from_numpy(expected[b"data"]))
+    assert train.labels[:4].tolist() == expected[b"labels"]
+    assert train.mean == data.CIFAR10_MEAN
+
+
+def test_checksum_mismatch_is_refused(tiny_archive):
+    path, _ = tiny_archive
+    with pytest.raises(DatasetError, match="MD5 .* expected c58f30108f718f92721af3b95e74349a"):
+        load_cifar10(path)  # the official checksum does not match the tiny archive
+
+
+def test_truncated_archive_is_refused(tiny_archive, tmp_path):
+    path, _ = tiny_archive
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(DatasetError, match="MD5"):
+        load_cifar10(cut, md5=hashlib.md5(path.read_bytes()).hexdigest())
+    with pytest.raises(DatasetError, match="could not be read|not a readable"):
+        data.read_cifar10_archive(cut, md5=None)
+
+
+def test_extracted_folder_with_str_keys_and_its_errors(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name, content in _tiny_batches(key_type=str).items():
+        (folder / name).write_bytes(pickle.dumps(content, protocol=4))
+    train, test = load_cifar10(tmp_path)  # the parent folder works too
+    assert len(train) == 20 and len(test) == 4
+
+    (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:100])
+    with pytest.raises(DatasetError, match="corrupt or incomplete"):
+        load_cifar10(folder)
+    (folder / "test_batch").write_bytes(pickle.dumps(_batch(4, 0, str, label_offset=10)))
+    with pytest.raises(DatasetError, match="labels must lie in 0..9"):
+        load_cifar10(folder)
+    (folder / "test_batch").unlink()
+    with pytest.raises(DatasetError, match="missing test_batch"):
+        load_cifar10(folder)
+    with pytest.raises(DatasetError, match="no CIFAR-10 copy"):
+        load_cifar10(tmp_path / "nowhere")
+
+
+def test_download_is_verified_and_cached(tiny_archive, tmp_path):
+    path, md5 = tiny_archive
+    train, _ = load_cifar10(url=path.as_uri(), md5=md5)
+    cached = data.cache_dir() / data.CIFAR10_ARCHIVE
+    assert cached.is_file() and len(train) == 20
+    assert [p.name for p in cached.parent.iterdir()] == [cached.name], "no temporary file may remain"
+    # a second load reads the cache, no network needed
+    train2, _ = load_cifar10(url="http://127.0.0.1:9/unreachable", md5=md5)
+    assert torch.equal(train.images, train2.images)
+
+
+def test_corrupt_download_leaves_nothing_behind(tiny_archive):
+    path, _ = tiny_archive
+    with pytest.raises(DatasetError, match="discarded"):
+        load_cifar10(url=path.as_uri(), md5="0" * 32)
+    cache = data.cache_dir()
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_offline_without_copy_says_what_to_do():
+    with pytest.raises(DatasetError, match="downloading is switched off.*source="):
+        load_cifar10(download=False)
+    with pytest.raises(DatasetError, match="could not download CIFAR-10.*DPEQ_CIFAR10"):
+        load_cifar10(url="http://127.0.0.1:9/cifar-10-python.tar.gz")
+    cache = data.cache_dir()
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_environment_variable_points_at_local_copy(tiny_archive, monkeypatch):
+    path, md5 = tiny_archive
+    monkeypatch.setenv("DPEQ_CIFAR10", str(path))
+    train, _ = load_cifar10(md5=md5, download=False)
+    assert len(train) == 20
+
+
+REAL_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "cifar10" / "cifar-10-batches-py"
+
+
+@pytest.mark.skipif(not REAL_CIFAR.is_dir(), reason="no local CIFAR-10 copy beside the checkout")
+def test_real_cifar10_copy():
+    train, test = load_cifar10(REAL_CIFAR)
+    assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
+    assert train.labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
+    assert train.images[0, 0, 0, :3].tolist() == [59, 43, 50]
+    mean = (train.images.float() / 255).mean((0, 2, 3))
+    assert torch.allclose(mean, torch.tensor(data.CIFAR10_MEAN), atol=1e-4)

@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torch.nn as nn
+from escnn import nn as enn
+
+from dpeq_utils.equivariance import (GROUPS, feature_equivariance_errors, group_order, halved_subgroup,
+                                     invariance_error, parse_group, rotation_error_curve)
+from dpeq_utils.models import (MODELS, PlainResNet9, build_model, count_params, fields_for_width,
+                               same_width_channels)
+
+SMALL = (8, 16, 16)
+
+
+def _x(n=2, seed=0):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_width_rule_matches_the_official_field_counts():
+    model = build_model("eq_resnet9", group="D4", restrict=True, widths=(16, 32, 64))
+    assert model.num_fields == (6, 13, 39)
+    assert model.classifier.in_features == 156  # 39 fields · 2×2 after group pooling
+
+
+def test_paper_model_parameter_count_is_near_the_hand_derived_256k():
+    assert 250_000 <= count_params(build_model("eq_resnet9")) <= 262_000
+
+
+def test_width_rule_keeps_the_budget_comparable_across_groups():
+    counts = {g: count_params(build_model("eq_resnet9", group=g, restrict=False)) for g in ("C1", "C4", "D4", "C8")}
+    assert max(counts.values()) / min(counts.values()) < 1.25, counts
+
+
+def test_matched_baseline_matches_parameters_and_same_width_baseline_matches_activations():
+    eq = build_model("eq_resnet9", widths=SMALL)
+    matched = build_model("resnet9_matched", widths=SMALL)
+    assert abs(count_params(matched) - count_params(eq)) / count_params(eq) < 0.03
+    same = build_model("resnet9", widths=SMALL)
+    assert count_params(same) > 3 * count_params(eq), "equivariance saves parameters at equal width"
+    feats = eq.feature_maps(_x())
+    x = same.conv2(same.conv1(_x()))
+    assert x.shape == feats["stage1"].tensor.shape
+    assert same.conv3(same.norm1(same.res1(x) + x)).shape == feats["stage2"].tensor.shape
+
+
+def test_wrn16_4_shape_and_size():
+    model = build_model("wrn16_4")
+    assert 2_700_000 < count_params(model) < 2_800_000  # WRN-16-4 has ~2.75M parameters
+    assert model(_x()).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_no_batch_statistics_anywhere(name):
+    model = build_model(name, widths=SMALL) if name != "wrn16_4" else build_model(name)
+    for module in model.modules():
+        assert not isinstance(module, nn.modules.batchnorm._BatchNorm), module
+        assert "BatchNorm" not in type(module).__name__, module
+        assert not isinstance(module, (enn.IIDBatchNorm2d, enn.InnerBatchNorm)), module
+    # per-example independence: an example's output does not change with its batch-mates
+    model.eval()
+    x = _x(4)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-5)
+
+
+def test_group_names():
+    assert parse_group("D8") == (True, 8) and group_order("C16") == 16
+    for bad in ("E4", "D0", "C", "4"):
+        with pytest.raises(ValueError, match="unknown group"):
+            parse_group(bad)
+    with pytest.raises(ValueError, match="restrict=False"):
+        build_model("eq_resnet9", group="C1", restrict=True)
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model("vgg")
+
+
+CASES = [(g, r) for g in GROUPS for r in (False, True) if not (g == "C1" and r)]
+
+
+@pytest.mark.parametrize("group,restrict", CASES)
+def test_feature_maps_are_exactly_equivariant(group, restrict):
+    """Every stage's feature map transforms by the group it keeps (the subgroup after a restriction),
+    for every 90° rotation and reflection in that group."""
+    model = build_model("eq_resnet9", group=group, restrict=restrict, widths=SMALL)
+    results = feature_equivariance_errors(model, _x())
+    late_group = halved_subgroup(group)[0] if restrict else group
+    tested = {r.stage for r in results}
+    assert tested == {"stage1", "stage2", "stage3"}
+    late = [r for r in results if r.stage == "stage3"]
+    # the late stage is tested on exactly the grid-exact elements of the group it keeps
+    reflections, rotations = parse_group(late_group)
+    exact_rotations = len([k for k in range(rotations) if (4 * k) % rotations == 0])
+    assert len(late) == exact_rotations * (2 if reflections else 1)
+    worst = max(r.relative_error for r in results)
+    assert worst <= 1e-5, [r for r in results if r.relative_error > 1e-5]
+
+
+def test_a_non_identity_element_really_moves_the_features():
+    """Guard against a vacuous check: rotating the input changes the feature map itself."""
+    model = build_model("eq_resnet9", widths=SMALL).eval()
+    x = _x()
+    with torch.no_grad():
+        f, g = model.feature_maps(x)["stage1"].tensor, model.feature_maps(torch.rot90(x, 1, (2, 3)))["stage1"].tensor
+    assert (f - g).norm() / f.norm() > 0.1
+
+
+def test_global_head_gives_invariant_logits_and_plain_baseline_does_not():
+    eq = build_model("eq_resnet9", group="D4", restrict=False, widths=SMALL, head="global")
+    plain = PlainResNet9(same_width_channels("D4", False, SMALL), head="global")
+    x = _x(4)
+    for turns in range(4):
+        for flip in (False, True):
+            if turns == 0 and not flip:
+                continue
+            assert invariance_error(eq, x, turns, flip) <= 1e-5
+            assert invariance_error(plain, x, turns, flip) > 1e-2
+
+
+def test_restricted_global_head_is_invariant_only_to_the_subgroup():
+    model = build_model("eq_resnet9", group="D4", restrict=True, widths=SMALL, head="global")
+    x = _x(4)
+    assert invariance_error(model, x, 2) <= 1e-5  # 180° is in D2
+    assert invariance_error(model, x, 0, flip=True) <= 1e-5 or invariance_error(model, x, 2, flip=True) <= 1e-5
+    assert invariance_error(model, x, 1) > 1e-3  # 90° is not
+
+
+def test_paper_head_keeps_spatial_layout_so_logits_are_not_invariant():
+    model = build_model("eq_resnet9", group="D4", restrict=False, widths=SMALL, head="pool2x2")
+    assert invariance_error(model, _x(4), 1) > 1e-3
+
+
+def test_rotation_error_curve_is_exact_at_right_angles_only():
+    model = build_model("eq_resnet9", group="C8", restrict=False, widths=SMALL, head="global")
+    curve = dict(rotation_error_curve(model, _x(4), angles_deg=(0, 45, 90, 180)))
+    assert curve[0] == 0 and curve[90] < 1e-4 and curve[180] < 1e-4
+    assert curve[45] > 10 * max(curve[90], 1e-6)
+
+
+def test_fields_for_width_never_drops_to_zero():
+    assert fields_for_width(1, "D8") == 1

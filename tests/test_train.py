@@ -1,0 +1,241 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus.optimizers import DPOptimizer
+
+from dpeq_utils.config import RunConfig, config_from_profile, parse_assignment
+from dpeq_utils.data import augment_views, make_synthetic
+from dpeq_utils.models import build_model
+from dpeq_utils.per_sample import vmap_per_sample_grads
+from dpeq_utils.runs import REQUIRED_FIELDS, config_key, load_or_run, record_path, results_table
+from dpeq_utils.train import WeightEMA, _store_per_sample_gradients, evaluate, logical_step, swapped_parameters
+from conftest import relative_error
+
+SMALL = (4, 8, 16)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _model(name="eq_resnet9"):
+    torch.manual_seed(0)
+    return build_model(name, widths=SMALL).train()
+
+
+def _batch(batch=6, views=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 32, 32, generator=generator)
+    return augment_views(images, views, generator), torch.randint(0, 10, (batch,), generator=generator)
+
+
+def _dp_optimizer(model, sigma, clip, expected_batch, lr=0.1, seed=0):
+    return DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, max_grad_norm=clip,
+                       expected_batch_size=expected_batch, loss_reduction="mean",
+                       generator=torch.Generator().manual_seed(seed))
+
+
+def _flat(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+
+def test_dp_step_without_noise_or_clipping_is_plain_sgd_on_the_mean_gradient():
+    views, labels = _batch()
+    dp_model, ref_model = _model(), _model()
+    optimizer = _dp_optimizer(dp_model, sigma=0.0, clip=1e6, expected_batch=6, lr=0.1)
+    chunks = [(views[:4], labels[:4]), (views[4:], labels[4:])]  # two physical chunks, one logical step
+    logical_step(dp_model, optimizer, chunks, num_chunks=2, private=True, batch_size=6)
+
+    ref_optimizer = torch.optim.SGD(ref_model.parameters(), lr=0.1)
+    logits = ref_model(views.flatten(0, 1))
+    F.cross_entropy(logits, labels.repeat_interleave(2)).backward()  # mean over examples and views
+    ref_optimizer.step()
+    before = _flat(_model())
+    assert relative_error(_flat(dp_model) - before, _flat(ref_model) - before) < 1e-4
+
+
+def test_non_private_step_equals_the_same_plain_sgd():
+    views, labels = _batch()
+    model, ref_model = _model(), _model()
+    logical_step(model, torch.optim.SGD(model.parameters(), lr=0.1), [(views[:4], labels[:4]), (views[4:], labels[4:])],
+                 num_chunks=2, private=False, batch_size=6)
+    F.cross_entropy(ref_model(views.flatten(0, 1)), labels.repeat_interleave(2)).backward()
+    torch.optim.SGD(ref_model.parameters(), lr=0.1).step()
+    before = _flat(_model())
+    assert relative_error(_flat(model) - before, _flat(ref_model) - before) < 1e-4
+
+
+def test_every_clipped_per_example_gradient_has_norm_at_most_clip_norm():
+    clip = 1e-3
+    views, labels = _batch(batch=5)
+    model = _model()
+    grads, _ = vmap_per_sample_grads(model, views, labels)
+    norms = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
+    assert (norms > 10 * clip).all(), "the check needs gradients that really get clipped"
+
+    optimizer = _dp_optimizer(model, sigma=0.0, clip=clip, expected_batch=5)
+    params = list(model.parameters())
+    previous = [torch.zeros_like(p) for p in params]
+    chunks = [(views[i:i + 1], labels[i:i + 1]) for i in range(5)]  # one example per chunk
+    total = torch.zeros(())
+    for i, chunk in enumerate(chunks):
+        # the trainer's code path, one chunk at a time, looking at what each example adds
+        _store_per_sample_gradients(model, *chunk)
+        optimizer.signal_skip_step(do_skip=i < 4)
+        if i < 4:
+            optimizer.step()
+            contribution = [p.summed_grad - prev for p, prev in zip(params, previous)]
+            norm = torch.cat([c.flatten() for c in contribution]).norm()
+            assert norm <= clip * (1 + 1e-5)
+            assert norm >= clip * 0.99  # clipped to the bound, not below it
+            previous = [p.summed_grad.clone() for p in params]
+            total = total + norm
+            optimizer.zero_grad(set_to_none=True)
+    assert total > 0
+
+
+def test_added_noise_has_the_expected_standard_deviation():
+    """An empty Poisson batch: the update is pure noise N(0, σ²C²) divided by the expected batch size."""
+    sigma, clip, expected = 1.5, 0.5, 8
+    model = _model("resnet9")
+    optimizer = _dp_optimizer(model, sigma=sigma, clip=clip, expected_batch=expected, lr=1.0)
+    before = _flat(model)
+    empty = (torch.zeros(0, 1, 3, 32, 32), torch.zeros(0, dtype=torch.long))
+    logical_step(model, optimizer, [empty], num_chunks=1, private=True, batch_size=0)
+    noise = (before - _flat(model)) * expected  # lr = 1
+    assert noise.numel() > 50_000  # std of the estimate ≈ 1/sqrt(2n) ≈ 0.3%
+    assert noise.mean().abs() < 0.01 * sigma * clip
+    assert noise.std() == pytest.approx(sigma * clip, rel=0.01)
+
+
+def test_same_noise_seed_gives_the_same_update():
+    views, labels = _batch()
+    results = []
+    for _ in range(2):
+        model = _model()
+        logical_step(model, _dp_optimizer(model, 1.0, 1.0, 6, seed=7), [(views, labels)], 1, True, 6)
+        results.append(_flat(model))
+    assert torch.equal(results[0], results[1])
+
+
+# ---------------------------------------------------------------------------------------------- EMA, eval
+
+
+def test_ema_and_parameter_swap():
+    model = _model("resnet9")
+    ema = WeightEMA(model, decay=0.5)
+    start = {k: v.clone() for k, v in ema.values.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)  # warm-up decay min(0.5, 1/10) = 0.1
+    name = next(iter(start))
+    assert torch.allclose(ema.values[name], start[name] + 0.9)
+    snapshot = _flat(model)
+    with swapped_parameters(model, ema.values):
+        assert not torch.equal(_flat(model), snapshot)
+    assert torch.equal(_flat(model), snapshot)
+
+
+def test_evaluation_uses_current_escnn_filters():
+    """escnn caches filters in eval mode; evaluate must see parameters changed after that."""
+    _, test = make_synthetic(8, 32, seed=0)
+    model = _model().eval()
+    first = evaluate(model, test, torch.device("cpu"))
+    with torch.no_grad():
+        model.classifier.weight.mul_(0)
+        model.conv1.conv.weights.add_(torch.randn_like(model.conv1.conv.weights))
+        model.classifier.bias.copy_(torch.arange(10.0))
+    accuracy, _ = evaluate(model, test, torch.device("cpu"))
+    assert accuracy == pytest.approx(float((test.labels == 9).float().mean()))
+    assert first != (accuracy, _)
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+
+TINY = dict(train_size=128, test_size=32, batch_size=32, physical_batch_size=16, update_steps=3, widths=[4, 8, 16],
+            eval_every=2, aug_mult=2)
+
+
+def test_tiny_private_run_record(tmp_path):
+    config = config_from_profile("smoke", **TINY)
+    record = load_or_run(config, runs_dir=tmp_path, progress=False)
+    assert all(field in record for field in REQUIRED_FIELDS)
+    assert record["epsilon_spent"] <= config.target_epsilon
+    assert record["epsilon_spent"] >= 0.99 * config.target_epsilon
+    assert record["sample_rate"] == 32 / 128 and record["steps"] == 3
+    assert 0 < record["noise_multiplier"] < 10
+    assert 0.0 <= record["test_accuracy"] <= 1.0 and 0.0 <= record["test_accuracy_ema"] <= 1.0
+    assert [h["step"] for h in record["history"]] == [2, 3]
+    assert record["history"][0]["epsilon"] < record["history"][1]["epsilon"] == record["epsilon_spent"]
+    assert 10 <= record["mean_batch_size"] <= 60  # Poisson around 32
+    on_disk = json.loads(record_path(config, tmp_path).read_text())
+    assert on_disk["key"] == config_key(config) and on_disk["config"]["widths"] == [4, 8, 16]
+    assert [p.name for p in tmp_path.iterdir()] == [record_path(config, tmp_path).name], "no temporary files"
+
+    # load_or_run does not train again; the same config on another device shares the record
+    assert load_or_run(config.replace(device="cpu"), runs_dir=tmp_path)["created"] == record["created"]
+    table = results_table(tmp_path)
+    assert len(table) == 1 and table.loc[0, "model"] == "eq_resnet9"
+
+
+def test_cpu_runs_are_repeatable(tmp_path):
+    config = config_from_profile("smoke", **{**TINY, "update_steps": 2, "eval_every": 0})
+    first = load_or_run(config, runs_dir=tmp_path / "a", progress=False)
+    second = load_or_run(config, runs_dir=tmp_path / "b", progress=False)
+    assert first["history"][-1]["train_loss"] == second["history"][-1]["train_loss"]
+    assert first["test_loss"] == second["test_loss"]
+
+
+def test_non_private_reference_run(tmp_path):
+    config = config_from_profile("smoke", **{**TINY, "non_private": True, "model": "resnet9_matched"})
+    record = load_or_run(config, runs_dir=tmp_path, progress=False)
+    assert record["epsilon_spent"] is None and record["noise_multiplier"] == 0.0
+    assert all(h["epsilon"] is None for h in record["history"])
+
+
+def test_bad_configs_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="exactly one of update_steps and epochs"):
+        RunConfig(update_steps=10, epochs=2.0)
+    with pytest.raises(ValueError, match="unknown run config field"):
+        config_from_profile("smoke", learning_rate=1.0)
+    with pytest.raises(ValueError, match="unknown profile"):
+        config_from_profile("huge")
+    with pytest.raises(ValueError, match="target_epsilon must be a positive"):
+        RunConfig(target_epsilon=-1)
+    with pytest.raises(ValueError, match="group C1 has no subgroup"):
+        RunConfig(group="C1", restrict=True)
+    with pytest.raises(ValueError, match="batch_size=256 exceeds the 128"):
+        load_or_run(config_from_profile("smoke", **{**TINY, "batch_size": 256}), runs_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="not below 1/N"):
+        load_or_run(config_from_profile("smoke", **{**TINY, "target_delta": 0.01}), runs_dir=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == [], "a refused run leaves no record"
+
+
+def test_yaml_spellings_give_one_key():
+    assert parse_assignment("target_delta=1e-5") == ("target_delta", "1e-5")  # YAML 1.1 reads this as a string
+    assert config_key(RunConfig(target_delta="1e-5", target_epsilon=8)) == config_key(RunConfig(target_delta=1e-5, target_epsilon=8.0))
+
+
+@pytest.mark.slow
+def test_smoke_cli_writes_a_valid_record(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "dpeq_utils.train", "--profile", "smoke", "--runs-dir", str(tmp_path),
+                             "--no-progress", "--set", "update_steps=4"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr
+    path = Path(result.stdout.strip().splitlines()[-1])
+    record = json.loads(path.read_text())
+    assert path.parent == tmp_path and all(field in record for field in REQUIRED_FIELDS)
+    assert record["epsilon_spent"] <= record["config"]["target_epsilon"] == 8.0
+    assert record["config"]["profile"] == "smoke" and record["steps"] == 4
+
+
+def test_cli_reports_bad_overrides():
+    result = subprocess.run([sys.executable, "-m", "dpeq_utils.train", "--set", "lr=-1"], capture_output=True,
+                            text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2 and "lr must be a positive" in result.stderr
