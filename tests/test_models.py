@@ -62,6 +62,14 @@ def test_no_batch_statistics_anywhere(name):
         assert torch.allclose(model(x)[:1], model(x[:1]), atol=1e-5)
 
 
+def test_models_share_no_tensors():
+    """escnn caches basis modules across layers by default; dpeq models must stay independent."""
+    first = build_model("eq_resnet9", widths=SMALL).double()
+    second = build_model("eq_resnet9", widths=SMALL)
+    assert all(t.dtype == torch.float32 for t in second.buffers())
+    assert not {t.data_ptr() for t in first.buffers()} & {t.data_ptr() for t in second.buffers()}
+
+
 def test_group_names():
     assert parse_group("D8") == (True, 8) and group_order("C16") == 16
     for bad in ("E4", "D0", "C", "4"):

@@ -77,8 +77,11 @@ class EquivariantBlock(nn.Module):
         super().__init__()
         self.in_type = in_type
         self.out_type = regular_type(in_type.gspace, num_fields)
+        # recompute=True: escnn otherwise shares one basis module between every layer and model with
+        # the same representations, so .double() or .to(device) on one model silently changes others
         self.conv = StandardizedR2Conv(in_type, self.out_type, kernel_size=3, padding=1, bias=True,
-                                       sigma=None, frequencies_cutoff=lambda r: 3 * r, initialize=False)
+                                       sigma=None, frequencies_cutoff=lambda r: 3 * r, initialize=False,
+                                       recompute=True)
         # standardisation makes the scale of the initial coefficients irrelevant; escnn's own
         # (generalised He) initialisation is slow for wide layers and would be undone anyway
         nn.init.normal_(self.conv.weights)
