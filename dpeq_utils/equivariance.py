@@ -188,6 +188,22 @@ def invariance_error(model: torch.nn.Module, x: torch.Tensor, rotation_quarter_t
         model.train(was_training)
 
 
+def logit_invariance_errors(model: torch.nn.Module, x: torch.Tensor, gspace=None) -> list[tuple[str, float]]:
+    """``invariance_error`` of the logits for every grid-exact element of ``gspace``
+    (default: the group the model's input type carries)."""
+    gspace = gspace or model.input_type.gspace
+    input_type = gspace.type(*[gspace.trivial_repr] * x.shape[1])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            base = model(x)
+            return [(str(g), _relative_error(model(GeometricTensor(x, input_type).transform(g).tensor), base))
+                    for g in grid_elements(gspace) if g != gspace.fibergroup.identity]
+    finally:
+        model.train(was_training)
+
+
 def rotate_images(x: torch.Tensor, angle: float) -> torch.Tensor:
     """Rotate images by an arbitrary angle (radians, counter-clockwise) with bilinear interpolation,
     keeping only the disc inscribed in the image (corners would leave the grid)."""

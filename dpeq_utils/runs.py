@@ -120,3 +120,27 @@ def results_table(records) -> "pandas.DataFrame":
         row.update({k: v for k, v in record.items() if k not in ("config", "history", "versions")})
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def sweep(base: RunConfig, variations: list[dict], runs_dir: str | os.PathLike | None = None,
+          progress: bool = True) -> "pandas.DataFrame":
+    """``load_or_run`` for ``base`` changed by each dict in ``variations``; the results table of those runs.
+
+    Only missing runs are trained; each dataset is loaded once for all the runs that share it.
+    """
+    from tqdm.auto import tqdm
+
+    from .data import load_dataset
+
+    datasets, records = {}, []
+    configs = [base.replace(**change) for change in variations]
+    for config in tqdm(configs, desc="runs", disable=not progress):
+        data = None
+        if not record_path(config, runs_dir).is_file():
+            data_key = (config.dataset, config.train_size, config.test_size, config.seed)
+            if data_key not in datasets:
+                datasets[data_key] = load_dataset(config.dataset, train_size=config.train_size,
+                                                  test_size=config.test_size, seed=config.seed)
+            data = datasets[data_key]
+        records.append(load_or_run(config, runs_dir, progress=False, data=data))
+    return results_table(records)

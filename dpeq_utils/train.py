@@ -129,6 +129,12 @@ def train(config: RunConfig, *, progress: bool = True, data: tuple[ImageDataset,
     ``data`` lets a caller pass already loaded (train, test) splits; otherwise they are loaded
     from ``config``.
     """
+    return fit(config, progress=progress, data=data)[1]
+
+
+def fit(config: RunConfig, *, progress: bool = True,
+        data: tuple[ImageDataset, ImageDataset] | None = None) -> tuple[nn.Module, dict]:
+    """:func:`train`, also returning the trained model (its raw weights, not the EMA)."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -161,17 +167,20 @@ def train(config: RunConfig, *, progress: bool = True, data: tuple[ImageDataset,
     history, batch_sizes, recent_losses = [], [], []
 
     def record_evaluation(step: int) -> dict:
+        eval_started = time.perf_counter()
         accuracy, loss = evaluate(model, test_data, device)
         with swapped_parameters(model, ema.values):
             accuracy_ema, loss_ema = evaluate(model, test_data, device)
         entry = {"step": step, "epsilon": budget.epsilon() if budget else None,
                  "train_loss": float(np.mean(recent_losses)) if recent_losses else None,
                  "test_accuracy": accuracy, "test_loss": loss, "test_accuracy_ema": accuracy_ema,
-                 "test_loss_ema": loss_ema, "elapsed_s": time.perf_counter() - started}
+                 "test_loss_ema": loss_ema, "elapsed_s": time.perf_counter() - started,
+                 "eval_time_s": time.perf_counter() - eval_started}
         history.append(entry)
         recent_losses.clear()
         return entry
 
+    loop_started = time.perf_counter()
     bar = tqdm(range(1, steps + 1), desc=f"{config.model} {'non-private' if budget is None else 'DP-SGD'}",
                disable=not progress, leave=False)
     for step in bar:
@@ -190,6 +199,7 @@ def train(config: RunConfig, *, progress: bool = True, data: tuple[ImageDataset,
         if config.eval_every and step % config.eval_every == 0 and step != steps:
             record_evaluation(step)
     bar.close()
+    train_time = time.perf_counter() - loop_started - sum(h["eval_time_s"] for h in history)
     final = record_evaluation(steps)
 
     epsilon = None
@@ -198,7 +208,7 @@ def train(config: RunConfig, *, progress: bool = True, data: tuple[ImageDataset,
         if budget.steps_taken != steps or epsilon > config.target_epsilon:
             raise PrivacyBudgetError(f"internal error: took {budget.steps_taken} of {steps} steps, ε={epsilon} "
                                      f"(target {config.target_epsilon}); the run is discarded")
-    return {
+    return model, {
         "noise_multiplier": budget.noise_multiplier if budget else 0.0,
         "sample_rate": q,
         "steps": steps,
@@ -210,6 +220,8 @@ def train(config: RunConfig, *, progress: bool = True, data: tuple[ImageDataset,
         "test_accuracy_ema": final["test_accuracy_ema"],
         "test_loss": final["test_loss"],
         "num_params": count_params(model),
+        "epochs": steps * q,
+        "train_time_s": train_time,  # the step loop alone: sampling, gradients, updates (no evaluation)
         "wall_time_s": time.perf_counter() - started,
         "history": history,
     }

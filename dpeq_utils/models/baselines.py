@@ -53,13 +53,30 @@ class PlainResNet9(nn.Module):
         self.norm2 = nn.GroupNorm(divisor_at_most(c4, num_groups), c4, affine=False)
         self.classifier = nn.Linear(c4 * (4 if head == "pool2x2" else 1), num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _trunk(self, x: torch.Tensor, keep: dict | None = None) -> torch.Tensor:
         x = self.conv2(self.conv1(x))
         x = self.norm1(self.res1(x) + x)
-        x = self.conv4(self.conv3(x))
+        if keep is not None:
+            keep["stage1"] = x
+        x = self.conv3(x)
+        if keep is not None:
+            keep["stage2"] = x
+        x = self.conv4(x)
         x = self.norm2(self.res2(x) + x)
+        if keep is not None:
+            keep["stage3"] = x
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._trunk(x)
         x = F.adaptive_avg_pool2d(x, 2).flatten(1) if self.head_kind == "pool2x2" else x.mean((2, 3))
         return self.classifier(x)
+
+    def feature_maps(self, x: torch.Tensor) -> dict:
+        """Feature maps after each stage (plain tensors: no group acts on them)."""
+        keep: dict = {}
+        self._trunk(x, keep)
+        return keep
 
 
 class WideBlock(nn.Module):

@@ -1,0 +1,35 @@
+"""One look for every figure, and one way to save it: ``figures/<profile>/<name>.{png,pdf}``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+from .paths import figures_dir
+
+#: Colours per model family, fixed so every figure reads the same.
+MODEL_COLOURS = {"eq_resnet9": "#1b7837", "resnet9": "#762a83", "resnet9_matched": "#af8dc3", "wrn16_4": "#e08214"}
+MODEL_LABELS = {"eq_resnet9": "equivariant ResNet-9", "resnet9": "ResNet-9 (same widths)",
+                "resnet9_matched": "ResNet-9 (same #params)", "wrn16_4": "WRN-16-4 (GN+WS)"}
+
+
+def set_theme() -> None:
+    """The seaborn theme all notebooks use."""
+    import seaborn as sns
+
+    sns.set_theme(context="notebook", style="whitegrid", palette="colorblind")
+    matplotlib.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "savefig.bbox": "tight",
+                                "axes.titleweight": "bold"})
+
+
+def savefig(fig, name: str, profile: str) -> list[Path]:
+    """Write ``fig`` as PNG and PDF under ``figures/<profile>/``; returns the two paths."""
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"figure name must be a plain file stem, got {name!r}")
+    folder = figures_dir(profile)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.{ext}" for ext in ("png", "pdf")]
+    for path in paths:
+        fig.savefig(path)
+    return paths

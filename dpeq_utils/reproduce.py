@@ -1,0 +1,129 @@
+"""Rerun every notebook under a profile with papermill: ``python -m dpeq_utils.reproduce --profile smoke``.
+
+Each notebook ``notebooks/NN_name.ipynb`` is executed headlessly with kernel ``python3``, the
+parameter ``profile`` and the notebook's section of the profile file (``notebooks: {NN_name:
+{...}}``) injected, and an execution timeout per cell. Executed copies go to ``--out`` (default
+``notebooks/executed/<profile>/``), run records to ``data/runs/<profile>/``, figures to
+``figures/<profile>/``. A failing notebook does not stop the others; the run ends with a summary
+naming each failure and its failing cell, and exits non-zero if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import load_profile
+from .paths import REPO_ROOT
+
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+
+
+@dataclass
+class NotebookResult:
+    name: str
+    ok: bool
+    seconds: float
+    output: Path
+    error: str = ""
+
+
+def discover(notebooks_dir: Path = NOTEBOOKS_DIR, only: list[str] | None = None) -> list[Path]:
+    """Numbered notebooks (``NN_*.ipynb``) in order, filtered by ``only`` (prefixes such as ``03``)."""
+    found = sorted(p for p in Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        chosen = [p for p in found if any(p.stem.startswith(o) or p.stem == o for o in only)]
+        unknown = [o for o in only if not any(p.stem.startswith(o) for p in found)]
+        if unknown:
+            raise ValueError(f"no notebook matches {unknown}; available: {[p.stem for p in found]}")
+        return chosen
+    return found
+
+
+def notebook_parameters(notebook: Path, profile: str) -> dict:
+    """What papermill injects: the profile's name and the notebook's section of the profile file."""
+    section = (load_profile(profile).get("notebooks") or {}).get(notebook.stem) or {}
+    return {"profile": Path(profile).stem, **section}
+
+
+def _describe_failure(error: Exception) -> str:
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(error, PapermillExecutionError):
+        first_line = error.source.strip().splitlines()[0] if error.source.strip() else ""
+        return f"cell {error.cell_index} ({first_line!r}): {error.ename}: {error.evalue}"
+    return f"{type(error).__name__}: {error}"
+
+
+def run_notebooks(profile: str, out_dir: Path | None = None, only: list[str] | None = None,
+                  notebooks_dir: Path = NOTEBOOKS_DIR, cell_timeout: int = 3600, kernel: str = "python3",
+                  echo=print) -> list[NotebookResult]:
+    import papermill
+
+    notebooks = discover(notebooks_dir, only)
+    name = Path(profile).stem
+    out_dir = Path(out_dir) if out_dir is not None else NOTEBOOKS_DIR / "executed" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, notebook in enumerate(notebooks, 1):
+        output = out_dir / notebook.name
+        echo(f"[{i}/{len(notebooks)}] {notebook.stem} (profile {name}) ...")
+        started = time.perf_counter()
+        try:
+            papermill.execute_notebook(str(notebook), str(output), parameters=notebook_parameters(notebook, profile),
+                                       kernel_name=kernel, execution_timeout=cell_timeout, cwd=str(notebook.parent),
+                                       progress_bar=False, log_output=False)
+            result = NotebookResult(notebook.stem, True, time.perf_counter() - started, output)
+        except Exception as error:  # noqa: BLE001 - one failing notebook must not stop the others
+            result = NotebookResult(notebook.stem, False, time.perf_counter() - started, output, _describe_failure(error))
+        echo(f"      {'ok' if result.ok else 'FAILED'} in {result.seconds:.1f} s -> {output}")
+        results.append(result)
+    return results
+
+
+def summary(results: list[NotebookResult]) -> str:
+    lines = [f"{'notebook':<28} {'status':<7} {'seconds':>8}"]
+    lines += [f"{r.name:<28} {'ok' if r.ok else 'FAILED':<7} {r.seconds:>8.1f}" for r in results]
+    lines.append(f"{'total':<28} {'':<7} {sum(r.seconds for r in results):>8.1f}")
+    failures = [r for r in results if not r.ok]
+    if failures:
+        lines.append("")
+        lines += [f"FAILED {r.name}: {r.error}\n       executed copy with the traceback: {r.output}" for r in failures]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dpeq_utils.reproduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="smoke", help="smoke, teach, paper, or a path to a profile .yaml")
+    parser.add_argument("--out", type=Path, default=None, help="folder for executed notebooks")
+    parser.add_argument("--only", action="append", default=None, metavar="NN",
+                        help="run only notebooks whose name starts with this (repeatable), e.g. --only 03")
+    parser.add_argument("--list", action="store_true", help="list the notebooks and their parameters, run nothing")
+    parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
+    parser.add_argument("--cell-timeout", type=int, default=3600, help="seconds one cell may run (default 3600)")
+    args = parser.parse_args(argv)
+    try:
+        notebooks = discover(args.notebooks_dir, args.only)
+        load_profile(args.profile)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    if args.list:
+        import papermill
+
+        for notebook in notebooks:
+            params = papermill.inspect_notebook(str(notebook))
+            print(notebook.stem)
+            for key, spec in params.items():
+                print(f"    {key} = {spec['default']}  # {spec['help']}")
+        return 0
+    results = run_notebooks(args.profile, args.out, args.only, args.notebooks_dir, args.cell_timeout)
+    print()
+    print(summary(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
