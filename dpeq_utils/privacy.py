@@ -164,3 +164,15 @@ class PrivacyBudget:
         if self.steps_taken == 0:
             return 0.0
         return epsilon_spent(self.noise_multiplier, self.sample_rate, self.steps_taken, self.target_delta, self.accountant)
+
+
+def expected_noise_norm(noise_multiplier: float, clip_norm: float, batch_size: float, num_params: int) -> float:
+    """Expected norm of the noise in one averaged DP-SGD gradient: ``σ C sqrt(d) / B`` (for large d).
+
+    The clipped signal's norm is at most ``C`` whatever ``d`` is, so the noise-to-signal ratio grows
+    as ``sqrt(d)``: the reason DP-SGD favours models with fewer parameters.
+
+    >>> round(expected_noise_norm(1.0, 1.0, 100, 10_000), 3)
+    1.0
+    """
+    return noise_multiplier * clip_norm * math.sqrt(num_params) / batch_size
