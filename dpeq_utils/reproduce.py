@@ -54,7 +54,7 @@ def _describe_failure(error: Exception) -> str:
 
     if isinstance(error, PapermillExecutionError):
         first_line = error.source.strip().splitlines()[0] if error.source.strip() else ""
-        return f"cell {error.cell_index} ({first_line!r}): {error.ename}: {error.evalue}"
+        return f"cell {error.cell_index} of the executed copy ({first_line!r}): {error.ename}: {error.evalue}"
     return f"{type(error).__name__}: {error}"
 
 

@@ -1,0 +1,130 @@
+"""The notebooks: structure, a full smoke reproduction through papermill, and the runner's failure path."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+import yaml
+
+from dpeq_utils import reproduce
+from dpeq_utils.config import field_names, load_profile
+from dpeq_utils.runs import load_records
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+EXPECTED = ["01_equivariance_theory", "02_model_construction", "03_dpsgd_training", "04_ablation_parameters",
+            "05_ablation_epsilon"]
+
+
+def test_the_five_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS][:5] == EXPECTED
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_structure(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code"), \
+        "notebooks are committed without outputs"
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    params = papermill.inspect_notebook(str(path))
+    assert "profile" in params
+    for name, spec in params.items():
+        assert spec["help"], f"parameter {name} needs a trailing comment (it becomes papermill's help text)"
+        assert spec["inferred_type_name"] != "None", f"parameter {name} needs a type annotation"
+    # the template: aim, runtime table, discussion, exercises, references
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    for heading in ("**Aim.**", "| profile |", "## Discussion", "## Exercises", "## References"):
+        assert heading in text, heading
+
+
+@pytest.mark.parametrize("profile", ["smoke", "teach", "paper"])
+def test_profiles_name_only_real_parameters(profile):
+    content = load_profile(profile)
+    assert set(content["run"]) <= set(field_names())
+    for stem, section in (content.get("notebooks") or {}).items():
+        path = REPO / "notebooks" / f"{stem}.ipynb"
+        assert path.is_file(), f"profile {profile} configures a missing notebook {stem}"
+        assert set(section or {}) <= set(papermill.inspect_notebook(str(path))), (profile, stem)
+
+
+def test_environment_yml_agrees_with_pyproject():
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    deps = env["dependencies"]
+    python = next(d for d in deps if isinstance(d, str) and d.startswith("python="))
+    version = tuple(int(v) for v in python.split("=")[1].split("."))
+    pyproject = (REPO / "pyproject.toml").read_text()
+    low, high = re.search(r'requires-python = ">=(\d+\.\d+),<(\d+\.\d+)"', pyproject).groups()
+    assert tuple(map(int, low.split("."))) <= version < tuple(map(int, high.split(".")))
+    assert "gfortran" in deps
+    pip = next(d["pip"] for d in deps if isinstance(d, dict))
+    assert pip == ["-e .[dev]"], "the conda route installs the package with its pinned dependencies"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci in readme
+
+
+def _notebook(path: Path, source: str):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile: str = "smoke"  # profile')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell(source)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+def test_runner_reports_a_failing_notebook_and_runs_the_rest(tmp_path, capsys):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    _notebook(notebooks / "01_fine.ipynb", "print('fine', profile)")
+    _notebook(notebooks / "02_broken.ipynb", "raise RuntimeError('deliberate failure')")
+    _notebook(notebooks / "03_after.ipynb", "open('ran.txt', 'w').write(profile)")
+    code = reproduce.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--notebooks-dir", str(notebooks)])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED 02_broken: cell 2 of the executed copy" in printed  # papermill inserts the parameters cell and "RuntimeError: deliberate failure" in printed
+    assert (notebooks / "ran.txt").read_text() == "smoke", "the notebook after the failure still ran"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["01_fine.ipynb", "02_broken.ipynb", "03_after.ipynb"]
+
+
+def test_runner_only_and_list(tmp_path, capsys):
+    assert [p.stem for p in reproduce.discover(only=["03"])] == ["03_dpsgd_training"]
+    with pytest.raises(ValueError, match="no notebook matches"):
+        reproduce.discover(only=["99"])
+    assert reproduce.main(["--list"]) == 0
+    listed = capsys.readouterr().out
+    assert all(stem in listed for stem in EXPECTED) and "epsilons = " in listed and "profile = " in listed
+
+
+@pytest.mark.slow
+def test_smoke_reproduction_of_every_notebook(tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("DPEQ_RUNS_DIR", str(runs))
+    results = reproduce.run_notebooks("smoke", out_dir=tmp_path / "executed", echo=lambda *_: None)
+    failures = {r.name: r.error for r in results if not r.ok}
+    assert not failures, failures
+    assert [r.name for r in results][:5] == EXPECTED
+    records = load_records(runs / "smoke")
+    # 03: one run; 04: 3 groups + 2 baselines + 2 design ablations + 1 non-private; 05: 2 models x (5 ε + non-private)
+    assert len(records) >= 1 + 8 + 12
+    for record in records:
+        if record["epsilon_spent"] is not None:
+            assert record["epsilon_spent"] <= record["config"]["target_epsilon"]
+        assert 0.0 <= record["test_accuracy"] <= 1.0
+    targets = {r["config"]["target_epsilon"] for r in records if not r["config"]["non_private"]}
+    assert {1.0, 2.0, 3.0, 5.0, 8.0} <= targets
+    figures = tmp_path / "figures" / "smoke"
+    for name in ("01_rotation_error_curve", "02_parameter_counts", "03_learning_curves", "04_accuracy_vs_parameters",
+                 "05_accuracy_vs_epsilon"):
+        assert (figures / f"{name}.png").stat().st_size > 1000 and (figures / f"{name}.pdf").is_file()
+    executed = nbformat.read(tmp_path / "executed" / "03_dpsgd_training.ipynb", as_version=4)
+    assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
