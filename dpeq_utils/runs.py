@@ -8,14 +8,16 @@ never leaves a half-written record that a later ``load_or_run`` would trust. Its
 Record fields (top level): ``key``, ``config``, ``noise_multiplier``, ``sample_rate``, ``steps``,
 ``epsilon_spent`` (null for a non-private run), ``test_accuracy``, ``test_accuracy_ema``,
 ``test_loss``, ``num_params``, ``wall_time_s``, ``device``, ``versions``, ``git_commit``, ``seed``,
-``dataset_size``, ``test_size``, ``mean_batch_size``, ``history`` (one entry per evaluation),
-``created``, ``schema``.
+``dataset_size``, ``test_size``, ``mean_batch_size``, ``epochs``, ``train_time_s``, ``history``
+(one entry per evaluation), ``created``, ``schema``. Values that are not finite (the losses of a
+diverged run) are stored as null.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from datetime import datetime, timezone
@@ -51,7 +53,19 @@ def record_path(config: RunConfig, runs_dir: str | os.PathLike | None = None) ->
     return _runs_dir(config, runs_dir) / f"{tag}-{config_key(config)}.json"
 
 
+def _finite_or_null(value):
+    """JSON has no NaN or infinity: a diverged run's losses are recorded as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: Path, content: dict) -> None:
+    content = _finite_or_null(content)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
     try:

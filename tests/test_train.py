@@ -239,3 +239,10 @@ def test_cli_reports_bad_overrides():
     result = subprocess.run([sys.executable, "-m", "dpeq_utils.train", "--set", "lr=-1"], capture_output=True,
                             text=True, cwd=REPO, timeout=300)
     assert result.returncode == 2 and "lr must be a positive" in result.stderr
+
+
+def test_records_store_non_finite_values_as_null(tmp_path):
+    from dpeq_utils.runs import write_json_atomic
+
+    write_json_atomic(tmp_path / "r.json", {"loss": float("nan"), "history": [{"x": float("inf"), "y": 1.0}]})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"loss": None, "history": [{"x": None, "y": 1.0}]}
