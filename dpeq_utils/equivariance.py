@@ -21,6 +21,7 @@ Warning:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -102,6 +103,24 @@ def group_pool(x: torch.Tensor, field_size: int) -> torch.Tensor:
     return x.view(batch, channels // field_size, field_size, height, width).amax(2)
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module):
+    """Eval mode with current filters and no gradients; the model's previous mode is restored after.
+
+    escnn's ``R2Conv`` expands and caches its filters only when it switches from train to eval mode,
+    so a model already in eval mode whose parameters have changed would use stale filters. Passing
+    through train mode first rebuilds them.
+    """
+    was_training = model.training
+    model.train()
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 # ----------------------------------------------------------------------------------------------
 # measurements
 
@@ -140,23 +159,18 @@ def feature_equivariance_errors(model: torch.nn.Module, x: torch.Tensor) -> list
     (a dict of name → :class:`escnn.nn.GeometricTensor`); feature maps after a restriction carry
     the subgroup's field type and are tested only on the subgroup's elements.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            reference = model.feature_maps(x)
-            results = []
-            for g in grid_elements(model.input_type.gspace):
-                moved = model.feature_maps(GeometricTensor(x, model.input_type).transform(g).tensor)
-                for stage, feature in reference.items():
-                    element = _as_element_of(g, feature.type.gspace, model.input_type.gspace)
-                    if element is None:
-                        continue
-                    expected = feature.transform(element).tensor
-                    results.append(EquivarianceResult(stage, str(g), _relative_error(moved[stage].tensor, expected)))
-            return results
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model):
+        reference = model.feature_maps(x)
+        results = []
+        for g in grid_elements(model.input_type.gspace):
+            moved = model.feature_maps(GeometricTensor(x, model.input_type).transform(g).tensor)
+            for stage, feature in reference.items():
+                element = _as_element_of(g, feature.type.gspace, model.input_type.gspace)
+                if element is None:
+                    continue
+                expected = feature.transform(element).tensor
+                results.append(EquivarianceResult(stage, str(g), _relative_error(moved[stage].tensor, expected)))
+        return results
 
 
 def _as_element_of(g, sub_gspace, parent_gspace):
@@ -179,13 +193,8 @@ def transform_images(x: torch.Tensor, rotation_quarter_turns: int = 0, flip: boo
 
 def invariance_error(model: torch.nn.Module, x: torch.Tensor, rotation_quarter_turns: int = 1, flip: bool = False) -> float:
     """``‖model(g·x) − model(x)‖ / ‖model(x)‖`` for a 90°-multiple rotation and/or a reflection."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return _relative_error(model(transform_images(x, rotation_quarter_turns, flip)), model(x))
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model):
+        return _relative_error(model(transform_images(x, rotation_quarter_turns, flip)), model(x))
 
 
 def logit_invariance_errors(model: torch.nn.Module, x: torch.Tensor, gspace=None) -> list[tuple[str, float]]:
@@ -193,15 +202,10 @@ def logit_invariance_errors(model: torch.nn.Module, x: torch.Tensor, gspace=None
     (default: the group the model's input type carries)."""
     gspace = gspace or model.input_type.gspace
     input_type = gspace.type(*[gspace.trivial_repr] * x.shape[1])
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            base = model(x)
-            return [(str(g), _relative_error(model(GeometricTensor(x, input_type).transform(g).tensor), base))
-                    for g in grid_elements(gspace) if g != gspace.fibergroup.identity]
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model):
+        base = model(x)
+        return [(str(g), _relative_error(model(GeometricTensor(x, input_type).transform(g).tensor), base))
+                for g in grid_elements(gspace) if g != gspace.fibergroup.identity]
 
 
 def rotate_images(x: torch.Tensor, angle: float) -> torch.Tensor:
@@ -226,11 +230,6 @@ def rotation_error_curve(model: torch.nn.Module, x: torch.Tensor, angles_deg=ran
     interpolation, not cropping, separates the angles). Exact (≈1e-6) at multiples of 90° for a
     model with an invariant head, larger in between."""
     masked = x * disc_mask(x.shape[-2], x.shape[-1], x)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            base = model(masked)
-            return [(float(a), _relative_error(model(rotate_images(masked, math.radians(a))), base)) for a in angles_deg]
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model):
+        base = model(masked)
+        return [(float(a), _relative_error(model(rotate_images(masked, math.radians(a))), base)) for a in angles_deg]

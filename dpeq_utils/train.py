@@ -35,6 +35,7 @@ from opacus.optimizers import DPOptimizer
 
 from .config import RunConfig
 from .data import ImageDataset, augment_views, load_dataset, normalize
+from .equivariance import evaluation_mode
 from .models import build_model, count_params
 from .per_sample import vmap_per_sample_grads
 from .privacy import PrivacyBudget, PrivacyBudgetError
@@ -80,26 +81,17 @@ def swapped_parameters(model: nn.Module, values: dict[str, torch.Tensor]):
                 p.copy_(saved[name])
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: ImageDataset, device: torch.device, batch_size: int = 500) -> tuple[float, float]:
-    """Accuracy and mean cross-entropy on ``data``.
-
-    The model is switched to train and back to eval mode first: escnn rebuilds its cached filters
-    only on that switch, so evaluation always sees the current parameters.
-    """
-    was_training = model.training
-    model.train()
-    model.eval()
+    """Accuracy and mean cross-entropy on ``data``, with the model's current parameters
+    (:func:`~dpeq_utils.equivariance.evaluation_mode` rebuilds escnn's cached filters)."""
     correct, loss = 0, 0.0
-    try:
+    with evaluation_mode(model):
         for start in range(0, len(data), batch_size):
             index = slice(start, start + batch_size)
             logits = model(data.normalized(index, device))
             labels = data.labels[index].to(device)
             loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
-    finally:
-        model.train(was_training)
     return correct / len(data), loss / len(data)
 
 
