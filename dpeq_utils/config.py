@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from .data import DATASETS
-from .equivariance import parse_group
+from .equivariance import can_halve, parse_group
 from .models import MODELS
 from .models.equivariant import HEADS
 from .paths import profiles_dir
@@ -126,8 +126,8 @@ class RunConfig:
         for name in ("restrict", "non_private"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name} must be true or false, got {getattr(self, name)!r}"
-        if self.restrict is True and self.group == "C1" and self.model != "wrn16_4":
-            yield "group C1 has no subgroup to restrict to: set restrict=False"
+        if self.restrict is True and self.model != "wrn16_4" and not can_halve(self.group):
+            yield f"group {self.group} has no subgroup to restrict to: set restrict=False"
 
     def replace(self, **changes) -> "RunConfig":
         """A copy with some fields changed (validated again)."""

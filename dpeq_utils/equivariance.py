@@ -94,6 +94,21 @@ def halved_subgroup(name: str) -> tuple[str, object]:
     return f"C{rotations // 2}", rotations // 2
 
 
+def can_halve(name: str) -> bool:
+    """Whether the paper's restriction (:func:`halved_subgroup`) applies to a group.
+
+    >>> [g for g in GROUPS if not can_halve(g)]
+    ['C1']
+    """
+    if name == "C1":
+        return False
+    try:
+        halved_subgroup(name)
+    except ValueError:
+        return False
+    return True
+
+
 def group_pool(x: torch.Tensor, field_size: int) -> torch.Tensor:
     """Max over each regular field's channels: ``(B, n·|G|, H, W)`` → ``(B, n, H, W)``, invariant.
 

@@ -28,6 +28,15 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def scale_widths(widths, scale: float) -> tuple[int, ...]:
+    """Base widths times ``scale``, rounded, at least 1 each.
+
+    >>> scale_widths((16, 32, 64), 0.5)
+    (8, 16, 32)
+    """
+    return tuple(max(1, round(w * scale)) for w in widths)
+
+
 def same_width_channels(group: str = "D4", restrict: bool = True, widths=PAPER_WIDTHS) -> tuple[int, int, int, int]:
     """Channel counts of a plain ResNet-9 whose activations have the equivariant model's shapes.
 
@@ -80,5 +89,5 @@ def build_model(name: str, *, group: str = "D4", restrict: bool = True, widths=P
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 
-__all__ = ["MODELS", "build_model", "count_params", "same_width_channels", "matched_channels",
+__all__ = ["MODELS", "build_model", "count_params", "scale_widths", "same_width_channels", "matched_channels",
            "EquivariantResNet9", "PlainResNet9", "WideResNet", "fields_for_width"]

@@ -66,6 +66,17 @@ class StandardizedR2Conv(enn.R2Conv):
         return filter_, bias
 
 
+def steerable_conv(in_type: enn.FieldType, out_type: enn.FieldType, kernel_size: int = 3, bias: bool = True) -> StandardizedR2Conv:
+    """dpeq's steerable convolution: band-limited basis (frequencies up to 3r), weight-standardised
+    coefficients, "same" padding.
+
+    ``recompute=True``: escnn otherwise shares one basis module between every layer and model with
+    the same representations, so ``.double()`` or ``.to(device)`` on one model silently changes others.
+    """
+    return StandardizedR2Conv(in_type, out_type, kernel_size=kernel_size, padding=kernel_size // 2, bias=bias,
+                              sigma=None, frequencies_cutoff=lambda r: 3 * r, initialize=False, recompute=True)
+
+
 def regular_type(gspace, num_fields: int) -> enn.FieldType:
     return enn.FieldType(gspace, num_fields * [gspace.regular_repr])
 
@@ -77,11 +88,7 @@ class EquivariantBlock(nn.Module):
         super().__init__()
         self.in_type = in_type
         self.out_type = regular_type(in_type.gspace, num_fields)
-        # recompute=True: escnn otherwise shares one basis module between every layer and model with
-        # the same representations, so .double() or .to(device) on one model silently changes others
-        self.conv = StandardizedR2Conv(in_type, self.out_type, kernel_size=3, padding=1, bias=True,
-                                       sigma=None, frequencies_cutoff=lambda r: 3 * r, initialize=False,
-                                       recompute=True)
+        self.conv = steerable_conv(in_type, self.out_type)
         # escnn's generalised He initialisation, as the official code. The scale matters even though
         # the coefficients are standardised: a scale-invariant weight's effective learning rate is
         # lr / ||w||^2, and N(0, 1) coefficients (||w|| = sqrt(#coefficients), up to 300 here) made
@@ -184,8 +191,7 @@ def kernel_parameters(group: str, kernel_size: int = 3) -> dict:
     """
     gspace = make_gspace(group)
     field = regular_type(gspace, 1)
-    conv = StandardizedR2Conv(field, field, kernel_size=kernel_size, padding=kernel_size // 2, bias=False, sigma=None,
-                              frequencies_cutoff=lambda r: 3 * r, initialize=False, recompute=True)
+    conv = steerable_conv(field, field, kernel_size=kernel_size, bias=False)
     order = gspace.fibergroup.order()
     steerable = conv.weights.numel()
     plain = order * order * kernel_size ** 2
