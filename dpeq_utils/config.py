@@ -19,6 +19,7 @@ from .equivariance import can_halve, parse_group
 from .models import MODELS
 from .models.equivariant import HEADS
 from .paths import profiles_dir
+from .per_sample import ENGINES
 from .privacy import ACCOUNTANTS
 
 PROFILES = ("smoke", "teach", "paper")
@@ -50,6 +51,7 @@ class RunConfig:
     # optimisation
     batch_size: int = 8192  # logical batch: the *expected* size under Poisson sampling
     physical_batch_size: int = 64  # examples per forward/backward chunk (memory and speed only)
+    per_sample_engine: str = "auto"  # per-example gradients: hooks, vmap, or auto (hooks where supported)
     aug_mult: int = 4
     update_steps: int | None = 2160
     epochs: float | None = None  # alternative to update_steps: steps = round(epochs * N / batch_size)
@@ -98,6 +100,7 @@ class RunConfig:
         yield from choice("model", MODELS)
         yield from choice("head", HEADS)
         yield from choice("accountant", ACCOUNTANTS)
+        yield from choice("per_sample_engine", ENGINES)
         try:
             parse_group(self.group)
         except ValueError as err:

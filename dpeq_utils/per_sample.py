@@ -1,9 +1,19 @@
-"""Per-example gradients for any model, by whole-model ``torch.func`` (``vmap`` of ``grad``).
+"""Per-example gradients: two engines with one interface, and the naive loop they are tested against.
 
-escnn modules take ``GeometricTensor`` inputs and keep their kernel bases as buffers, so Opacus's
-per-layer hooks do not apply to them (FACTS.md). ``torch.func`` differentiates the whole forward
-function instead, once per example, vectorised by ``vmap``; it needs the escnn fixes applied when
-:mod:`dpeq_utils.equivariance` is imported.
+* ``"vmap"`` — whole-model ``torch.func`` (``vmap`` of ``grad``): works for any model, the reference.
+  escnn modules take ``GeometricTensor`` inputs and keep their kernel bases as buffers, so Opacus's
+  per-layer hooks do not apply to them (FACTS.md); ``torch.func`` differentiates the whole forward
+  function instead, once per example, vectorised by ``vmap``. It needs the escnn fixes applied when
+  :mod:`dpeq_utils.equivariance` is imported.
+* ``"hooks"`` — one ordinary batched backward pass for the activations only, then per-layer rules
+  (:func:`hooks_per_sample_grads`). A steerable conv's filter is a function of its basis coefficients
+  (linear, after the weight standardisation), so its per-example coefficient gradients are the
+  transposed Jacobian of that function applied to per-example *filter* gradients, which are what
+  Opacus computes for ``nn.Conv2d`` (unfold + batched matmul). This avoids the grouped convolution
+  that ``vmap`` makes of each weight gradient (one group per example), which is slow on CPU.
+
+:data:`ENGINES` lists the engines, :func:`per_sample_grads` dispatches, ``"auto"`` picks ``hooks``
+when every trainable layer of the model has a rule and ``vmap`` otherwise.
 
 An *example* here is one training image with its ``K`` augmentation views: its gradient is the
 gradient of the mean loss over its views (De et al. 2022's augmentation multiplicity), so the
@@ -12,12 +22,20 @@ views are averaged *before* clipping and still count as one example for privacy.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
+from escnn import nn as enn
+from torch.func import vjp
+
 from . import equivariance  # noqa: F401  (applies the escnn fixes torch.func needs)
+
+ENGINES = ("auto", "hooks", "vmap")
 
 
 def example_loss(model: nn.Module, params: dict, buffers: dict, views: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -54,3 +72,235 @@ def naive_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.
         per_example.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     model.zero_grad(set_to_none=True)
     return {n: torch.stack([g[n] for g in per_example]) for n in names}
+
+
+# ---------------------------------------------------------------------------------------------- hooks engine
+
+
+def _conv_parameters(module: nn.Module) -> tuple[Callable, dict[str, torch.Tensor]]:
+    """``(function, params)`` with ``function(params) -> {"weight": filter, "bias": bias}`` as the layer uses them."""
+    names = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
+    params = {name: getattr(module, name).detach() for name in names}
+    if not hasattr(module, "expand_parameters"):  # plain nn.Conv2d / nn.Linear: the parameters themselves
+        return (lambda values: dict(values)), params
+
+    holder = _ExpandParameters(module)
+
+    def function(values):
+        weight, bias = functional_call(holder, {f"layer.{n}": v for n, v in values.items()}, ())
+        return {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+
+    return function, params
+
+
+class _ExpandParameters(nn.Module):
+    """Calls ``layer.expand_parameters()`` so that ``functional_call`` can swap the layer's parameters."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self):
+        return self.layer.expand_parameters()
+
+
+def _layer_grads(module, per_example_outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Chain rule from per-example gradients of a layer's effective weight/bias to its parameters.
+
+    The generic path vmaps the pull-back of ``expand_parameters``; :func:`_fast_pull_back` does the
+    same arithmetic in closed form for dpeq's own layers (about 2× faster on CPU; tested equal).
+    """
+    fast = _fast_pull_back(module, per_example_outputs)
+    if fast is not None:
+        return fast
+    function, params = _conv_parameters(module)
+    outputs, pullback = vjp(function, params)
+    cotangents = {key: per_example_outputs[key] for key in outputs}
+    (grads,) = vmap(pullback)(cotangents)
+    return grads
+
+
+def standardize_pull_back(weight: torch.Tensor, grad: torch.Tensor, dims: tuple[int, ...], eps: float = 1e-5) -> torch.Tensor:
+    """Per-example gradients through :func:`~dpeq_utils.models.layers.standardize`.
+
+    ``weight`` is the raw weight, ``grad`` is ``(B, *weight.shape)``: per-example gradients of the
+    standardised weight ŵ = (w − μ) / (s + eps), with s the biased std over ``dims``. Returns
+    (g − mean g − ŵ · mean(g ŵ) · (s + eps) / s) / (s + eps), per example (all means over ``dims``).
+    """
+    std, mean = torch.std_mean(weight, dim=dims, unbiased=False, keepdim=True)
+    normalized = (weight - mean) / (std + eps)
+    batch_dims = tuple(d + 1 for d in dims)
+    grad_mean = grad.mean(batch_dims, keepdim=True)
+    projection = (grad * normalized).mean(batch_dims, keepdim=True) * ((std + eps) / std)
+    return (grad - grad_mean - normalized * projection) / (std + eps)
+
+
+def _basis_transpose(expansion, filter_grads: torch.Tensor) -> torch.Tensor | None:
+    """escnn basis expansion transposed, for a batch of filter gradients ``(B, O, I, k, k)``.
+
+    Only for an expansion with one block (one input and one output field type, as in every dpeq
+    model): there, filter[x·o, y·i, s] = Σ_n basis[n, o, i, s] · coefficients[x, y, n]. Returns None
+    otherwise (the caller takes the generic path).
+    """
+    if getattr(expansion, "_n_pairs", None) != 1:
+        return None
+    pair = expansion._representations_pairs[0]
+    basis = getattr(expansion, f"block_expansion_{expansion._escape_pair(pair)}").sampled_basis  # (n, o, i, *k)
+    n, o, i = basis.shape[:3]
+    x, y = expansion._out_count[pair[1]], expansion._in_count[pair[0]]
+    batch = filter_grads.shape[0]
+    grads = filter_grads.reshape(batch, x, o, y, i, -1)
+    return torch.einsum("bxoyis,nois->bxyn", grads, basis.reshape(n, o, i, -1)).reshape(batch, -1)
+
+
+def _fast_pull_back(module, per_example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Closed-form pull-back for the layers dpeq builds, or None for the generic path."""
+    from .models.equivariant import StandardizedR2Conv
+    from .models.layers import WSConv2d
+
+    if not hasattr(module, "expand_parameters"):  # nn.Linear, nn.GroupNorm, nn.Conv2d: used as they are
+        return dict(per_example)
+    if type(module) is WSConv2d:
+        grads = {"weight": standardize_pull_back(module.weight.detach(), per_example["weight"], dims=(1, 2, 3))}
+    elif type(module) is StandardizedR2Conv:
+        coefficients = _basis_transpose(module.basisexpansion, per_example["weight"])
+        if coefficients is None:
+            return None
+        grads = {"weights": standardize_pull_back(module.weights.detach(), coefficients, dims=(0,))}
+    else:
+        return None
+    if module.bias is not None:  # escnn expands a bias per field: bias_expansion @ bias
+        bias = per_example["bias"]
+        grads["bias"] = bias @ module.bias_expansion if type(module) is StandardizedR2Conv else bias
+    return grads
+
+
+def _conv_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    """Per-example gradients of a 2-d convolution (plain, weight-standardised or steerable)."""
+    if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros":
+        raise NotImplementedError(f"hooks engine: grouped or non-zero-padded convolution {module}")
+    kernel = module.weight.shape[2:] if isinstance(module, nn.Conv2d) else (module.kernel_size,) * 2
+    columns = F.unfold(x, kernel, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    rows, out_channels = grad_out.shape[:2]
+    grad_rows = grad_out.reshape(batch, rows // batch, out_channels, -1)
+    columns = columns.view(batch, rows // batch, columns.shape[1], -1)
+    # the views of one example: summed here, since each row's gradient already carries the 1/K of the mean
+    weight = torch.einsum("bkol,bkil->boi", grad_rows, columns).reshape(batch, out_channels, x.shape[1], *kernel)
+    return {"weight": weight, "bias": grad_rows.sum((1, 3))}
+
+
+def _linear_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    x = x.reshape(batch, -1, x.shape[-1])
+    grad_rows = grad_out.reshape(batch, -1, grad_out.shape[-1])
+    return {"weight": torch.einsum("bko,bki->boi", grad_rows, x), "bias": grad_rows.sum(1)}
+
+
+def _group_norm_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
+    normalized = F.group_norm(x, module.num_groups, eps=module.eps)
+    grad_rows = grad_out.reshape(batch, -1, *grad_out.shape[1:])
+    normalized = normalized.reshape(grad_rows.shape)
+    reduce = (1, *range(3, grad_rows.ndim))  # views and pixels
+    return {"weight": (grad_rows * normalized).sum(reduce), "bias": grad_rows.sum(reduce)}
+
+
+def _rule_for(module: nn.Module):
+    if isinstance(module, (nn.Conv2d, enn.R2Conv)):
+        return _conv_rule
+    if isinstance(module, nn.Linear):
+        return _linear_rule
+    if isinstance(module, nn.GroupNorm):
+        return _group_norm_rule
+    return None
+
+
+def hooks_supported(model: nn.Module) -> bool:
+    """Whether every trainable parameter of ``model`` sits in a layer the hooks engine has a rule for."""
+    return not _unsupported_layers(model)
+
+
+def _unsupported_layers(model: nn.Module) -> list[str]:
+    return [f"{name or 'model'} ({type(module).__name__})" for name, module in model.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False)) and _rule_for(module) is None]
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """Parameters temporarily not requiring grad: the backward pass computes activation gradients only."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def hooks_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-example gradients from one batched backward pass; same contract as :func:`vmap_per_sample_grads`.
+
+    Forward hooks keep each trainable layer's input and catch the gradient of its output; the
+    parameters are frozen during that pass, so autograd computes activation gradients only (no
+    summed weight gradients nobody uses). Each layer then turns (input, output gradient) into
+    per-example gradients of its parameters: unfold + einsum for convolutions, an outer product for
+    linear layers, normalised-input × gradient for GroupNorm's affine, then the pull-back through
+    ``expand_parameters`` (basis expansion, weight standardisation) where the layer has one.
+    A layer must run once per forward pass (no weight sharing).
+    """
+    if views.ndim != 5:
+        raise ValueError(f"views must be (B, K, C, H, W), got shape {tuple(views.shape)}")
+    unsupported = _unsupported_layers(model)
+    if unsupported:
+        raise NotImplementedError("the hooks engine has no per-example rule for " + ", ".join(unsupported)
+                                  + "; use per_sample_engine='vmap'")
+    batch, k = views.shape[:2]
+    captured: dict[nn.Module, list] = {}
+
+    def keep(module, inputs, output):
+        if module in captured:
+            raise RuntimeError(f"hooks engine: layer {type(module).__name__} ran twice in one forward pass "
+                               "(shared weights); use per_sample_engine='vmap'")
+        x = inputs[0].tensor if isinstance(inputs[0], enn.GeometricTensor) else inputs[0]
+        out = output.tensor if isinstance(output, enn.GeometricTensor) else output
+        entry = captured[module] = [x.detach(), None]
+        out.register_hook(lambda grad: entry.__setitem__(1, grad))
+
+    layers = {name: module for name, module in model.named_modules()
+              if any(p.requires_grad for p in module.parameters(recurse=False))}
+    handles = [module.register_forward_hook(keep) for module in layers.values()]
+    try:
+        with _frozen(model):
+            inputs = views.flatten(0, 1).requires_grad_(True)  # so that the first layer's output has a gradient
+            logits = model(inputs)
+            losses = F.cross_entropy(logits, labels.repeat_interleave(k), reduction="none").view(batch, k).mean(1)
+            torch.autograd.grad(losses.sum(), inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    grads = {}
+    for layer_name, module in layers.items():
+        x, grad_out = captured[module]
+        per_example = _rule_for(module)(module, x, grad_out, batch)
+        for name, grad in _layer_grads(module, per_example).items():
+            grads[f"{layer_name}.{name}" if layer_name else name] = grad
+    order = [name for name, p in model.named_parameters() if p.requires_grad]
+    return {name: grads[name] for name in order}, losses.detach()
+
+
+def per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tensor,
+                     engine: str = "auto") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-example gradients ``{name: (B, *shape)}`` and losses ``(B,)`` by the named engine."""
+    return ENGINE_FUNCTIONS[resolve_engine(engine, model)](model, views, labels)
+
+
+def resolve_engine(engine: str, model: nn.Module) -> str:
+    """The engine ``"auto"`` stands for on ``model`` (``hooks`` where supported), or ``engine`` itself."""
+    if engine not in ENGINES:
+        raise ValueError(f"per-sample engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "auto":
+        return "hooks" if hooks_supported(model) else "vmap"
+    return engine
+
+
+ENGINE_FUNCTIONS = {"hooks": hooks_per_sample_grads, "vmap": vmap_per_sample_grads}

@@ -3,7 +3,8 @@
 A record is written atomically (a temporary file in the same folder, then a rename), so a crash
 never leaves a half-written record that a later ``load_or_run`` would trust. Its name is
 ``<model>-<group>-<key>.json``, where the key hashes every config field that can change the result
-(not ``profile``, ``device`` or ``physical_batch_size``, which change only where and how fast).
+(not ``profile``, ``device``, ``physical_batch_size`` or ``per_sample_engine``, which change only where
+and how fast, not the arithmetic).
 
 Record fields (top level): ``key``, ``config``, ``noise_multiplier``, ``sample_rate``, ``steps``,
 ``epsilon_spent`` (null for a non-private run), ``test_accuracy``, ``test_accuracy_ema``,
@@ -29,7 +30,7 @@ from .runtime import device_name, git_commit, library_versions, pick_device
 
 SCHEMA = 1
 #: Fields that do not change what a run computes, only where or how fast.
-NOT_IN_KEY = ("profile", "device", "physical_batch_size")
+NOT_IN_KEY = ("profile", "device", "physical_batch_size", "per_sample_engine")
 REQUIRED_FIELDS = ("key", "config", "noise_multiplier", "sample_rate", "steps", "epsilon_spent", "test_accuracy",
                    "test_accuracy_ema", "num_params", "wall_time_s", "device", "versions", "git_commit", "seed")
 

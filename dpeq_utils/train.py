@@ -37,7 +37,7 @@ from .config import RunConfig
 from .data import ImageDataset, augment_views, load_dataset, normalize
 from .equivariance import evaluation_mode
 from .models import build_model, count_params
-from .per_sample import vmap_per_sample_grads
+from .per_sample import per_sample_grads, resolve_engine
 from .privacy import PrivacyBudget, PrivacyBudgetError
 from .runtime import pick_device, set_seed
 
@@ -153,6 +153,7 @@ def fit(config: RunConfig, *, progress: bool = True,
                                 expected_batch_size=config.batch_size, loss_reduction="mean",
                                 generator=torch.Generator(device=device).manual_seed(noise_seed))
     ema = WeightEMA(model, config.ema_decay)
+    engine = None if budget is None else resolve_engine(config.per_sample_engine, model)
     images = train_data.images.to(device)
     labels = train_data.labels.to(device)
 
@@ -184,7 +185,7 @@ def fit(config: RunConfig, *, progress: bool = True,
         batches = ((augment_views(normalize(images[c], train_data.mean, train_data.std), config.aug_mult, augmenter),
                     labels[c]) for c in chunks)
         recent_losses.extend(logical_step(model, optimizer, batches, len(chunks), private=budget is not None,
-                                          batch_size=len(chosen)))
+                                          batch_size=len(chosen), engine=engine or "auto"))
         ema.update(model)
         if recent_losses:
             bar.set_postfix(loss=f"{recent_losses[-1]:.3f}", refresh=False)
@@ -213,24 +214,27 @@ def fit(config: RunConfig, *, progress: bool = True,
         "test_loss": final["test_loss"],
         "num_params": count_params(model),
         "epochs": steps * q,
+        "per_sample_engine": engine,  # the engine that ran ("auto" resolved)
         "train_time_s": train_time,  # the step loop alone: sampling, gradients, updates (no evaluation)
         "wall_time_s": time.perf_counter() - started,
         "history": history,
     }
 
 
-def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private: bool, batch_size: int) -> list[float]:
+def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private: bool, batch_size: int,
+                 engine: str = "auto") -> list[float]:
     """One update from a logical batch given as ``num_chunks`` physical chunks of ``(views, labels)``.
 
     Private: per-example gradients of every chunk go to Opacus's ``DPOptimizer``, which clips and
     sums them, skipping the update until the last chunk, where it adds the noise, divides by the
-    expected batch size and steps. Non-private: the mean gradient over the ``batch_size`` examples.
+    expected batch size and steps (per-example gradients by ``engine``, see :mod:`dpeq_utils.per_sample`).
+    Non-private: the mean gradient over the ``batch_size`` examples.
     Returns the mean training loss of each non-empty chunk.
     """
     losses = []
     for i, (views, labels) in enumerate(batches):
         if private:
-            losses += _store_per_sample_gradients(model, views, labels)
+            losses += _store_per_sample_gradients(model, views, labels, engine)
             optimizer.signal_skip_step(do_skip=i < num_chunks - 1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -243,13 +247,14 @@ def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private:
     return losses
 
 
-def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: torch.Tensor) -> list[float]:
+def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: torch.Tensor,
+                                engine: str = "auto") -> list[float]:
     """Put each example's gradient into ``p.grad_sample`` for Opacus's DPOptimizer to clip."""
     if len(views) == 0:  # an empty Poisson batch still gets its noise step
         for p in model.parameters():
             p.grad_sample = p.new_zeros((0, *p.shape))
         return []
-    grads, example_losses = vmap_per_sample_grads(model, views, labels)
+    grads, example_losses = per_sample_grads(model, views, labels, engine)
     for name, p in model.named_parameters():
         p.grad_sample = grads[name]
     return [float(example_losses.mean())]

@@ -1,11 +1,14 @@
-"""Per-example gradients (vmap) against the definition: one backward pass per example (float64)."""
+"""Per-example gradients (every engine) against the definition: one backward pass per example (float64)."""
 
 import pytest
 import torch
 
 from dpeq_utils.data import augment_views
 from dpeq_utils.models import build_model
-from dpeq_utils.per_sample import naive_per_sample_grads, vmap_per_sample_grads
+import torch.nn as nn
+
+from dpeq_utils.per_sample import (ENGINE_FUNCTIONS, _conv_parameters, _fast_pull_back, hooks_per_sample_grads,
+                                   hooks_supported, naive_per_sample_grads, per_sample_grads, resolve_engine)
 from conftest import relative_error
 
 SMALL = (8, 16, 16)
@@ -18,10 +21,13 @@ def _inputs(batch=3, views=2):
     return augment_views(images, views, generator), labels
 
 
-def _check(model):
+ENGINES = sorted(ENGINE_FUNCTIONS)
+
+
+def _check(model, engine):
     model = model.double().train()
     views, labels = _inputs()
-    fast, losses = vmap_per_sample_grads(model, views, labels)
+    fast, losses = per_sample_grads(model, views, labels, engine)
     slow = naive_per_sample_grads(model, views, labels)
     assert fast.keys() == slow.keys() and len(fast) > 0
     for name in slow:
@@ -31,33 +37,129 @@ def _check(model):
     flat = torch.cat([g.flatten(1) for g in fast.values()], 1)
     assert relative_error(flat[0], flat[1]) > 1e-3
     assert losses.shape == (3,)
+    with torch.no_grad():
+        expected_losses = torch.nn.functional.cross_entropy(
+            model(views.flatten(0, 1)), labels.repeat_interleave(views.shape[1]), reduction="none").view(3, -1).mean(1)
+    assert relative_error(losses, expected_losses) <= 1e-10
 
 
-@pytest.mark.parametrize("group,restrict", [("D4", True), ("C8", False), ("D1", True), ("C1", False)])
-def test_equivariant_resnet9(group, restrict):
-    _check(build_model("eq_resnet9", group=group, restrict=restrict, widths=SMALL))
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("group,restrict", [("D4", True), ("C8", False), ("D1", True), ("C1", False),
+                                            ("C4", True), ("D8", False)])
+def test_equivariant_resnet9(group, restrict, engine):
+    _check(build_model("eq_resnet9", group=group, restrict=restrict, widths=SMALL), engine)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_equivariant_resnet9_global_head(engine):
+    _check(build_model("eq_resnet9", group="C4", restrict=False, widths=SMALL, head="global"), engine)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("name", ["resnet9", "resnet9_matched"])
-def test_plain_resnet9_baselines(name):
-    _check(build_model(name, widths=SMALL))
+def test_plain_resnet9_baselines(name, engine):
+    _check(build_model(name, widths=SMALL), engine)
 
 
-def test_wrn16_4():
-    _check(build_model("wrn16_4"))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_wrn16_4(engine):
+    _check(build_model("wrn16_4"), engine)
 
 
-def test_views_are_averaged_per_example():
+@pytest.mark.parametrize("name", ["eq_resnet9", "wrn16_4"])
+def test_closed_form_pull_back_equals_the_generic_one(name):
+    """The closed-form chain rule through weight standardisation and the escnn basis expansion
+    (:func:`_fast_pull_back`) equals ``vmap`` of ``torch.func.vjp`` through ``expand_parameters``."""
+    model = build_model(name, widths=SMALL).double()
+    generator = torch.Generator().manual_seed(1)
+    checked = 0
+    for module in model.modules():
+        if not hasattr(module, "expand_parameters"):
+            continue
+        function, params = _conv_parameters(module)
+        outputs, pullback = torch.func.vjp(function, params)
+        cotangents = {k: torch.randn(4, *v.shape, generator=generator, dtype=v.dtype) for k, v in outputs.items()}
+        expected = torch.func.vmap(pullback)(cotangents)[0]
+        fast = _fast_pull_back(module, cotangents)
+        assert fast is not None and fast.keys() == expected.keys()
+        for key in expected:
+            assert relative_error(fast[key], expected[key]) <= 1e-12, (type(module).__name__, key)
+        checked += 1
+    assert checked >= 8
+
+
+def test_auto_engine_is_hooks_for_every_dpeq_model():
+    for name in ("eq_resnet9", "resnet9", "resnet9_matched", "wrn16_4"):
+        assert resolve_engine("auto", build_model(name, widths=SMALL)) == "hooks", name
+
+
+class _ScaledModel(nn.Module):
+    """A layer the hooks engine has no rule for (a bare parameter outside any known layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = build_model("resnet9", widths=(4, 8, 8))
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_unsupported_layer_falls_back_to_vmap_and_hooks_says_why():
+    model = _ScaledModel().double().train()
+    assert not hooks_supported(model) and resolve_engine("auto", model) == "vmap"
+    views, labels = _inputs()
+    with pytest.raises(NotImplementedError, match="no per-example rule for model .*_ScaledModel.*vmap"):
+        hooks_per_sample_grads(model, views, labels)
+    grads, _ = per_sample_grads(model, views, labels, "auto")
+    slow = naive_per_sample_grads(model, views, labels)
+    assert relative_error(grads["scale"], slow["scale"]) <= 1e-8
+
+
+class _SharedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3 * 32 * 32, 3 * 32 * 32)
+        self.head = nn.Linear(3 * 32 * 32, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(self.linear(self.linear(x)))
+
+
+def test_hooks_engine_refuses_shared_weights():
+    views, labels = _inputs(batch=2, views=1)
+    with pytest.raises(RuntimeError, match="ran twice.*vmap"):
+        hooks_per_sample_grads(_SharedLayer().double(), views, labels)
+
+
+def test_hooks_engine_leaves_the_model_as_it_found_it():
+    model = build_model("eq_resnet9", widths=SMALL).double().train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hooks_per_sample_grads(model, *_inputs())
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(ValueError, match="one of"):
+        resolve_engine("opacus", build_model("resnet9", widths=SMALL))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_views_are_averaged_per_example(engine):
     """An example's gradient with K views is the mean of its single-view gradients."""
     model = build_model("eq_resnet9", widths=SMALL).double().train()
     views, labels = _inputs(batch=2, views=3)
-    together, _ = vmap_per_sample_grads(model, views, labels)
-    singles = [vmap_per_sample_grads(model, views[:, k:k + 1], labels)[0] for k in range(3)]
+    together, _ = per_sample_grads(model, views, labels, engine)
+    singles = [per_sample_grads(model, views[:, k:k + 1], labels, engine)[0] for k in range(3)]
     for name, grad in together.items():
         assert relative_error(grad, sum(s[name] for s in singles) / 3) <= 1e-10
 
 
-def test_rejects_unbatched_views():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rejects_unbatched_views(engine):
     model = build_model("resnet9", widths=SMALL)
     with pytest.raises(ValueError, match=r"\(B, K, C, H, W\)"):
-        vmap_per_sample_grads(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))
+        per_sample_grads(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), engine)

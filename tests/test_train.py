@@ -11,7 +11,7 @@ from opacus.optimizers import DPOptimizer
 from dpeq_utils.config import RunConfig, config_from_profile, parse_assignment
 from dpeq_utils.data import augment_views, make_synthetic
 from dpeq_utils.models import build_model
-from dpeq_utils.per_sample import vmap_per_sample_grads
+from dpeq_utils.per_sample import vmap_per_sample_grads  # the reference engine
 from dpeq_utils.runs import REQUIRED_FIELDS, config_key, load_or_run, record_path, results_table
 from dpeq_utils.train import WeightEMA, _store_per_sample_gradients, evaluate, logical_step, swapped_parameters
 from conftest import relative_error
@@ -123,6 +123,22 @@ def test_same_noise_seed_gives_the_same_update():
     assert torch.equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("name", ["eq_resnet9", "wrn16_4"])
+def test_both_engines_give_the_same_dp_update_for_the_same_noise_seed(name):
+    """Clipping really binds (clip 0.05) and the noise is real (σ = 1): the engines differ only in
+    how the per-example gradients are computed, so the updates agree to float rounding."""
+    views, labels = _batch()
+    updates = {}
+    for engine in ("hooks", "vmap"):
+        model = _model(name)
+        before = _flat(model)
+        optimizer = _dp_optimizer(model, 1.0, 0.05, 6, seed=7)
+        logical_step(model, optimizer, [(views[:4], labels[:4]), (views[4:], labels[4:])], 2, True, 6, engine=engine)
+        updates[engine] = _flat(model) - before
+    assert updates["hooks"].norm() > 0
+    assert relative_error(updates["hooks"], updates["vmap"]) < 1e-5
+
+
 # ---------------------------------------------------------------------------------------------- EMA, eval
 
 
@@ -156,6 +172,19 @@ def test_evaluation_uses_current_escnn_filters():
     assert first != (accuracy, _)
 
 
+def test_evaluation_uses_the_exported_filters_not_a_re_expansion_per_batch(monkeypatch):
+    from dpeq_utils.models.equivariant import StandardizedR2Conv
+
+    _, test = make_synthetic(8, 64, seed=0)
+    model = _model().train()
+    calls = []
+    original = StandardizedR2Conv.expand_parameters
+    monkeypatch.setattr(StandardizedR2Conv, "expand_parameters", lambda self: calls.append(1) or original(self))
+    evaluate(model, test, torch.device("cpu"), batch_size=16)  # 4 batches
+    convs = sum(isinstance(m, StandardizedR2Conv) for m in model.modules())
+    assert len(calls) == convs  # once per conv when entering eval mode, not once per batch
+
+
 # ---------------------------------------------------------------------------------------------- whole runs
 
 TINY = dict(train_size=128, test_size=32, batch_size=32, physical_batch_size=16, update_steps=3, widths=[4, 8, 16],
@@ -174,6 +203,7 @@ def test_tiny_private_run_record(tmp_path):
     assert [h["step"] for h in record["history"]] == [2, 3]
     assert record["history"][0]["epsilon"] < record["history"][1]["epsilon"] == record["epsilon_spent"]
     assert 10 <= record["mean_batch_size"] <= 60  # Poisson around 32
+    assert record["per_sample_engine"] == "hooks" and record["config"]["per_sample_engine"] == "auto"
     on_disk = json.loads(record_path(config, tmp_path).read_text())
     assert on_disk["key"] == config_key(config) and on_disk["config"]["widths"] == [4, 8, 16]
     assert [p.name for p in tmp_path.iterdir()] == [record_path(config, tmp_path).name], "no temporary files"

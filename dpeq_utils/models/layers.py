@@ -54,6 +54,11 @@ def standardize(weight: torch.Tensor, dims=None, eps: float = 1e-5) -> torch.Ten
 class WSConv2d(nn.Conv2d):
     """Conv2d with weight standardisation per output channel (Qiao et al. 2019; De et al. 2022)."""
 
+    def expand_parameters(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The filter and bias the convolution uses (escnn's ``R2Conv`` has the same method): the
+        per-sample gradient engine differentiates through it."""
+        return standardize(self.weight, dims=(1, 2, 3)), self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = standardize(self.weight, dims=(1, 2, 3))
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        weight, bias = self.expand_parameters()
+        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
