@@ -1,0 +1,239 @@
+"""Throughput of one training step: non-private, each per-example gradient engine, the whole DP step.
+
+Used by ``benchmarks/per_sample_speed.py`` (the README's speed tables). Every figure comes from one
+process, after a warm-up call that is not timed, as the median of ``repeats`` timed calls:
+
+* ``non_private`` — forward + backward of the mean loss (the floor a DP step is compared with);
+* ``<engine>`` — per-example gradients by that engine alone (:mod:`dpeq_utils.per_sample`);
+* ``dp_step`` — what the trainer does per physical batch: per-example gradients (``auto`` engine),
+  clipping, noise, SGD update (Opacus ``DPOptimizer``, as :func:`dpeq_utils.train.logical_step`).
+
+Throughput counts *examples* per second; with ``views > 1`` each example carries that many
+augmentation views (the work per example grows accordingly). Peak memory is CUDA's peak allocation
+on a GPU and, on a CPU, the peak resident set size above the level before the timed calls (sampled
+every 2 ms by a thread, so short spikes can be missed; glibc's ``malloc_trim`` first hands cached
+free memory back, otherwise the warm-up's allocations would hide the peak).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from opacus.optimizers import DPOptimizer
+
+from .models import build_model, count_params
+from .per_sample import ENGINE_FUNCTIONS
+from .runtime import device_name, pick_device
+from .train import logical_step
+
+# name → (model, build_model keyword arguments): the four nets of issue 4
+BENCHMARK_MODELS = {
+    "eq_resnet9": ("eq_resnet9", {}),  # the paper's D4→D2 equivariant ResNet-9
+    "eq_resnet9_small": ("eq_resnet9", {"widths": (8, 16, 32)}),
+    "resnet9": ("resnet9", {}),  # same tensor widths as eq_resnet9, unconstrained convs
+    "wrn16_4": ("wrn16_4", {}),  # De et al. 2022
+}
+
+
+@dataclass
+class Measurement:
+    model: str
+    params: int
+    batch: int
+    views: int
+    kind: str  # non_private, hooks, vmap, dp_step
+    examples_per_s: float
+    seconds: float  # median seconds per call
+    peak_mb: float
+    device: str
+
+
+class _PeakRSS:
+    """Peak resident memory (MB) above the starting level, sampled by a background thread (Linux)."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        _release_free_memory()
+        self.start = self.peak = self._rss()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def megabytes(self) -> float:
+        return (self.peak - self.start) / 2 ** 20
+
+
+def _release_free_memory() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the figure is then a lower bound
+        pass
+
+
+def _timed(call, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``repeats`` calls after one warm-up call, and the peak memory (MB) of those calls."""
+    call()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    sync()
+    seconds = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            sync()
+            seconds.append(time.perf_counter() - start)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    else:
+        with _PeakRSS() as rss:
+            for _ in range(repeats):
+                start = time.perf_counter()
+                call()
+                seconds.append(time.perf_counter() - start)
+        peak = rss.megabytes
+    return statistics.median(seconds), peak
+
+
+def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: int = 1, repeats: int = 3,
+                    device: str = "auto", model: nn.Module | None = None, seed: int = 0) -> list[Measurement]:
+    """Measure one model at one physical batch size; ``model`` overrides the named one (tests)."""
+    torch.manual_seed(seed)
+    dev = pick_device(device)
+    if model is None:
+        kind, kwargs = BENCHMARK_MODELS[name]
+        model = build_model(kind, **kwargs)
+    model = model.to(dev).train()
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    images = torch.randn(batch, views, 3, 32, 32, generator=generator, device=dev)
+    labels = torch.randint(0, 10, (batch,), generator=generator, device=dev)
+
+    def non_private():
+        model.zero_grad(set_to_none=True)
+        logits = model(images.flatten(0, 1))
+        F.cross_entropy(logits, labels.repeat_interleave(views)).backward()
+
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
+                            expected_batch_size=batch, loss_reduction="mean",
+                            generator=torch.Generator(device=dev).manual_seed(seed))
+
+    def dp_step():
+        logical_step(model, optimizer, [(images, labels)], 1, private=True, batch_size=batch, engine="auto")
+
+    calls = {"non_private": non_private}
+    for engine in engines:
+        calls[engine] = (lambda fn: (lambda: fn(model, images, labels)))(ENGINE_FUNCTIONS[engine])
+    calls["dp_step"] = dp_step
+    results, params, where = [], count_params(model), device_name(dev)
+    for kind, call in calls.items():
+        seconds, peak = _timed(call, dev, repeats)
+        results.append(Measurement(name, params, batch, views, kind, batch / seconds, seconds, peak, where))
+    model.zero_grad(set_to_none=True)
+    return results
+
+
+def results_frame(measurements: list[Measurement]):
+    """Long table (one row per measurement) as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame([asdict(m) for m in measurements])
+
+
+def summary_table(measurements: list[Measurement]) -> str:
+    """Markdown table: examples/s per kind, the DP-step / non-private time ratio, peak memory."""
+    frame = results_frame(measurements)
+    rows = []
+    engines = [k for k in frame["kind"].unique() if k not in ("non_private", "dp_step")]
+    header = (["model", "params", "batch", "non-private ex/s"] + [f"{e} ex/s" for e in engines]
+              + ["DP step ex/s", "DP step / non-private", "peak MB non-private", "peak MB DP step"])
+    for (model, batch), group in frame.groupby(["model", "batch"], sort=False):
+        by_kind = group.set_index("kind")
+        row = [model, f"{by_kind['params'].iloc[0]:,}", str(batch),
+               f"{by_kind.loc['non_private', 'examples_per_s']:.0f}"]
+        row += [f"{by_kind.loc[e, 'examples_per_s']:.0f}" for e in engines]
+        ratio = by_kind.loc["dp_step", "seconds"] / by_kind.loc["non_private", "seconds"]
+        row += [f"{by_kind.loc['dp_step', 'examples_per_s']:.0f}", f"{ratio:.2f}×",
+                f"{by_kind.loc['non_private', 'peak_mb']:.0f}", f"{by_kind.loc['dp_step', 'peak_mb']:.0f}"]
+        rows.append(row)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def epoch_ratio(measurements: list[Measurement], model: str, reference: str, batch: int) -> float:
+    """Wall-clock of a DP epoch of ``model`` over that of ``reference`` (same batch, views, steps)."""
+    frame = results_frame(measurements)
+    seconds = frame[(frame["kind"] == "dp_step") & (frame["batch"] == batch)].set_index("model")["seconds"]
+    return float(seconds[model] / seconds[reference])
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .runtime import environment_report
+
+    parser = argparse.ArgumentParser(prog="python benchmarks/per_sample_speed.py", description=(
+        "Examples/s of a non-private step, each per-example gradient engine and the whole DP step."))
+    parser.add_argument("--models", nargs="+", default=list(BENCHMARK_MODELS), choices=list(BENCHMARK_MODELS))
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256], help="physical batch sizes")
+    parser.add_argument("--engines", nargs="+", default=sorted(ENGINE_FUNCTIONS), choices=sorted(ENGINE_FUNCTIONS))
+    parser.add_argument("--views", type=int, default=1, help="augmentation views per example")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure (median); one more warms up")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--csv", default=None, help="also write the long table here")
+    args = parser.parse_args(argv)
+    if args.views < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
+        parser.error("--views, --repeats and --batch-sizes must be positive")
+
+    device = pick_device(args.device)
+    print(f"device: {device_name(device)}; torch threads: {torch.get_num_threads()}")
+    print(environment_report())
+    measurements = []
+    for name in args.models:
+        for batch in args.batch_sizes:
+            for m in benchmark_model(name, batch, engines=args.engines, views=args.views, repeats=args.repeats,
+                                     device=args.device):
+                print(f"  {m.model:17s} B={m.batch:<4d} {m.kind:12s} {m.examples_per_s:9.1f} ex/s "
+                      f"{m.seconds:8.3f} s  peak {m.peak_mb:8.0f} MB", flush=True)
+                measurements.append(m)
+    print()
+    print(summary_table(measurements))
+    if {"eq_resnet9", "wrn16_4"} <= set(args.models):
+        for batch in args.batch_sizes:
+            ratio = epoch_ratio(measurements, "eq_resnet9", "wrn16_4", batch)
+            print(f"\nDP epoch wall-clock, eq_resnet9 / wrn16_4 at physical batch {batch}, {args.views} view(s): "
+                  f"{ratio:.3f} ({100 * (1 - ratio):.0f}% less)")
+    if args.csv:
+        results_frame(measurements).to_csv(args.csv, index=False)
+        print(f"wrote {args.csv}")
+    return 0
