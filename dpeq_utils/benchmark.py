@@ -1,7 +1,8 @@
 """Throughput of one training step: non-private, each per-example gradient engine, the whole DP step.
 
 Used by ``benchmarks/per_sample_speed.py`` (the README's speed tables). Every figure comes from one
-process, after a warm-up call that is not timed, as the median of ``repeats`` timed calls:
+process, after a warm-up call that is not timed, as the median of ``repeats`` timed calls; the kinds
+take turns call by call (CPU allocator state left by one kind measurably changed the next one's speed):
 
 * ``non_private`` — forward + backward of the mean loss (the floor a DP step is compared with);
 * ``<engine>`` — per-example gradients by that engine alone (:mod:`dpeq_utils.per_sample`);
@@ -10,7 +11,7 @@ process, after a warm-up call that is not timed, as the median of ``repeats`` ti
 
 Throughput counts *examples* per second; with ``views > 1`` each example carries that many
 augmentation views (the work per example grows accordingly). Peak memory is CUDA's peak allocation
-on a GPU and, on a CPU, the peak resident set size above the level before the timed calls (sampled
+on a GPU and, on a CPU, the peak resident set size above the level before the call (sampled
 every 2 ms by a thread, so short spikes can be missed; glibc's ``malloc_trim`` first hands cached
 free memory back, otherwise the warm-up's allocations would hide the peak).
 """
@@ -96,33 +97,37 @@ def _release_free_memory() -> None:
         pass
 
 
-def _timed(call, device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median seconds of ``repeats`` calls after one warm-up call, and the peak memory (MB) of those calls."""
-    call()
+def _time_interleaved(calls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
+    """``{kind: (median seconds, peak MB)}``. Every call warms up once, then the kinds take turns
+    (``repeats`` rounds), so no kind is favoured by the allocator state another one left behind."""
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    for call in calls.values():
+        call()
     sync()
-    seconds = []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            sync()
-            seconds.append(time.perf_counter() - start)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-    else:
-        with _PeakRSS() as rss:
-            for _ in range(repeats):
+    seconds = {kind: [] for kind in calls}
+    peaks = dict.fromkeys(calls, 0.0)
+    for _ in range(repeats):
+        for kind, call in calls.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
                 start = time.perf_counter()
                 call()
-                seconds.append(time.perf_counter() - start)
-        peak = rss.megabytes
-    return statistics.median(seconds), peak
+                sync()
+                seconds[kind].append(time.perf_counter() - start)
+                peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+            else:
+                with _PeakRSS() as rss:
+                    start = time.perf_counter()
+                    call()
+                    seconds[kind].append(time.perf_counter() - start)
+                peak = rss.megabytes
+            peaks[kind] = max(peaks[kind], peak)
+    return {kind: (statistics.median(seconds[kind]), peaks[kind]) for kind in calls}
 
 
 def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: int = 1, repeats: int = 3,
@@ -154,10 +159,9 @@ def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: 
     for engine in engines:
         calls[engine] = (lambda fn: (lambda: fn(model, images, labels)))(ENGINE_FUNCTIONS[engine])
     calls["dp_step"] = dp_step
-    results, params, where = [], count_params(model), device_name(dev)
-    for kind, call in calls.items():
-        seconds, peak = _timed(call, dev, repeats)
-        results.append(Measurement(name, params, batch, views, kind, batch / seconds, seconds, peak, where))
+    params, where = count_params(model), device_name(dev)
+    results = [Measurement(name, params, batch, views, kind, batch / seconds, seconds, peak, where)
+               for kind, (seconds, peak) in _time_interleaved(calls, dev, repeats).items()]
     model.zero_grad(set_to_none=True)
     return results
 

@@ -20,10 +20,12 @@ from .models import MODELS
 from .models.equivariant import HEADS
 from .paths import profiles_dir
 from .per_sample import ENGINES
+from .variants import SELECTION_METHODS
 from .privacy import ACCOUNTANTS
 
 PROFILES = ("smoke", "teach", "paper")
-FLOAT_FIELDS = ("target_epsilon", "target_delta", "clip_norm", "epochs", "lr", "momentum", "ema_decay")
+FLOAT_FIELDS = ("target_epsilon", "target_delta", "clip_norm", "epochs", "lr", "momentum", "ema_decay",
+                "prune_rate", "drop_rate", "modelmix_gap_rate")
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,14 @@ class RunConfig:
     momentum: float = 0.0
     ema_decay: float = 0.999
     eval_every: int = 0  # evaluate every this many steps (0: only at the end)
+    # DP-SGD variants (dpeq_utils.variants): pre-pruning + gradient dropping (Adamczewski et al. 2023)
+    prune_rate: float = 0.0  # fraction of every parameter tensor removed before training
+    prune_method: str = "magnitude"  # random, or magnitude of the initial (seed-only) weights
+    drop_rate: float = 0.0  # fraction of the remaining coordinates not updated at each step
+    drop_method: str = "random"  # random, or magnitude of the current DP iterate
+    # ModelMix (Xiao et al. 2022): step from a random mix of the current and previous iterates
+    modelmix: bool = False
+    modelmix_gap_rate: float = 0.15  # minimum coordinate gap tau = lr * gap_rate
     # reproducibility
     seed: int = 0
     device: str = "auto"
@@ -126,7 +136,19 @@ class RunConfig:
             yield f"eval_every must be an integer >= 0, got {self.eval_every!r}"
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             yield f"seed must be an integer >= 0, got {self.seed!r}"
-        for name in ("restrict", "non_private"):
+        for name in ("prune_rate", "drop_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                yield f"{name} must lie in [0, 1), got {value!r}"
+        yield from choice("prune_method", SELECTION_METHODS)
+        yield from choice("drop_method", SELECTION_METHODS)
+        gap = self.modelmix_gap_rate
+        if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not math.isfinite(gap) or gap < 0:
+            yield f"modelmix_gap_rate must be a finite number >= 0, got {gap!r}"
+        if self.modelmix is True and isinstance(self.prune_rate, (int, float)) and isinstance(self.drop_rate, (int, float)) \
+                and (self.prune_rate > 0 or self.drop_rate > 0):
+            yield "modelmix cannot be combined with prune_rate/drop_rate (the mix would move pruned weights): choose one"
+        for name in ("restrict", "non_private", "modelmix"):
             if not isinstance(getattr(self, name), bool):
                 yield f"{name} must be true or false, got {getattr(self, name)!r}"
         if self.restrict is True and self.model != "wrn16_4" and not can_halve(self.group):
@@ -172,15 +194,52 @@ def load_profile(profile: str | Path) -> dict:
     return content
 
 
-def config_from_profile(profile: str | Path, **overrides) -> RunConfig:
-    """``RunConfig`` from a profile's ``run`` section, then ``overrides``."""
+def config_from_profile(profile: str | Path, baseline: str | None = None, **overrides) -> RunConfig:
+    """``RunConfig`` from a profile's ``run`` section, then its ``baselines[baseline]`` entry (if
+    named), then ``overrides``."""
     content = load_profile(profile)
-    values = {**content["run"], **overrides}
+    entry = {}
+    if baseline is not None:
+        entries = baseline_entries(profile)
+        if baseline not in entries:
+            raise ValueError(f"profile {profile!r} has no baseline {baseline!r}; available: {sorted(entries)}")
+        entry = entries[baseline]
+    values = {**content["run"], **entry, **overrides}
     values.setdefault("profile", Path(profile).stem)
     unknown = sorted(set(values) - set(field_names()))
     if unknown:
         raise ValueError(f"unknown run config field(s) {unknown} in profile {profile!r}; valid: {', '.join(field_names())}")
     return RunConfig(**values)
+
+
+def baseline_entries(profile: str | Path) -> dict[str, dict]:
+    """A profile's ``baselines`` section: named changes to its ``run`` section (De et al., pruning, ModelMix)."""
+    entries = load_profile(profile).get("baselines") or {}
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise ValueError(f"profile {profile!r}: 'baselines' must map names to mappings of RunConfig fields")
+    return entries
+
+
+#: What "equal budget" holds fixed when baselines are compared with the profile's run.
+BUDGET_FIELDS = ("dataset", "train_size", "test_size", "target_epsilon", "target_delta", "accountant", "batch_size",
+                 "update_steps", "epochs", "seed")
+
+
+def baseline_changes(profile: str | Path, names, equal_budget: bool = True) -> dict[str, dict]:
+    """For each named baseline, its changes to the profile's run; with ``equal_budget`` the
+    :data:`BUDGET_FIELDS` are dropped, so every method gets the run's data, ε, batch and steps.
+
+    >>> baseline_changes("paper", ["de_et_al_eps8"])["de_et_al_eps8"]["model"]
+    'wrn16_4'
+    >>> "update_steps" in baseline_changes("paper", ["de_et_al_eps8"])["de_et_al_eps8"]
+    False
+    """
+    entries = baseline_entries(profile)
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise ValueError(f"profile {profile!r} has no baseline(s) {unknown}; available: {sorted(entries)}")
+    return {name: {k: v for k, v in entries[name].items() if not (equal_budget and k in BUDGET_FIELDS)}
+            for name in names}
 
 
 def parse_assignment(text: str) -> tuple[str, object]:

@@ -40,6 +40,7 @@ from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
 from .privacy import PrivacyBudget, PrivacyBudgetError
 from .runtime import pick_device, set_seed
+from .variants import CoordinateSelector, build_variants
 
 
 def planned_steps(config: RunConfig, dataset_size: int) -> int:
@@ -143,7 +144,8 @@ def fit(config: RunConfig, *, progress: bool = True,
     model = build_model_for(config).to(device)
     model.train()
     base_optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    sampler_seed, augment_seed, noise_seed = _streams(config.seed, 3)
+    # a fourth stream for the variants; the first three are unchanged by asking for it (SeedSequence prefixes)
+    sampler_seed, augment_seed, noise_seed, variant_seed = _streams(config.seed, 4)
     sampler = torch.Generator().manual_seed(sampler_seed)
     augmenter = torch.Generator(device=device).manual_seed(augment_seed)
     if budget is None:
@@ -152,6 +154,10 @@ def fit(config: RunConfig, *, progress: bool = True,
         optimizer = DPOptimizer(base_optimizer, noise_multiplier=budget.noise_multiplier, max_grad_norm=config.clip_norm,
                                 expected_batch_size=config.batch_size, loss_reduction="mean",
                                 generator=torch.Generator(device=device).manual_seed(noise_seed))
+    variants = build_variants(config, model, torch.Generator(device=device).manual_seed(variant_seed))  # prunes now
+    selector = next((v for v in variants if isinstance(v, CoordinateSelector)), None)
+    if budget is not None and variants:
+        optimizer.attach_step_hook(lambda _: [v.before_update(model) for v in variants])  # after noise, before update
     ema = WeightEMA(model, config.ema_decay)
     engine = None if budget is None else resolve_engine(config.per_sample_engine, model)
     images = train_data.images.to(device)
@@ -179,13 +185,15 @@ def fit(config: RunConfig, *, progress: bool = True,
     for step in bar:
         if budget is not None:
             budget.spend()
+        if selector is not None:
+            selector.select(model)  # reads the current (released) iterate only, never the batch
         chosen = torch.nonzero(torch.rand(n, generator=sampler) < q).squeeze(1).to(device)
         batch_sizes.append(len(chosen))
         chunks = chosen.split(config.physical_batch_size) if len(chosen) else [chosen]
         batches = ((augment_views(normalize(images[c], train_data.mean, train_data.std), config.aug_mult, augmenter),
                     labels[c]) for c in chunks)
         recent_losses.extend(logical_step(model, optimizer, batches, len(chunks), private=budget is not None,
-                                          batch_size=len(chosen), engine=engine or "auto"))
+                                          batch_size=len(chosen), engine=engine or "auto", variants=variants))
         ema.update(model)
         if recent_losses:
             bar.set_postfix(loss=f"{recent_losses[-1]:.3f}", refresh=False)
@@ -213,6 +221,8 @@ def fit(config: RunConfig, *, progress: bool = True,
         "test_accuracy_ema": final["test_accuracy_ema"],
         "test_loss": final["test_loss"],
         "num_params": count_params(model),
+        "kept_params": round(count_params(model) * selector.kept_fraction) if selector else count_params(model),
+        "mean_updated_fraction": float(np.mean(selector.updated_fractions)) if selector else 1.0,
         "epochs": steps * q,
         "per_sample_engine": engine,  # the engine that ran ("auto" resolved)
         "train_time_s": train_time,  # the step loop alone: sampling, gradients, updates (no evaluation)
@@ -222,19 +232,21 @@ def fit(config: RunConfig, *, progress: bool = True,
 
 
 def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private: bool, batch_size: int,
-                 engine: str = "auto") -> list[float]:
+                 engine: str = "auto", variants=()) -> list[float]:
     """One update from a logical batch given as ``num_chunks`` physical chunks of ``(views, labels)``.
 
     Private: per-example gradients of every chunk go to Opacus's ``DPOptimizer``, which clips and
     sums them, skipping the update until the last chunk, where it adds the noise, divides by the
     expected batch size and steps (per-example gradients by ``engine``, see :mod:`dpeq_utils.per_sample`).
     Non-private: the mean gradient over the ``batch_size`` examples.
-    Returns the mean training loss of each non-empty chunk.
+    ``variants`` (:mod:`dpeq_utils.variants`) restrict the per-example gradients before clipping; their
+    ``before_update`` must already be attached to a private ``optimizer`` (it runs after the noise)
+    and is called here for the non-private one. Returns the mean training loss of each non-empty chunk.
     """
     losses = []
     for i, (views, labels) in enumerate(batches):
         if private:
-            losses += _store_per_sample_gradients(model, views, labels, engine)
+            losses += _store_per_sample_gradients(model, views, labels, engine, variants)
             optimizer.signal_skip_step(do_skip=i < num_chunks - 1)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -242,14 +254,17 @@ def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private:
             losses += _accumulate_plain_gradient(model, views, labels, batch_size)
     if not private:
         if batch_size:
+            for variant in variants:
+                variant.before_update(model)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return losses
 
 
 def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: torch.Tensor,
-                                engine: str = "auto") -> list[float]:
-    """Put each example's gradient into ``p.grad_sample`` for Opacus's DPOptimizer to clip."""
+                                engine: str = "auto", variants=()) -> list[float]:
+    """Put each example's gradient into ``p.grad_sample`` for Opacus's DPOptimizer to clip, restricted
+    to the coordinates the variants keep this step (so the clipping norm counts only those)."""
     if len(views) == 0:  # an empty Poisson batch still gets its noise step
         for p in model.parameters():
             p.grad_sample = p.new_zeros((0, *p.shape))
@@ -257,6 +272,10 @@ def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: t
     grads, example_losses = per_sample_grads(model, views, labels, engine)
     for name, p in model.named_parameters():
         p.grad_sample = grads[name]
+        for variant in variants:
+            mask = variant.gradient_mask(name)
+            if mask is not None:
+                p.grad_sample = p.grad_sample * mask
     return [float(example_losses.mean())]
 
 
@@ -281,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpeq_utils.train", description=(
         "Train one run of a profile and write its record. The last line printed is the record's path."))
     parser.add_argument("--profile", default="smoke", help="smoke, teach, paper, or a path to a profile .yaml")
+    parser.add_argument("--baseline", default=None, metavar="NAME",
+                        help="apply the profile's baselines[NAME] entry, e.g. de_et_al_eps8 under --profile paper")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run config field (repeatable), e.g. --set target_epsilon=3")
     parser.add_argument("--runs-dir", default=None, help="folder for the record (default: data/runs/<profile>)")
@@ -288,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        config = config_from_profile(args.profile, **dict(parse_assignment(a) for a in args.assignments))
+        config = config_from_profile(args.profile, args.baseline, **dict(parse_assignment(a) for a in args.assignments))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     record = load_or_run(config, runs_dir=args.runs_dir, force=args.force, progress=not args.no_progress)

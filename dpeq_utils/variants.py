@@ -1,0 +1,157 @@
+"""DP-SGD variants the paper's neighbours use to make DP training cheaper or better, as options of
+the one trainer (same sampler, accountant and data as every other run).
+
+* **Pre-pruning + gradient dropping** (Adamczewski et al. 2023, :class:`CoordinateSelector`): a mask
+  fixed before training removes ``prune_rate`` of every parameter tensor (at random, or the smallest
+  *initial* weights: a function of the seed, never of private data); at every step a further
+  ``drop_rate`` of the remaining coordinates is frozen (at random, or the smallest coordinates of the
+  current DP iterate: post-processing of released values). Per-example gradients are restricted to
+  the kept coordinates *before* clipping, and noise lands only there. Accounting is plain DP-SGD
+  with the same (q, σ, T): the selection reads no private data.
+* **ModelMix** (Xiao et al. 2022, :class:`ModelMix`): keep the previous iterate θₜ₋₁; push each
+  coordinate pair apart to a gap of at least τ = lr · gap_rate; then take the SGD step from a
+  per-coordinate random mix (1 − α)·θₜ₋₁ + α·θₜ with α ~ U[0, 1] (the gradient is still taken at θₜ).
+  dpeq accounts for it as plain DP-SGD — the mix is post-processing of released iterates. The
+  paper's much smaller ε (e.g. 8 where standard accounting gives far more) comes from a custom
+  accountant with an extra per-coordinate sensitivity assumption, which dpeq does not adopt.
+
+Both act at the same two points of a logical step: :meth:`gradient_mask` before clipping and
+:meth:`before_update` after the noise, just before the optimiser's update.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+SELECTION_METHODS = ("random", "magnitude")
+
+
+def _keep_mask(values: torch.Tensor, keep: int, method: str, generator: torch.Generator) -> torch.Tensor:
+    """Boolean mask keeping ``keep`` entries of ``values``: the largest ``|values|`` or a uniform random set."""
+    flat = values.detach().flatten()
+    if method == "magnitude":
+        # ties broken by a random permutation so equal magnitudes (e.g. zeros) are not kept by index order
+        order = torch.randperm(flat.numel(), generator=generator, device=generator.device).to(flat.device)
+        chosen = order[torch.topk(flat.abs()[order], keep, sorted=False).indices]
+    elif method == "random":
+        chosen = torch.randperm(flat.numel(), generator=generator, device=generator.device)[:keep].to(flat.device)
+    else:
+        raise ValueError(f"selection method must be one of {SELECTION_METHODS}, got {method!r}")
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    mask[chosen] = True
+    return mask.view_as(values)
+
+
+def kept_count(size: int, rate: float) -> int:
+    """Coordinates a tensor of ``size`` keeps at removal ``rate`` (at least one).
+
+    >>> kept_count(10, 0.25), kept_count(3, 0.9), kept_count(4, 0.0)
+    (8, 1, 4)
+    """
+    return max(1, round(size * (1 - rate)))
+
+
+class CoordinateSelector:
+    """Pre-pruning mask (fixed at construction, from the *initial* weights) and per-step dropping.
+
+    ``generator`` supplies all randomness (a stream derived from the run seed). The selector only
+    ever reads the model's parameters — the initial weights, then the current DP iterate — never data.
+    """
+
+    def __init__(self, model: nn.Module, prune_rate: float = 0.0, prune_method: str = "random",
+                 drop_rate: float = 0.0, drop_method: str = "random", generator: torch.Generator | None = None):
+        for name, rate in (("prune_rate", prune_rate), ("drop_rate", drop_rate)):
+            if not 0 <= rate < 1:
+                raise ValueError(f"{name} must lie in [0, 1), got {rate}")
+        self.drop_rate, self.drop_method = drop_rate, drop_method
+        self.generator = generator if generator is not None else torch.Generator()
+        self.prune_masks = {name: _keep_mask(p, kept_count(p.numel(), prune_rate), prune_method, self.generator)
+                            for name, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad():  # pruned weights are zero from the start and never move
+            for name, p in model.named_parameters():
+                if name in self.prune_masks:
+                    p.mul_(self.prune_masks[name])
+        self.mask = dict(self.prune_masks)
+        self.updated_fractions: list[float] = []
+
+    @property
+    def kept_fraction(self) -> float:
+        """Fraction of all coordinates that survive pruning."""
+        total = sum(m.numel() for m in self.prune_masks.values())
+        return sum(int(m.sum()) for m in self.prune_masks.values()) / total
+
+    def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Draw this step's mask: pruning mask ∧ (1 − drop_rate) of the kept coordinates."""
+        if self.drop_rate == 0:
+            self.mask = dict(self.prune_masks)
+        else:
+            params = dict(model.named_parameters())
+            self.mask = {}
+            for name, prune in self.prune_masks.items():
+                kept = prune.flatten().nonzero().squeeze(1)
+                chosen = _keep_mask(params[name].detach().flatten()[kept], kept_count(kept.numel(), self.drop_rate),
+                                    self.drop_method, self.generator)
+                mask = torch.zeros(prune.numel(), dtype=torch.bool, device=prune.device)
+                mask[kept[chosen]] = True
+                self.mask[name] = mask.view_as(prune)
+        total = sum(m.numel() for m in self.mask.values())
+        self.updated_fractions.append(sum(int(m.sum()) for m in self.mask.values()) / total)
+        return self.mask
+
+    def gradient_mask(self, name: str) -> torch.Tensor | None:
+        return self.mask.get(name)
+
+    @torch.no_grad()
+    def before_update(self, model: nn.Module) -> None:
+        """Zero the noisy gradient outside this step's mask: noise lands only on updated coordinates."""
+        for name, p in model.named_parameters():
+            if name in self.mask and p.grad is not None:
+                p.grad.mul_(self.mask[name])
+
+
+class ModelMix:
+    """Random per-coordinate mix of the current and previous iterate before each update (see module doc)."""
+
+    def __init__(self, model: nn.Module, gap_rate: float, lr: float, generator: torch.Generator | None = None):
+        if gap_rate < 0:
+            raise ValueError(f"modelmix_gap_rate must be >= 0, got {gap_rate}")
+        self.tau = lr * gap_rate
+        self.generator = generator if generator is not None else torch.Generator()
+        self.previous = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def gradient_mask(self, name: str) -> None:
+        return None
+
+    @torch.no_grad()
+    def mix(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """The gap-enforced pair, mixed: every coordinate of the result lies between the pushed-apart
+        iterates, which are at least τ apart (equal coordinates are pushed apart in the + direction)."""
+        difference = current - previous
+        direction = torch.where(difference >= 0, 1.0, -1.0).to(current.dtype)
+        push = (self.tau - difference.abs()).clamp_min(0) / 2
+        current, previous = current + push * direction, previous - push * direction
+        alpha = torch.rand(current.shape, generator=self.generator, device=self.generator.device,
+                           dtype=current.dtype).to(current.device)
+        return alpha * current + (1 - alpha) * previous
+
+    @torch.no_grad()
+    def before_update(self, model: nn.Module) -> None:
+        """θₜ₋₁ ← θₜ and θₜ ← mix(θₜ, θₜ₋₁); the optimiser then steps from the mix with the gradient at θₜ."""
+        for name, p in model.named_parameters():
+            if name not in self.previous:
+                continue
+            current = p.detach().clone()
+            p.copy_(self.mix(current, self.previous[name]))
+            self.previous[name] = current
+
+
+def build_variants(config, model: nn.Module, generator: torch.Generator) -> list:
+    """The variant objects a run config asks for (empty for plain DP-SGD)."""
+    variants = []
+    if config.prune_rate > 0 or config.drop_rate > 0:
+        variants.append(CoordinateSelector(model, config.prune_rate, config.prune_method, config.drop_rate,
+                                           config.drop_method, generator))
+    if config.modelmix:
+        variants.append(ModelMix(model, config.modelmix_gap_rate, config.lr, generator))
+    return variants

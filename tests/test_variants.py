@@ -1,0 +1,229 @@
+"""DP-SGD variants (pre-pruning + gradient dropping, ModelMix) and the De et al. recipe as trainer options."""
+
+import pytest
+import torch
+from opacus.optimizers import DPOptimizer
+
+from dpeq_utils.config import RunConfig, baseline_entries, config_from_profile
+from dpeq_utils.data import augment_views, make_synthetic
+from dpeq_utils.models import build_model
+from dpeq_utils.per_sample import naive_per_sample_grads
+from dpeq_utils.privacy import calibrate_noise, epsilon_spent
+from dpeq_utils.runs import REQUIRED_FIELDS, load_or_run
+from dpeq_utils.train import fit, logical_step
+from dpeq_utils.variants import CoordinateSelector, ModelMix, kept_count
+from conftest import relative_error
+
+SMALL = (4, 8, 16)
+TINY = dict(train_size=96, test_size=32, batch_size=32, physical_batch_size=32, update_steps=3, eval_every=0,
+            aug_mult=1)
+
+
+def _model(name="resnet9", seed=0):
+    torch.manual_seed(seed)
+    return build_model(name, widths=SMALL).train()
+
+
+def _batch(batch=6, views=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 32, 32, generator=generator)
+    return augment_views(images, views, generator), torch.randint(0, 10, (batch,), generator=generator)
+
+
+def _optimizer(model, sigma, clip, expected, variants, lr=0.5):
+    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, max_grad_norm=clip,
+                            expected_batch_size=expected, loss_reduction="mean",
+                            generator=torch.Generator().manual_seed(3))
+    optimizer.attach_step_hook(lambda _: [v.before_update(model) for v in variants])
+    return optimizer
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ---------------------------------------------------------------------------------------------- pruning, dropping
+
+
+def test_magnitude_pruning_keeps_the_largest_initial_weights_and_zeroes_the_rest():
+    model = _model()
+    initial = _params(model)
+    selector = CoordinateSelector(model, prune_rate=0.3, prune_method="magnitude", generator=torch.Generator().manual_seed(0))
+    for name, p in model.named_parameters():
+        mask = selector.prune_masks[name]
+        assert int(mask.sum()) == kept_count(p.numel(), 0.3)
+        assert torch.equal(p[~mask], torch.zeros_like(p[~mask]))
+        if (~mask).any():
+            assert initial[name][mask].abs().min() >= initial[name][~mask].abs().max()
+    assert selector.kept_fraction == pytest.approx(0.7, abs=0.01)
+
+
+def test_one_step_touches_only_kept_coordinates_and_noise_lands_only_there():
+    model = _model()
+    selector = CoordinateSelector(model, prune_rate=0.5, prune_method="random", drop_rate=0.5, drop_method="magnitude",
+                                  generator=torch.Generator().manual_seed(0))
+    mask = selector.select(model)
+    before = _params(model)
+    optimizer = _optimizer(model, sigma=5.0, clip=1.0, expected=6, variants=[selector])
+    logical_step(model, optimizer, [_batch()], 1, private=True, batch_size=6, variants=[selector])
+    for name, p in model.named_parameters():
+        changed = p.detach() != before[name]
+        assert torch.equal(changed, mask[name]), name  # every kept coordinate moved (noise), no other did
+    assert 0.2 < selector.updated_fractions[-1] < 0.3  # half pruned, then half of the rest dropped
+
+
+def test_gradients_are_restricted_before_clipping():
+    """σ = 0: the update is lr/B · Σ clip(g_i ⊙ m) — the clipping norm counts kept coordinates only."""
+    model = _model().double()
+    selector = CoordinateSelector(model, drop_rate=0.7, drop_method="random", generator=torch.Generator().manual_seed(1))
+    mask = selector.select(model)
+    views, labels = _batch()
+    views = views.double()
+    per_example = naive_per_sample_grads(model, views, labels)
+    clip, lr = 1e-3, 0.5
+    flat = torch.cat([(per_example[n] * mask[n]).flatten(1) for n in per_example], 1)
+    factors = (clip / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
+    assert (factors < 0.5).all(), "the check needs gradients that really get clipped"
+    expected = {n: -lr / 6 * torch.einsum("b,b...->...", factors, per_example[n] * mask[n]) for n in per_example}
+    before = _params(model)
+    optimizer = _optimizer(model, sigma=0.0, clip=clip, expected=6, variants=[selector], lr=lr)
+    logical_step(model, optimizer, [(views, labels)], 1, private=True, batch_size=6, variants=[selector])
+    moved = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()])
+    assert relative_error(moved, torch.cat([expected[n].flatten() for n in per_example])) < 1e-6
+
+
+def _masks_of_a_run(monkeypatch, data, drop_method):
+    masks = []
+    original = CoordinateSelector.select
+
+    def recording(self, model):
+        result = original(self, model)
+        masks.append({n: m.clone() for n, m in result.items()})
+        return result
+
+    monkeypatch.setattr(CoordinateSelector, "select", recording)
+    config = RunConfig(model="resnet9", widths=SMALL, prune_rate=0.5, prune_method="magnitude", drop_rate=0.5,
+                       drop_method=drop_method, **{**TINY, "train_size": None, "test_size": None})
+    fit(config, progress=False, data=data)
+    monkeypatch.setattr(CoordinateSelector, "select", original)
+    return masks
+
+
+@pytest.mark.parametrize("drop_method", ["random", "magnitude"])
+def test_selection_never_reads_private_data(monkeypatch, drop_method):
+    """Two runs with the same seed on *different* training data: the pruning mask and the first step's
+    selection are identical (they see only the seed and the initial weights); random dropping stays
+    identical at every step; magnitude dropping may differ later only because the DP iterates differ."""
+    first = make_synthetic(96, 32, seed=0)
+    other_train, _ = make_synthetic(96, 32, seed=1)
+    second = (other_train, first[1])
+    masks_a = _masks_of_a_run(monkeypatch, first, drop_method)
+    masks_b = _masks_of_a_run(monkeypatch, second, drop_method)
+    assert len(masks_a) == len(masks_b) == 3
+    steps_equal = [all(torch.equal(a[n], b[n]) for n in a) for a, b in zip(masks_a, masks_b)]
+    assert steps_equal[0]
+    if drop_method == "random":
+        assert all(steps_equal)
+
+
+# ---------------------------------------------------------------------------------------------- ModelMix
+
+
+def test_modelmix_respects_the_gap_and_mixes_between_the_iterates():
+    lr, gap_rate = 0.5, 0.2
+    mixer = ModelMix(_model(), gap_rate=gap_rate, lr=lr, generator=torch.Generator().manual_seed(0))
+    tau = lr * gap_rate
+    generator = torch.Generator().manual_seed(1)
+    current = torch.randn(10_000, generator=generator) * 0.1
+    previous = current + torch.randn(10_000, generator=generator) * 0.1
+    previous[:100] = current[:100]  # equal coordinates are pushed apart too
+    difference = current - previous
+    push = (tau - difference.abs()).clamp_min(0) / 2
+    sign = torch.where(difference >= 0, 1.0, -1.0)
+    pushed_current, pushed_previous = current + push * sign, previous - push * sign
+    assert ((pushed_current - pushed_previous).abs() >= tau - 1e-7).all()
+    mixed = mixer.mix(current, previous)
+    low, high = torch.minimum(pushed_current, pushed_previous), torch.maximum(pushed_current, pushed_previous)
+    assert ((mixed >= low - 1e-7) & (mixed <= high + 1e-7)).all()
+    # far-apart coordinates are not pushed, and α is spread over [0, 1]
+    alpha = (mixed - pushed_previous) / (pushed_current - pushed_previous)
+    assert 0.45 < float(alpha.mean()) < 0.55 and float(alpha.min()) < 0.05 and float(alpha.max()) > 0.95
+
+
+def test_modelmix_steps_from_the_mix_and_remembers_the_current_iterate():
+    model = _model()
+    mixer = ModelMix(model, gap_rate=0.15, lr=0.5, generator=torch.Generator().manual_seed(0))
+    start = _params(model)
+    optimizer = _optimizer(model, sigma=0.0, clip=1e6, expected=6, variants=[mixer], lr=0.5)
+    logical_step(model, optimizer, [_batch()], 1, private=True, batch_size=6, variants=[mixer])
+    assert all(torch.equal(mixer.previous[n], start[n]) for n in start)
+    first = _params(model)
+    # the first mix is between θ0 and θ0 pushed apart by τ: every coordinate moved by at most τ/2 + lr·|g|
+    assert any(not torch.equal(first[n], start[n]) for n in start)
+    logical_step(model, optimizer, [_batch(seed=1)], 1, private=True, batch_size=6, variants=[mixer])
+    assert all(torch.equal(mixer.previous[n], first[n]) for n in first)
+
+
+# ---------------------------------------------------------------------------------------------- De et al.
+
+
+def test_wrn16_4_has_no_batch_statistics():
+    """An example's output does not depend on the rest of the batch (train mode, where BatchNorm would)."""
+    model = build_model("wrn16_4").train()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        together = model(images)
+        alone = torch.cat([model(images[i:i + 1]) for i in range(4)])
+    assert relative_error(together, alone) < 1e-5
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@pytest.mark.parametrize("name,published_sigma", [("de_et_al_eps1", 10.0), ("de_et_al_eps8", 3.0)])
+def test_de_et_al_published_settings(name, published_sigma):
+    """The paper profile's entries carry their published settings; their σ spends at most their ε under
+    dpeq's accountant, so dpeq's calibrated σ is at most theirs (equal ε, less noise or the same)."""
+    config = config_from_profile("paper", name)
+    assert (config.model, config.batch_size, config.aug_mult, config.clip_norm, config.momentum) == ("wrn16_4", 4096, 16, 1.0, 0.0)
+    q = config.batch_size / 50_000
+    assert epsilon_spent(published_sigma, q, config.update_steps, config.target_delta) <= config.target_epsilon
+    sigma = calibrate_noise(config.target_epsilon, config.target_delta, q, config.update_steps)
+    assert 0.85 * published_sigma <= sigma <= published_sigma
+
+
+# ---------------------------------------------------------------------------------------------- whole runs
+
+
+@pytest.mark.parametrize("baseline", ["de_et_al", "pruning_dropping", "modelmix"])
+def test_each_baseline_runs_and_writes_a_valid_record(tmp_path, baseline):
+    config = config_from_profile("smoke", baseline, **TINY)
+    record = load_or_run(config, runs_dir=tmp_path, progress=False)
+    assert all(field in record for field in REQUIRED_FIELDS)
+    assert record["config"]["model"] == "wrn16_4"
+    assert record["epsilon_spent"] <= config.target_epsilon
+    if baseline == "pruning_dropping":
+        assert record["kept_params"] == pytest.approx(record["num_params"] / 2, rel=0.01)
+        assert 0.2 < record["mean_updated_fraction"] < 0.3
+        assert record["config"]["prune_rate"] == 0.5
+    else:
+        assert record["kept_params"] == record["num_params"] and record["mean_updated_fraction"] == 1.0
+    if baseline == "modelmix":
+        assert record["config"]["modelmix"] is True
+
+
+def test_every_profile_names_the_three_baselines():
+    for profile in ("smoke", "teach", "paper"):
+        entries = baseline_entries(profile)
+        assert {"de_et_al", "pruning_dropping", "modelmix"} <= set(entries), profile
+        for name in entries:
+            config_from_profile(profile, name)  # valid configs
+
+
+def test_bad_variant_settings_get_clear_errors():
+    with pytest.raises(ValueError, match=r"prune_rate must lie in \[0, 1\)"):
+        RunConfig(prune_rate=1.0)
+    with pytest.raises(ValueError, match="drop_method must be one of"):
+        RunConfig(drop_rate=0.5, drop_method="gradient")
+    with pytest.raises(ValueError, match="modelmix cannot be combined"):
+        RunConfig(modelmix=True, drop_rate=0.5)
+    with pytest.raises(ValueError, match="has no baseline 'dee'.*de_et_al"):
+        config_from_profile("smoke", "dee")
