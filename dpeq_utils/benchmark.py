@@ -10,10 +10,11 @@ take turns call by call (CPU allocator state left by one kind measurably changed
   clipping, noise, SGD update (Opacus ``DPOptimizer``, as :func:`dpeq_utils.train.logical_step`).
 
 Throughput counts *examples* per second; with ``views > 1`` each example carries that many
-augmentation views (the work per example grows accordingly). Peak memory is CUDA's peak allocation
+augmentation views (the work per example grows accordingly). On a CPU the allocator is tuned first,
+as the trainer does (:func:`dpeq_utils.runtime.tune_cpu_allocator`). Peak memory is CUDA's peak allocation
 on a GPU and, on a CPU, the peak resident set size above the level before the call (sampled
-every 2 ms by a thread, so short spikes can be missed; glibc's ``malloc_trim`` first hands cached
-free memory back, otherwise the warm-up's allocations would hide the peak).
+every 2 ms by a thread, so short spikes can be missed), each from one extra untimed call; on a CPU
+glibc's ``malloc_trim`` first hands cached free memory back, otherwise earlier calls would hide it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from opacus.optimizers import DPOptimizer
 
 from .models import build_model, count_params
 from .per_sample import ENGINE_FUNCTIONS
-from .runtime import device_name, pick_device
+from .runtime import device_name, pick_device, tune_cpu_allocator
 from .train import logical_step
 
 # name → (model, build_model keyword arguments): the four nets of issue 4
@@ -99,7 +100,9 @@ def _release_free_memory() -> None:
 
 def _time_interleaved(calls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
     """``{kind: (median seconds, peak MB)}``. Every call warms up once, then the kinds take turns
-    (``repeats`` rounds), so no kind is favoured by the allocator state another one left behind."""
+    (``repeats`` rounds), so no kind is favoured by the allocator state another one left behind.
+    Peak memory comes from one more, untimed call per kind (on a CPU it starts by handing cached
+    memory back to the OS, which would slow a timed call)."""
 
     def sync():
         if device.type == "cuda":
@@ -109,24 +112,24 @@ def _time_interleaved(calls: dict, device: torch.device, repeats: int) -> dict[s
         call()
     sync()
     seconds = {kind: [] for kind in calls}
-    peaks = dict.fromkeys(calls, 0.0)
     for _ in range(repeats):
         for kind, call in calls.items():
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-                start = time.perf_counter()
+            start = time.perf_counter()
+            call()
+            sync()
+            seconds[kind].append(time.perf_counter() - start)
+    peaks = {}
+    for kind, call in calls.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            call()
+            sync()
+            peaks[kind] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+        else:
+            with _PeakRSS() as rss:
                 call()
-                sync()
-                seconds[kind].append(time.perf_counter() - start)
-                peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
-            else:
-                with _PeakRSS() as rss:
-                    start = time.perf_counter()
-                    call()
-                    seconds[kind].append(time.perf_counter() - start)
-                peak = rss.megabytes
-            peaks[kind] = max(peaks[kind], peak)
+            peaks[kind] = rss.megabytes
     return {kind: (statistics.median(seconds[kind]), peaks[kind]) for kind in calls}
 
 
@@ -135,6 +138,8 @@ def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: 
     """Measure one model at one physical batch size; ``model`` overrides the named one (tests)."""
     torch.manual_seed(seed)
     dev = pick_device(device)
+    if dev.type == "cpu":
+        tune_cpu_allocator()  # as the trainer does; applies to every kind alike
     if model is None:
         kind, kwargs = BENCHMARK_MODELS[name]
         model = build_model(kind, **kwargs)

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from .paths import cache_dir
 
 DATASETS = ("synthetic", "cifar10")
+#: Full training-set size of each dataset (synthetic: the default generated size).
+TRAIN_SIZES = {"synthetic": 5000, "cifar10": 50_000}
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -123,7 +125,7 @@ def load_dataset(
     network.
     """
     if name == "synthetic":
-        return make_synthetic(train_size or 5000, test_size or 1000, seed=seed)
+        return make_synthetic(train_size or TRAIN_SIZES["synthetic"], test_size or 1000, seed=seed)
     if name == "cifar10":
         train, test = load_cifar10(source, download=download)
         return train.subset(train_size, seed), test.subset(test_size, seed)

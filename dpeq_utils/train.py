@@ -39,7 +39,7 @@ from .equivariance import evaluation_mode
 from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
 from .privacy import PrivacyBudget, PrivacyBudgetError
-from .runtime import pick_device, set_seed
+from .runtime import pick_device, set_seed, tune_cpu_allocator
 from .variants import CoordinateSelector, build_variants
 
 
@@ -133,6 +133,8 @@ def fit(config: RunConfig, *, progress: bool = True,
     started = time.perf_counter()
     set_seed(config.seed)
     device = pick_device(config.device)
+    if device.type == "cpu":
+        tune_cpu_allocator()
     train_data, test_data = data if data is not None else load_dataset(
         config.dataset, train_size=config.train_size, test_size=config.test_size, seed=config.seed)
     n = len(train_data)

@@ -17,11 +17,11 @@ from dpeq_utils.runs import load_records
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["01_equivariance_theory", "02_model_construction", "03_dpsgd_training", "04_ablation_parameters",
-            "05_ablation_epsilon"]
+            "05_ablation_epsilon", "06_baselines"]
 
 
-def test_the_five_notebooks_exist():
-    assert [p.stem for p in NOTEBOOKS][:5] == EXPECTED
+def test_the_six_notebooks_exist():
+    assert [p.stem for p in NOTEBOOKS][:6] == EXPECTED
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -112,10 +112,14 @@ def test_smoke_reproduction_of_every_notebook(tmp_path, monkeypatch):
     results = reproduce.run_notebooks("smoke", out_dir=tmp_path / "executed", echo=lambda *_: None)
     failures = {r.name: r.error for r in results if not r.ok}
     assert not failures, failures
-    assert [r.name for r in results][:5] == EXPECTED
+    assert [r.name for r in results][:6] == EXPECTED
     records = load_records(runs / "smoke")
-    # 03: one run; 04: 3 groups + 2 baselines + 2 design ablations + 1 non-private; 05: 2 models x (5 ε + non-private)
-    assert len(records) >= 1 + 8 + 12
+    # 03: one run; 04: 3 groups + 2 baselines + 2 design ablations + 1 non-private; 05: 2 models x (5 ε + non-private);
+    # 06: the equivariant run + 3 baselines (the equivariant one may coincide with a run of 04/05)
+    assert len(records) >= 1 + 8 + 12 + 3
+    variants = [r for r in records if r["config"]["model"] == "wrn16_4"]
+    assert {(r["config"]["aug_mult"], r["config"]["prune_rate"] > 0, r["config"]["modelmix"]) for r in variants} >= {
+        (4, False, False), (2, True, False), (2, False, True)}, "De et al., pruning+dropping and ModelMix runs of 06"
     for record in records:
         if record["epsilon_spent"] is not None:
             assert record["epsilon_spent"] <= record["config"]["target_epsilon"]
@@ -124,7 +128,7 @@ def test_smoke_reproduction_of_every_notebook(tmp_path, monkeypatch):
     assert {1.0, 2.0, 3.0, 5.0, 8.0} <= targets
     figures = tmp_path / "figures" / "smoke"
     for name in ("01_rotation_error_curve", "02_parameter_counts", "03_learning_curves", "04_accuracy_vs_parameters",
-                 "05_accuracy_vs_epsilon"):
+                 "05_accuracy_vs_epsilon", "06_baselines"):
         assert (figures / f"{name}.png").stat().st_size > 1000 and (figures / f"{name}.pdf").is_file()
     executed = nbformat.read(tmp_path / "executed" / "03_dpsgd_training.ipynb", as_version=4)
     assert any(c.get("outputs") for c in executed.cells if c.cell_type == "code")
