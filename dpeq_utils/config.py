@@ -198,12 +198,7 @@ def config_from_profile(profile: str | Path, baseline: str | None = None, **over
     """``RunConfig`` from a profile's ``run`` section, then its ``baselines[baseline]`` entry (if
     named), then ``overrides``."""
     content = load_profile(profile)
-    entry = {}
-    if baseline is not None:
-        entries = baseline_entries(profile)
-        if baseline not in entries:
-            raise ValueError(f"profile {profile!r} has no baseline {baseline!r}; available: {sorted(entries)}")
-        entry = entries[baseline]
+    entry = {} if baseline is None else baseline_changes(profile, [baseline], equal_budget=False)[baseline]
     values = {**content["run"], **entry, **overrides}
     values.setdefault("profile", Path(profile).stem)
     unknown = sorted(set(values) - set(field_names()))

@@ -28,10 +28,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
-
 from escnn import nn as enn
-from torch.func import vjp
+from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from . import equivariance  # noqa: F401  (applies the escnn fixes torch.func needs)
 

@@ -225,5 +225,5 @@ def test_bad_variant_settings_get_clear_errors():
         RunConfig(drop_rate=0.5, drop_method="gradient")
     with pytest.raises(ValueError, match="modelmix cannot be combined"):
         RunConfig(modelmix=True, drop_rate=0.5)
-    with pytest.raises(ValueError, match="has no baseline 'dee'.*de_et_al"):
+    with pytest.raises(ValueError, match=r"has no baseline\(s\) \['dee'\].*de_et_al"):
         config_from_profile("smoke", "dee")
