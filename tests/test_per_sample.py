@@ -44,8 +44,8 @@ def _check(model, engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-@pytest.mark.parametrize("group,restrict", [("D4", True), ("C8", False), ("D1", True), ("C1", False),
-                                            ("C4", True), ("D8", False)])
+@pytest.mark.parametrize("group,restrict", [("C1", False), ("C2", True), ("C4", True), ("C8", False), ("C16", False),
+                                            ("D1", True), ("D2", True), ("D4", True), ("D4", False), ("D8", False)])
 def test_equivariant_resnet9(group, restrict, engine):
     _check(build_model("eq_resnet9", group=group, restrict=restrict, widths=SMALL), engine)
 
