@@ -20,7 +20,6 @@ glibc's ``malloc_trim`` first hands cached free memory back, otherwise earlier c
 
 from __future__ import annotations
 
-import ctypes
 import os
 import statistics
 import threading
@@ -34,7 +33,7 @@ from opacus.optimizers import DPOptimizer
 
 from .models import build_model, count_params
 from .per_sample import ENGINE_FUNCTIONS
-from .runtime import device_name, pick_device, tune_cpu_allocator
+from .runtime import device_name, pick_device, release_free_memory, tune_cpu_allocator
 from .train import logical_step
 
 # name → (model, build_model keyword arguments): the four nets of issue 4
@@ -76,7 +75,7 @@ class _PeakRSS:
             time.sleep(self.interval)
 
     def __enter__(self):
-        _release_free_memory()
+        release_free_memory()
         self.start = self.peak = self._rss()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -90,13 +89,6 @@ class _PeakRSS:
     @property
     def megabytes(self) -> float:
         return (self.peak - self.start) / 2 ** 20
-
-
-def _release_free_memory() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the figure is then a lower bound
-        pass
 
 
 def _time_interleaved(calls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:

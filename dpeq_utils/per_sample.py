@@ -76,12 +76,9 @@ def naive_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.
 
 
 def _conv_parameters(module: nn.Module) -> tuple[Callable, dict[str, torch.Tensor]]:
-    """``(function, params)`` with ``function(params) -> {"weight": filter, "bias": bias}`` as the layer uses them."""
-    names = [name for name, p in module.named_parameters(recurse=False) if p.requires_grad]
-    params = {name: getattr(module, name).detach() for name in names}
-    if not hasattr(module, "expand_parameters"):  # plain nn.Conv2d / nn.Linear: the parameters themselves
-        return (lambda values: dict(values)), params
-
+    """``(function, params)`` with ``function(params) -> {"weight": filter[, "bias": bias]}`` as the layer
+    builds them in ``expand_parameters`` (for the generic pull-back)."""
+    params = {name: p.detach() for name, p in module.named_parameters(recurse=False) if p.requires_grad}
     holder = _ExpandParameters(module)
 
     def function(values):
@@ -232,9 +229,15 @@ def hooks_supported(model: nn.Module) -> bool:
     return not _unsupported_layers(model)
 
 
+def _trainable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules that own trainable parameters directly, by name."""
+    return {name: module for name, module in model.named_modules()
+            if any(p.requires_grad for p in module.parameters(recurse=False))}
+
+
 def _unsupported_layers(model: nn.Module) -> list[str]:
-    return [f"{name or 'model'} ({type(module).__name__})" for name, module in model.named_modules()
-            if any(p.requires_grad for p in module.parameters(recurse=False)) and _rule_for(module) is None]
+    return [f"{name or 'model'} ({type(module).__name__})" for name, module in _trainable_layers(model).items()
+            if _rule_for(module) is None]
 
 
 @contextlib.contextmanager
@@ -279,8 +282,7 @@ def hooks_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.
         entry = captured[module] = [x.detach(), None]
         out.register_hook(lambda grad: entry.__setitem__(1, grad))
 
-    layers = {name: module for name, module in model.named_modules()
-              if any(p.requires_grad for p in module.parameters(recurse=False))}
+    layers = _trainable_layers(model)
     handles = [module.register_forward_hook(keep) for module in layers.values()]
     try:
         with _frozen(model):

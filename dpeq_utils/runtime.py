@@ -97,11 +97,23 @@ def tune_cpu_allocator() -> bool:
     per-example gradients. The cost: the process keeps its peak memory until it exits.
     Set ``DPEQ_MALLOC_TUNING=0`` to opt out. Returns whether the setting was applied (glibc only).
     """
-    if os.environ.get("DPEQ_MALLOC_TUNING", "1") == "0":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+    libc = _glibc()
+    if os.environ.get("DPEQ_MALLOC_TUNING", "1") == "0" or libc is None:
         return False
     m_trim_threshold, m_mmap_threshold, largest = -1, -3, 2 ** 31 - 1
     return bool(libc.mallopt(m_mmap_threshold, largest)) and bool(libc.mallopt(m_trim_threshold, largest))
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's cached free memory back to the OS (glibc ``malloc_trim``; elsewhere nothing)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None

@@ -161,7 +161,7 @@ def fit(config: RunConfig, *, progress: bool = True,
     if budget is not None and variants:
         optimizer.attach_step_hook(lambda _: [v.before_update(model) for v in variants])  # after noise, before update
     ema = WeightEMA(model, config.ema_decay)
-    engine = None if budget is None else resolve_engine(config.per_sample_engine, model)
+    engine = resolve_engine(config.per_sample_engine, model)
     images = train_data.images.to(device)
     labels = train_data.labels.to(device)
 
@@ -195,7 +195,7 @@ def fit(config: RunConfig, *, progress: bool = True,
         batches = ((augment_views(normalize(images[c], train_data.mean, train_data.std), config.aug_mult, augmenter),
                     labels[c]) for c in chunks)
         recent_losses.extend(logical_step(model, optimizer, batches, len(chunks), private=budget is not None,
-                                          batch_size=len(chosen), engine=engine or "auto", variants=variants))
+                                          batch_size=len(chosen), engine=engine, variants=variants))
         ema.update(model)
         if recent_losses:
             bar.set_postfix(loss=f"{recent_losses[-1]:.3f}", refresh=False)
@@ -226,7 +226,7 @@ def fit(config: RunConfig, *, progress: bool = True,
         "kept_params": round(count_params(model) * selector.kept_fraction) if selector else count_params(model),
         "mean_updated_fraction": float(np.mean(selector.updated_fractions)) if selector else 1.0,
         "epochs": steps * q,
-        "per_sample_engine": engine,  # the engine that ran ("auto" resolved)
+        "per_sample_engine": engine if budget else None,  # the engine that ran ("auto" resolved)
         "train_time_s": train_time,  # the step loop alone: sampling, gradients, updates (no evaluation)
         "wall_time_s": time.perf_counter() - started,
         "history": history,
