@@ -5,7 +5,8 @@ process, after a warm-up call that is not timed, as the median of ``repeats`` ti
 take turns call by call (CPU allocator state left by one kind measurably changed the next one's
 speed), except the memory-hungry ``vmap`` reference, measured on its own afterwards:
 
-* ``non_private`` — forward + backward of the mean loss (the floor a DP step is compared with);
+* ``non_private`` — the trainer's non-private step: forward + backward of the mean loss and the SGD
+  update (the floor a DP step is compared with);
 * ``<engine>`` — per-example gradients by that engine alone (:mod:`dpeq_utils.per_sample`);
 * ``dp_step`` — what the trainer does per physical batch: per-example gradients (``auto`` engine),
   clipping, noise, SGD update (Opacus ``DPOptimizer``, as :func:`dpeq_utils.train.logical_step`).
@@ -28,7 +29,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
 
 from .models import build_model, count_params
@@ -147,10 +147,10 @@ def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: 
     images = torch.randn(batch, views, 3, 32, 32, generator=generator, device=dev)
     labels = torch.randint(0, 10, (batch,), generator=generator, device=dev)
 
-    def non_private():
-        model.zero_grad(set_to_none=True)
-        logits = model(images.flatten(0, 1))
-        F.cross_entropy(logits, labels.repeat_interleave(views)).backward()
+    plain_optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def non_private():  # the trainer's non-private step: mean gradient over examples and views, update
+        logical_step(model, plain_optimizer, [(images, labels)], 1, private=False, batch_size=batch)
 
     optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
                             expected_batch_size=batch, loss_reduction="mean",
