@@ -37,6 +37,7 @@ class RunConfig:
     dataset: str = "synthetic"
     train_size: int | None = None  # None: the whole training set (synthetic: 5000)
     test_size: int | None = None  # None: the whole test set (synthetic: 1000)
+    validation_size: int = 0  # examples held out of the training set (fixed across seeds) to tune on
     # model
     model: str = "eq_resnet9"
     group: str = "D4"
@@ -134,6 +135,8 @@ class RunConfig:
             yield f"ema_decay must lie in [0, 1), got {self.ema_decay!r}"
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             yield f"eval_every must be an integer >= 0, got {self.eval_every!r}"
+        if isinstance(self.validation_size, bool) or not isinstance(self.validation_size, int) or self.validation_size < 0:
+            yield f"validation_size must be an integer >= 0, got {self.validation_size!r}"
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             yield f"seed must be an integer >= 0, got {self.seed!r}"
         for name in ("prune_rate", "drop_rate"):

@@ -24,6 +24,7 @@ Normalisation uses each dataset's own per-channel mean and std (CIFAR-10: the pa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -34,6 +35,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -92,6 +94,11 @@ class ImageDataset:
         return ImageDataset(self.images[order], self.labels[order], self.classes, self.mean, self.std, self.name,
                             {**self.meta, "subset_of": len(self), "subset_seed": seed})
 
+    def take(self, index: torch.Tensor, part: str) -> "ImageDataset":
+        """The examples at ``index`` (a named part of this set: ``meta`` records which and how many)."""
+        return ImageDataset(self.images[index], self.labels[index], self.classes, self.mean, self.std, self.name,
+                            {**self.meta, "part": part, "part_of": len(self)})
+
     def normalized(self, index: torch.Tensor | slice | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """Float images in ``[0, 1]`` scaled to zero mean / unit std per channel."""
         images = self.images if index is None else self.images[index]
@@ -109,27 +116,64 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 # dataset by name
 
 
-def load_dataset(
+class Splits(NamedTuple):
+    """The splits of one run: training, test, and an optional validation split held out of training."""
+
+    train: ImageDataset
+    test: ImageDataset
+    validation: ImageDataset | None = None
+
+
+#: Seed of the validation split: fixed, so every run seed and model is tuned on the same examples.
+VALIDATION_SEED = 20231126
+
+
+def load_splits(
     name: str,
     *,
     train_size: int | None = None,
     test_size: int | None = None,
+    validation_size: int = 0,
     seed: int = 0,
     source: str | os.PathLike | None = None,
     download: bool = True,
-) -> tuple[ImageDataset, ImageDataset]:
-    """Train and test splits of a dataset by name (see the module docstring).
+) -> Splits:
+    """Train, test and validation splits of a dataset by name (see the module docstring).
 
-    ``train_size``/``test_size`` take a seeded random subset (synthetic data is generated at that
-    size directly). ``source`` points at a local CIFAR-10 copy; ``download=False`` forbids the
-    network.
+    ``validation_size`` examples are held out of the *training* set by a fixed permutation (the same
+    for every run seed), so learning rates can be chosen without looking at the test set; the
+    training subset (``train_size``, drawn with ``seed``) comes from the remaining examples.
+    ``test_size`` takes a seeded subset of the test set. Synthetic data is generated at those sizes
+    directly (the validation split as a third independent stream). ``source`` points at a local
+    CIFAR-10 copy; ``download=False`` forbids the network.
     """
+    if isinstance(validation_size, bool) or not isinstance(validation_size, int) or validation_size < 0:
+        raise ValueError(f"validation_size must be an integer >= 0, got {validation_size!r}")
     if name == "synthetic":
-        return make_synthetic(train_size or TRAIN_SIZES["synthetic"], test_size or 1000, seed=seed)
+        train, test = make_synthetic(train_size or TRAIN_SIZES["synthetic"], test_size or 1000, seed=seed)
+        validation = None
+        if validation_size:  # normalised like the training split it stands in for
+            validation = dataclasses.replace(make_synthetic(validation_size, 1, seed=seed, split_index=2)[0],
+                                             mean=train.mean, std=train.std)
+        return Splits(train, test, validation)
     if name == "cifar10":
         train, test = load_cifar10(source, download=download)
-        return train.subset(train_size, seed), test.subset(test_size, seed)
+        validation = None
+        if validation_size:
+            if validation_size >= len(train):
+                raise ValueError(f"validation_size={validation_size} leaves no training example of {len(train)}")
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(VALIDATION_SEED))
+            validation = train.take(order[:validation_size].sort().values, "validation")
+            train = train.take(order[validation_size:].sort().values, "train")
+        return Splits(train.subset(train_size, seed), test.subset(test_size, seed), validation)
     raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+
+
+def load_dataset(name: str, *, train_size: int | None = None, test_size: int | None = None, seed: int = 0,
+                 source: str | os.PathLike | None = None, download: bool = True) -> tuple[ImageDataset, ImageDataset]:
+    """Train and test splits (:func:`load_splits` without a validation split)."""
+    splits = load_splits(name, train_size=train_size, test_size=test_size, seed=seed, source=source, download=download)
+    return splits.train, splits.test
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +255,8 @@ def _render_synthetic(n: int, generator: torch.Generator, size: int = 32) -> tup
     return images, labels
 
 
-def make_synthetic(train_size: int = 5000, test_size: int = 1000, seed: int = 0) -> tuple[ImageDataset, ImageDataset]:
+def make_synthetic(train_size: int = 5000, test_size: int = 1000, seed: int = 0,
+                   split_index: int = 0) -> tuple[ImageDataset, ImageDataset]:
     """Deterministic glyphs-at-random-orientations data (see the module docstring).
 
     >>> a, _ = make_synthetic(8, 4, seed=1); b, _ = make_synthetic(8, 4, seed=1)
@@ -224,9 +269,9 @@ def make_synthetic(train_size: int = 5000, test_size: int = 1000, seed: int = 0)
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     splits = []
-    for split_index, size in enumerate((train_size, test_size)):
-        # distinct, reproducible streams for every (seed, split)
-        stream = int(np.random.SeedSequence([seed, split_index]).generate_state(1, np.uint64)[0]) >> 1
+    # distinct, reproducible streams for every (seed, split); split_index=2 makes a validation split
+    for index, size in zip((split_index, split_index + 1) if split_index else (0, 1), (train_size, test_size)):
+        stream = int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]) >> 1
         splits.append(_render_synthetic(size, torch.Generator().manual_seed(stream)))
     (train_x, train_y), (test_x, test_y) = splits
     pixels = train_x.float() / 255
@@ -397,31 +442,66 @@ def load_cifar10(
 # augmentation multiplicity
 
 
+@dataclass
+class ViewDraws:
+    """The random part of ``K-1`` augmented views per example: crop offsets and flips, ``(B, K-1)`` each.
+
+    Drawn once per logical batch (:func:`draw_views`) and sliced per physical chunk, so the views
+    an example gets do not depend on how the batch is split for memory.
+    """
+
+    offset_y: torch.Tensor
+    offset_x: torch.Tensor
+    flip: torch.Tensor
+
+    def __getitem__(self, index) -> "ViewDraws":
+        return ViewDraws(self.offset_y[index], self.offset_x[index], self.flip[index])
+
+    def __len__(self) -> int:
+        return self.offset_y.shape[0]
+
+
+def draw_views(batch: int, aug_mult: int, generator: torch.Generator | None = None, padding: int = 4) -> ViewDraws:
+    """Crop offsets in ``0..2*padding`` and flip bits for ``aug_mult - 1`` views of ``batch`` examples,
+    drawn on the CPU (the same stream on every device)."""
+    if not isinstance(aug_mult, int) or aug_mult < 1:
+        raise ValueError(f"aug_mult must be an integer >= 1, got {aug_mult!r}")
+    shape = (batch, aug_mult - 1)
+    return ViewDraws(torch.randint(0, 2 * padding + 1, shape, generator=generator),
+                     torch.randint(0, 2 * padding + 1, shape, generator=generator),
+                     torch.rand(shape, generator=generator) < 0.5)
+
+
+def apply_views(images: torch.Tensor, draws: ViewDraws, padding: int = 4) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, K, C, H, W)``: the original, then one view per drawn crop and flip of the
+    reflect-padded image."""
+    batch, channels, height, width = images.shape
+    extra = draws.offset_y.shape[1] if draws.offset_y.ndim == 2 else 0
+    if len(draws) != batch:
+        raise ValueError(f"{batch} images but view draws for {len(draws)}")
+    if extra == 0:
+        return images.unsqueeze(1)
+    if batch == 0:
+        return images.new_zeros(0, extra + 1, channels, height, width)
+    device = images.device
+    offset_y, offset_x, flip = (t.reshape(-1, 1).to(device) for t in (draws.offset_y, draws.offset_x, draws.flip))
+    padded = F.pad(images, (padding,) * 4, mode="reflect").repeat_interleave(extra, dim=0)
+    rows = offset_y + torch.arange(height, device=device)
+    cols = offset_x + torch.arange(width, device=device)
+    cols = torch.where(flip, cols.flip(1), cols)
+    views = padded[torch.arange(batch * extra, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    views = views.permute(0, 3, 1, 2).reshape(batch, extra, channels, height, width)
+    return torch.cat([images.unsqueeze(1), views], dim=1)
+
+
 def augment_views(images: torch.Tensor, aug_mult: int, generator: torch.Generator | None = None, padding: int = 4) -> torch.Tensor:
     """``(B, C, H, W)`` → ``(B, K, C, H, W)``: the original plus ``K-1`` independently drawn views, each a
     random crop of the reflect-padded image with a random horizontal flip (De et al. 2022; Hölzl et al. 2023).
+    :func:`draw_views` then :func:`apply_views`; ``generator`` must be a CPU generator.
 
     >>> x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     >>> v = augment_views(x, 3, torch.Generator().manual_seed(0))
     >>> tuple(v.shape), bool(torch.equal(v[:, 0], x))
     ((2, 3, 3, 8, 8), True)
     """
-    if not isinstance(aug_mult, int) or aug_mult < 1:
-        raise ValueError(f"aug_mult must be an integer >= 1, got {aug_mult!r}")
-    batch, channels, height, width = images.shape
-    if aug_mult == 1:
-        return images.unsqueeze(1)
-    if batch == 0:
-        return images.new_zeros(0, aug_mult, channels, height, width)
-    extra = batch * (aug_mult - 1)
-    device = images.device
-    padded = F.pad(images, (padding,) * 4, mode="reflect").repeat_interleave(aug_mult - 1, dim=0)
-    offset_y = torch.randint(0, 2 * padding + 1, (extra, 1), generator=generator, device=device)
-    offset_x = torch.randint(0, 2 * padding + 1, (extra, 1), generator=generator, device=device)
-    flip = torch.rand(extra, 1, generator=generator, device=device) < 0.5
-    rows = offset_y + torch.arange(height, device=device)
-    cols = offset_x + torch.arange(width, device=device)
-    cols = torch.where(flip, cols.flip(1), cols)
-    views = padded[torch.arange(extra, device=device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
-    views = views.permute(0, 3, 1, 2).reshape(batch, aug_mult - 1, channels, height, width)
-    return torch.cat([images.unsqueeze(1), views], dim=1)
+    return apply_views(images, draw_views(images.shape[0], aug_mult, generator, padding), padding)

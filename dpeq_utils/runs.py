@@ -2,9 +2,17 @@
 
 A record is written atomically (a temporary file in the same folder, then a rename), so a crash
 never leaves a half-written record that a later ``load_or_run`` would trust. Its name is
-``<model>-<group>-<key>.json``, where the key hashes every config field that can change the result
-(not ``profile``, ``device``, ``physical_batch_size`` or ``per_sample_engine``, which change only where
-and how fast, not the arithmetic).
+``<model>-<group>-<key>.json``, where the key hashes every config field that can change the result.
+Left out: ``profile`` (a label), and ``device``, ``physical_batch_size`` and ``per_sample_engine``,
+which change where and how fast a run computes and its float32 rounding, never a random draw: the
+Poisson batches and the augmentation views come from CPU generators drawn per logical step, and the
+clipped gradients are summed in float64 whatever the chunking. Two exceptions are stated, not
+hidden: convolutions give a chunk's examples results that differ in the last float32 bit from the
+same examples in a larger chunk, so a run with another ``physical_batch_size`` agrees to rounding
+(training is chaotic: over many steps that is a statistically equivalent run, not the same bits);
+and the noise (and the variants' masks) are drawn by the device's own generator, so a CUDA run
+draws other noise than a CPU run of the same config. The record's ``config`` and ``device`` say
+what produced it.
 
 Record fields (top level): ``key``, ``config``, ``noise_multiplier``, ``sample_rate``, ``steps``,
 ``epsilon_spent`` (null for a non-private run), ``test_accuracy``, ``test_accuracy_ema``,
@@ -42,6 +50,8 @@ def config_key(config: RunConfig) -> str:
     True
     """
     values = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_KEY}
+    if not values["validation_size"]:  # added later: runs without a validation split keep their keys
+        del values["validation_size"]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -145,17 +155,17 @@ def sweep(base: RunConfig, variations: list[dict], runs_dir: str | os.PathLike |
     """
     from tqdm.auto import tqdm
 
-    from .data import load_dataset
+    from .data import load_splits
 
     datasets, records = {}, []
     configs = [base.replace(**change) for change in variations]
     for config in tqdm(configs, desc="runs", disable=not progress):
         data = None
         if not record_path(config, runs_dir).is_file():
-            data_key = (config.dataset, config.train_size, config.test_size, config.seed)
+            data_key = (config.dataset, config.train_size, config.test_size, config.validation_size, config.seed)
             if data_key not in datasets:
-                datasets[data_key] = load_dataset(config.dataset, train_size=config.train_size,
-                                                  test_size=config.test_size, seed=config.seed)
+                datasets[data_key] = load_splits(config.dataset, train_size=config.train_size, test_size=config.test_size,
+                                                 validation_size=config.validation_size, seed=config.seed)
             data = datasets[data_key]
         records.append(load_or_run(config, runs_dir, progress=False, data=data))
     return results_table(records)

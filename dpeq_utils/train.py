@@ -6,7 +6,9 @@ One logical step of DP-SGD (Abadi et al. 2016) as implemented here:
    ``q = batch_size / N``; the batch size itself is random (expected ``batch_size``). This ``q`` and
    the number of steps are exactly what the accountant is given.
 2. **Per-example gradients** of each example's loss averaged over its ``aug_mult`` views, computed in
-   physical chunks of ``physical_batch_size`` examples (memory only; the result is the same).
+   physical chunks of ``physical_batch_size`` examples (memory only: the views are drawn once per
+   logical batch and the clipped gradients are summed in float64, so on a CPU the chunking does not
+   change a single bit of the result; ``tests/test_train.py`` checks it).
 3. **Clipping** of each example's whole gradient to norm ``clip_norm``, then summing (Opacus
    ``DPOptimizer``, accumulating across the chunks).
 4. **Noise** ``N(0, σ² clip_norm²)`` added once per logical step to the sum, which is divided by the
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 
@@ -32,9 +35,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from .config import RunConfig
-from .data import ImageDataset, augment_views, load_dataset, normalize
+from .data import ImageDataset, Splits, apply_views, draw_views, load_splits, normalize
 from .equivariance import evaluation_mode
 from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
@@ -116,17 +120,54 @@ class WeightEMA:
         self.updates += 1
 
 
-def train(config: RunConfig, *, progress: bool = True, data: tuple[ImageDataset, ImageDataset] | None = None) -> dict:
+class ExactSumDPOptimizer(DPOptimizer):
+    """Opacus's ``DPOptimizer`` with the clipped per-example gradients summed in float64.
+
+    Opacus sums each physical chunk in the parameters' dtype and adds the chunk sums, so the
+    float32 rounding of the logical step depends on where the chunks start. Here every example's
+    clipped gradient (a float32 product, the same whatever the chunk) is added into a float64
+    accumulator, and the total is rounded to float32 once, before the noise: the result no longer
+    depends on ``physical_batch_size`` (and is slightly more accurate). Clipping, noise and scaling
+    are Opacus's own.
+    """
+
+    SLICE = 16  # examples converted to float64 at a time (bounds the extra memory)
+
+    def clip_and_accumulate(self):
+        if len(self.grad_samples[0]) == 0:
+            factors = torch.zeros((0,), device=self.grad_samples[0].device)
+        else:
+            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples], dim=1).norm(2, dim=1)
+            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            total = p.summed_grad if p.summed_grad is not None else torch.zeros(
+                p.shape, dtype=torch.float64, device=p.device)
+            for start in range(0, len(grad_sample), self.SLICE):
+                part = grad_sample[start:start + self.SLICE]
+                clipped = part * factors[start:start + self.SLICE].to(part).view(-1, *[1] * (part.ndim - 1))
+                total += clipped.sum(0, dtype=torch.float64)
+            p.summed_grad = total
+            _mark_as_processed(p.grad_sample)
+
+    def add_noise(self):
+        for p in self.params:
+            p.summed_grad = p.summed_grad.to(p.dtype)  # one rounding of the exact-order-free sum
+        super().add_noise()
+
+
+def train(config: RunConfig, *, progress: bool = True, data: Splits | None = None) -> dict:
     """Train one run and return its results (the body of a run record, without provenance).
 
-    ``data`` lets a caller pass already loaded (train, test) splits; otherwise they are loaded
-    from ``config``.
+    ``data`` lets a caller pass already loaded :class:`~dpeq_utils.data.Splits` (or a (train, test)
+    pair); otherwise they are loaded from ``config``.
     """
     return fit(config, progress=progress, data=data)[1]
 
 
 def fit(config: RunConfig, *, progress: bool = True,
-        data: tuple[ImageDataset, ImageDataset] | None = None) -> tuple[nn.Module, dict]:
+        data: Splits | None = None) -> tuple[nn.Module, dict]:
     """:func:`train`, also returning the trained model (its raw weights, not the EMA)."""
     from tqdm.auto import tqdm
 
@@ -135,8 +176,12 @@ def fit(config: RunConfig, *, progress: bool = True,
     device = pick_device(config.device)
     if device.type == "cpu":
         tune_cpu_allocator()
-    train_data, test_data = data if data is not None else load_dataset(
-        config.dataset, train_size=config.train_size, test_size=config.test_size, seed=config.seed)
+    splits = Splits(*data) if data is not None else load_splits(
+        config.dataset, train_size=config.train_size, test_size=config.test_size,
+        validation_size=config.validation_size, seed=config.seed)
+    train_data, test_data, validation_data = splits
+    if config.validation_size and validation_data is None:
+        raise ValueError("the data passed to train() has no validation split, but the config asks for one")
     n = len(train_data)
     q = sample_rate(config, n)
     steps = planned_steps(config, n)
@@ -149,11 +194,11 @@ def fit(config: RunConfig, *, progress: bool = True,
     # a fourth stream for the variants; the first three are unchanged by asking for it (SeedSequence prefixes)
     sampler_seed, augment_seed, noise_seed, variant_seed = _streams(config.seed, 4)
     sampler = torch.Generator().manual_seed(sampler_seed)
-    augmenter = torch.Generator(device=device).manual_seed(augment_seed)
+    augmenter = torch.Generator().manual_seed(augment_seed)  # CPU: the same views on every device
     if budget is None:
         optimizer = base_optimizer
     else:
-        optimizer = DPOptimizer(base_optimizer, noise_multiplier=budget.noise_multiplier, max_grad_norm=config.clip_norm,
+        optimizer = ExactSumDPOptimizer(base_optimizer, noise_multiplier=budget.noise_multiplier, max_grad_norm=config.clip_norm,
                                 expected_batch_size=config.batch_size, loss_reduction="mean",
                                 generator=torch.Generator(device=device).manual_seed(noise_seed))
     variants = build_variants(config, model, torch.Generator(device=device).manual_seed(variant_seed))  # prunes now
@@ -165,7 +210,7 @@ def fit(config: RunConfig, *, progress: bool = True,
     images = train_data.images.to(device)
     labels = train_data.labels.to(device)
 
-    history, batch_sizes, recent_losses = [], [], []
+    history, batch_sizes, recent_losses = [], [], []  # recent_losses: per-example training losses since the last evaluation
 
     def record_evaluation(step: int) -> dict:
         eval_started = time.perf_counter()
@@ -173,7 +218,7 @@ def fit(config: RunConfig, *, progress: bool = True,
         with swapped_parameters(model, ema.values):
             accuracy_ema, loss_ema = evaluate(model, test_data, device)
         entry = {"step": step, "epsilon": budget.epsilon() if budget else None,
-                 "train_loss": float(np.mean(recent_losses)) if recent_losses else None,
+                 "train_loss": math.fsum(recent_losses) / len(recent_losses) if recent_losses else None,
                  "test_accuracy": accuracy, "test_loss": loss, "test_accuracy_ema": accuracy_ema,
                  "test_loss_ema": loss_ema, "elapsed_s": time.perf_counter() - started,
                  "eval_time_s": time.perf_counter() - eval_started}
@@ -191,19 +236,27 @@ def fit(config: RunConfig, *, progress: bool = True,
             selector.select(model)  # reads the current (released) iterate only, never the batch
         chosen = torch.nonzero(torch.rand(n, generator=sampler) < q).squeeze(1).to(device)
         batch_sizes.append(len(chosen))
-        chunks = chosen.split(config.physical_batch_size) if len(chosen) else [chosen]
-        batches = ((augment_views(normalize(images[c], train_data.mean, train_data.std), config.aug_mult, augmenter),
-                    labels[c]) for c in chunks)
-        recent_losses.extend(logical_step(model, optimizer, batches, len(chunks), private=budget is not None,
-                                          batch_size=len(chosen), engine=engine, variants=variants))
+        draws = draw_views(len(chosen), config.aug_mult, augmenter)  # once per logical batch, whatever the chunks
+        starts = range(0, len(chosen), config.physical_batch_size) if len(chosen) else [0]
+        batches = ((apply_views(normalize(images[chosen[i:i + config.physical_batch_size]], train_data.mean,
+                                          train_data.std), draws[i:i + config.physical_batch_size]),
+                    labels[chosen[i:i + config.physical_batch_size]]) for i in starts)
+        step_losses = logical_step(model, optimizer, batches, len(starts), private=budget is not None,
+                                   batch_size=len(chosen), engine=engine, variants=variants)
+        recent_losses.extend(step_losses)
         ema.update(model)
-        if recent_losses:
-            bar.set_postfix(loss=f"{recent_losses[-1]:.3f}", refresh=False)
+        if step_losses:
+            bar.set_postfix(loss=f"{math.fsum(step_losses) / len(step_losses):.3f}", refresh=False)
         if config.eval_every and step % config.eval_every == 0 and step != steps:
             record_evaluation(step)
     bar.close()
     train_time = time.perf_counter() - loop_started - sum(h["eval_time_s"] for h in history)
     final = record_evaluation(steps)
+    validation = {}
+    if validation_data is not None:  # the split learning rates are chosen on; the test set is never used for that
+        validation["val_accuracy"], validation["val_loss"] = evaluate(model, validation_data, device)
+        with swapped_parameters(model, ema.values):
+            validation["val_accuracy_ema"], validation["val_loss_ema"] = evaluate(model, validation_data, device)
 
     epsilon = None
     if budget is not None:
@@ -222,6 +275,7 @@ def fit(config: RunConfig, *, progress: bool = True,
         "test_accuracy": final["test_accuracy"],
         "test_accuracy_ema": final["test_accuracy_ema"],
         "test_loss": final["test_loss"],
+        **validation,
         "num_params": count_params(model),
         "kept_params": round(count_params(model) * selector.kept_fraction) if selector else count_params(model),
         "mean_updated_fraction": float(np.mean(selector.updated_fractions)) if selector else 1.0,
@@ -243,7 +297,7 @@ def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private:
     Non-private: the mean gradient over the ``batch_size`` examples.
     ``variants`` (:mod:`dpeq_utils.variants`) restrict the per-example gradients before clipping; their
     ``before_update`` must already be attached to a private ``optimizer`` (it runs after the noise)
-    and is called here for the non-private one. Returns the mean training loss of each non-empty chunk.
+    and is called here for the non-private one. Returns every example's training loss (mean over its views).
     """
     losses = []
     for i, (views, labels) in enumerate(batches):
@@ -278,7 +332,7 @@ def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: t
             mask = variant.gradient_mask(name)
             if mask is not None:
                 p.grad_sample = p.grad_sample * mask
-    return [float(example_losses.mean())]
+    return example_losses.detach().tolist()
 
 
 def _accumulate_plain_gradient(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[float]:
@@ -288,7 +342,7 @@ def _accumulate_plain_gradient(model: nn.Module, views: torch.Tensor, labels: to
     logits = model(views.flatten(0, 1))
     per_example = F.cross_entropy(logits, labels.repeat_interleave(k), reduction="none").view(batch, k).mean(1)
     (per_example.sum() / batch_size).backward()
-    return [float(per_example.detach().mean())]
+    return per_example.detach().tolist()
 
 
 # ----------------------------------------------------------------------------------------------

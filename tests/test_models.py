@@ -145,3 +145,15 @@ def test_rotation_error_curve_is_exact_at_right_angles_only():
 
 def test_fields_for_width_never_drops_to_zero():
     assert fields_for_width(1, "D8") == 1
+
+
+def test_paper_model_norm_groups_follow_the_official_code():
+    """The official code (hlzl/equivariant, utils.closest_divisor) normalises conv1's 6 fields with 1 group,
+    not 6; with identical filters the two choices change the logits by up to 0.22."""
+    from dpeq_utils.models.layers import FieldGroupNorm
+
+    model = build_model("eq_resnet9", group="D4", restrict=True, widths=(16, 32, 64), num_groups=8)
+    groups = {name: module.groups for name, module in model.named_modules() if isinstance(module, FieldGroupNorm)}
+    assert groups == {"conv1.norm": 1, "conv2.norm": 1, "res1.0.norm": 1, "res1.1.norm": 1, "norm1": 1,
+                      "conv3.norm": 3, "conv4.norm": 3, "res2.0.norm": 3, "res2.1.norm": 3, "norm2": 3}
+    assert model.num_fields == (6, 13, 39)

@@ -276,3 +276,37 @@ def test_records_store_non_finite_values_as_null(tmp_path):
 
     write_json_atomic(tmp_path / "r.json", {"loss": float("nan"), "history": [{"x": float("inf"), "y": 1.0}]})
     assert json.loads((tmp_path / "r.json").read_text()) == {"loss": None, "history": [{"x": None, "y": 1.0}]}
+
+
+def test_physical_batch_size_changes_no_random_draw_and_only_float_rounding(tmp_path):
+    """physical_batch_size is not in the record key, so it must not change what a run draws: the batch,
+    the views and the noise are the same bits whatever the chunking, and the clipped gradients are
+    summed in float64. What remains is float32 rounding in the chunks' forward passes (oneDNN, and
+    also PyTorch's native convolution, give a chunk's examples results that differ in the last bit
+    from the same examples in a larger chunk: measured up to ~2e-6 in the logits), so the
+    results agree to rounding, not bit for bit.
+    """
+    base = config_from_profile("smoke", **{**TINY, "eval_every": 0, "update_steps": 3, "aug_mult": 3,
+                                           "physical_batch_size": 32})
+    records = [load_or_run(base.replace(physical_batch_size=size), runs_dir=tmp_path / str(size), progress=False)
+               for size in (32, 7, 1)]
+    assert config_key(base.replace(physical_batch_size=7)) == config_key(base)
+    assert records[0]["mean_batch_size"] > 7, "the check needs batches that really get split"
+    for record in records[1:]:
+        for field in ("mean_batch_size", "noise_multiplier", "sample_rate", "steps", "epsilon_spent", "num_params"):
+            assert record[field] == records[0][field], field
+        for field in ("test_loss", "test_accuracy"):
+            assert abs(record[field] - records[0][field]) <= 1e-5 * abs(records[0][field]), field
+        for field in ("train_loss", "test_loss_ema"):
+            assert abs(record["history"][-1][field] - records[0]["history"][-1][field]) <= 1e-5 * records[0]["history"][-1][field]
+
+
+def test_views_do_not_depend_on_how_the_batch_is_split():
+    from dpeq_utils.data import apply_views, draw_views
+
+    images = torch.randn(10, 3, 8, 8)
+    draws = draw_views(10, 4, torch.Generator().manual_seed(3))
+    whole = apply_views(images, draws)
+    parts = torch.cat([apply_views(images[i:i + 3], draws[i:i + 3]) for i in range(0, 10, 3)])
+    assert torch.equal(whole, parts)
+    assert torch.equal(whole, augment_views(images, 4, torch.Generator().manual_seed(3)))

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import WSConv2d, divisor_at_most
+from .layers import WSConv2d, norm_groups
 
 
 class PlainBlock(nn.Module):
@@ -23,7 +23,7 @@ class PlainBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_groups: int, pool: bool):
         super().__init__()
         self.conv = WSConv2d(in_channels, out_channels, 3, padding=1, bias=True)
-        self.norm = nn.GroupNorm(divisor_at_most(out_channels, num_groups), out_channels, affine=False)
+        self.norm = nn.GroupNorm(norm_groups(out_channels, num_groups), out_channels, affine=False)
         self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,11 +46,11 @@ class PlainResNet9(nn.Module):
         self.conv1 = PlainBlock(in_channels, c1, num_groups, pool=False)
         self.conv2 = PlainBlock(c1, c2, num_groups, pool=True)
         self.res1 = nn.Sequential(PlainBlock(c2, c2, num_groups, False), PlainBlock(c2, c2, num_groups, False))
-        self.norm1 = nn.GroupNorm(divisor_at_most(c2, num_groups), c2, affine=False)
+        self.norm1 = nn.GroupNorm(norm_groups(c2, num_groups), c2, affine=False)
         self.conv3 = PlainBlock(c2, c3, num_groups, pool=True)
         self.conv4 = PlainBlock(c3, c4, num_groups, pool=True)
         self.res2 = nn.Sequential(PlainBlock(c4, c4, num_groups, False), PlainBlock(c4, c4, num_groups, False))
-        self.norm2 = nn.GroupNorm(divisor_at_most(c4, num_groups), c4, affine=False)
+        self.norm2 = nn.GroupNorm(norm_groups(c4, num_groups), c4, affine=False)
         self.classifier = nn.Linear(c4 * (4 if head == "pool2x2" else 1), num_classes)
 
     def _trunk(self, x: torch.Tensor, keep: dict | None = None) -> torch.Tensor:
@@ -84,9 +84,9 @@ class WideBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(divisor_at_most(in_channels, groups), in_channels)
+        self.norm1 = nn.GroupNorm(norm_groups(in_channels, groups), in_channels)
         self.conv1 = WSConv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(divisor_at_most(out_channels, groups), out_channels)
+        self.norm2 = nn.GroupNorm(norm_groups(out_channels, groups), out_channels)
         self.conv2 = WSConv2d(out_channels, out_channels, 3, padding=1, bias=False)
         self.shortcut = (WSConv2d(in_channels, out_channels, 1, stride=stride, bias=False)
                          if stride != 1 or in_channels != out_channels else None)
@@ -118,7 +118,7 @@ class WideResNet(nn.Module):
                 stride = 2 if stage > 0 and block == 0 else 1
                 layers.append(WideBlock(in_ch, widths[stage + 1], stride, num_groups))
         self.blocks = nn.Sequential(*layers)
-        self.norm = nn.GroupNorm(divisor_at_most(widths[3], num_groups), widths[3])
+        self.norm = nn.GroupNorm(norm_groups(widths[3], num_groups), widths[3])
         self.classifier = nn.Linear(widths[3], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
