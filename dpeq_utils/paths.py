@@ -10,6 +10,7 @@ folder                 default                      override
 data                   ``<repo>/data``              ``DPEQ_DATA_DIR``
 dataset cache          ``<data>/cache``             ``DPEQ_CACHE_DIR``
 run records            ``<data>/runs/<profile>``    ``DPEQ_RUNS_DIR`` (parent)
+shipped records        ``<data>/reference/<profile>``
 figures                ``<repo>/figures``           ``DPEQ_FIGURES_DIR``
 profiles               ``<repo>/notebooks/profiles``
 =====================  ===========================  ==========================
@@ -40,6 +41,12 @@ def cache_dir() -> Path:
 def runs_dir(profile: str | None = None) -> Path:
     """Run records; one sub-folder per profile."""
     root = _from_env("DPEQ_RUNS_DIR", data_dir() / "runs")
+    return root / profile if profile else root
+
+
+def reference_dir(profile: str | None = None) -> Path:
+    """Run records shipped with the project (the reference studies); one sub-folder per profile."""
+    root = data_dir() / "reference"
     return root / profile if profile else root
 
 

@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .config import RunConfig
+from .paths import reference_dir
 from .paths import runs_dir as default_runs_dir
 from .runtime import device_name, git_commit, library_versions, pick_device
 
@@ -109,27 +110,73 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, progress: 
     return record
 
 
+class RecordError(ValueError):
+    """A file that should be a run record is not one, or does not describe what it claims."""
+
+
 def read_record(path: str | os.PathLike) -> dict:
-    with open(path) as handle:
-        record = json.load(handle)
+    """A record, verified: valid JSON with the required fields, a config whose key is the record's key
+    and the file name's, and (private runs) ε spent within the target."""
+    path = Path(path)
+    try:
+        with open(path) as handle:
+            record = json.load(handle)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{path} is not valid JSON ({err}); delete it (or retrain with --force)") from err
+    if not isinstance(record, dict):
+        raise RecordError(f"{path} is not a dpeq run record (not a JSON object)")
     missing = [f for f in REQUIRED_FIELDS if f not in record]
     if missing:
-        raise ValueError(f"{path} is not a dpeq run record (missing {missing})")
+        raise RecordError(f"{path} is not a dpeq run record (missing {missing})")
+    try:
+        config = RunConfig(**record["config"])
+    except (TypeError, ValueError) as err:
+        raise RecordError(f"{path}: its config is not a valid run config ({err})") from err
+    if config_key(config) != record["key"] or not path.name.endswith(f"-{record['key']}.json"):
+        raise RecordError(f"{path}: its config hashes to {config_key(config)}, but the record says {record['key']} "
+                          "and the file name another: it was edited or copied; delete it (or retrain with --force)")
+    eps = record["epsilon_spent"]
+    if not config.non_private and (eps is None or eps > config.target_epsilon):
+        raise RecordError(f"{path}: ε spent {eps} is not within the target {config.target_epsilon}")
     return record
+
+
+def find_record(config: RunConfig, runs_dir: str | os.PathLike | None = None) -> Path | None:
+    """Where the record of ``config`` is, if anywhere. Lookup order: the records shipped with the
+    project (``data/reference/<profile>/``), then the user's runs folder (``runs_dir``, default
+    ``data/runs/<profile>/``)."""
+    name = record_path(config, runs_dir).name
+    for folder in (reference_dir(config.profile), _runs_dir(config, runs_dir)):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def load_or_run(config: RunConfig, runs_dir: str | os.PathLike | None = None, force: bool = False,
                 progress: bool = True, data=None) -> dict:
-    """The record of ``config``: read if it exists (and ``force`` is off), trained and written otherwise."""
-    path = record_path(config, runs_dir)
-    if path.is_file() and not force:
-        return read_record(path)
+    """The record of ``config``: found by :func:`find_record` (unless ``force``), else trained and
+    written to ``runs_dir``. A record read from disk carries ``"source"``: the file it came from."""
+    path = None if force else find_record(config, runs_dir)
+    if path is not None:
+        return {**read_record(path), "source": str(path)}
     return run(config, runs_dir, progress, data)
 
 
 def load_records(runs_dir: str | os.PathLike) -> list[dict]:
     """Every record in a folder (temporary files of interrupted writes are ignored)."""
     return [read_record(p) for p in sorted(Path(runs_dir).glob("*.json"))]
+
+
+def find_records(profile: str, runs_dir: str | os.PathLike | None = None) -> list[dict]:
+    """Every record of a profile that :func:`find_record` would find: shipped ones first, then the
+    user's (a user's record of a shipped config is shadowed, as in the lookup)."""
+    found: dict[str, dict] = {}
+    user = Path(runs_dir) if runs_dir is not None else default_runs_dir(profile)
+    for folder in (reference_dir(profile), user):
+        if folder.is_dir():
+            for record in load_records(folder):
+                found.setdefault(record["key"], record)
+    return list(found.values())
 
 
 def results_table(records) -> "pandas.DataFrame":
@@ -142,7 +189,7 @@ def results_table(records) -> "pandas.DataFrame":
     for record in records:
         row = dict(record["config"])
         row["widths"] = tuple(row["widths"])
-        row.update({k: v for k, v in record.items() if k not in ("config", "history", "versions")})
+        row.update({k: v for k, v in record.items() if k not in ("config", "history", "versions", "source")})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -161,7 +208,7 @@ def sweep(base: RunConfig, variations: list[dict], runs_dir: str | os.PathLike |
     configs = [base.replace(**change) for change in variations]
     for config in tqdm(configs, desc="runs", disable=not progress):
         data = None
-        if not record_path(config, runs_dir).is_file():
+        if find_record(config, runs_dir) is None:
             data_key = (config.dataset, config.train_size, config.test_size, config.validation_size, config.seed)
             if data_key not in datasets:
                 datasets[data_key] = load_splits(config.dataset, train_size=config.train_size, test_size=config.test_size,

@@ -70,7 +70,9 @@ def matched_channels(target_params: int, reference: tuple[int, int, int, int], n
 
 def build_model(name: str, *, group: str = "D4", restrict: bool = True, widths=PAPER_WIDTHS, num_groups: int = 8,
                 head: str = "pool2x2", num_classes: int = 10) -> nn.Module:
-    """A model by name (see the module docstring); ``wrn16_4`` ignores the ResNet-9 arguments.
+    """A model by name (see the module docstring). ``widths`` scale every model: ``wrn16_4`` has stage
+    widths ``4 × widths`` (the published WRN-16-4 at the default 16/32/64) and ignores the other
+    ResNet-9 arguments.
 
     >>> count_params(build_model("eq_resnet9", group="D4", restrict=True, widths=(4, 8, 16))) > 0
     True
@@ -85,7 +87,7 @@ def build_model(name: str, *, group: str = "D4", restrict: bool = True, widths=P
         channels = matched_channels(target, same_width_channels(group, restrict, widths), num_groups, head, num_classes)
         return PlainResNet9(channels, num_groups, head, num_classes)
     if name == "wrn16_4":
-        return WideResNet(depth=16, width=4, num_groups=16, num_classes=num_classes)
+        return WideResNet(depth=16, width=4, num_groups=16, num_classes=num_classes, base_widths=widths)
     raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
 
 

@@ -100,16 +100,22 @@ class WideBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-k (Zagoruyko & Komodakis 2016) with GroupNorm and weight standardisation (De et al. 2022)."""
+    """WRN-depth-k (Zagoruyko & Komodakis 2016) with GroupNorm and weight standardisation (De et al. 2022).
 
-    def __init__(self, depth: int = 16, width: int = 4, num_groups: int = 16, num_classes: int = 10, in_channels: int = 3):
+    Stage widths are ``base_widths`` times ``width`` after a stem of ``base_widths[0]`` channels; the
+    default ``(16, 32, 64)`` is the published WRN-16-4 (16 → 64, 128, 256 channels).
+    """
+
+    def __init__(self, depth: int = 16, width: int = 4, num_groups: int = 16, num_classes: int = 10, in_channels: int = 3,
+                 base_widths=(16, 32, 64)):
         super().__init__()
         if (depth - 4) % 6 or depth < 10:
             raise ValueError(f"WRN depth must be 6n+4 (10, 16, 22, 28, 40, ...), got {depth}")
         if width < 1:
             raise ValueError(f"WRN width must be >= 1, got {width}")
         blocks = (depth - 4) // 6
-        widths = (16, 16 * width, 32 * width, 64 * width)
+        b0, b1, b2 = (int(b) for b in base_widths)
+        widths = (b0, b0 * width, b1 * width, b2 * width)
         self.stem = WSConv2d(in_channels, widths[0], 3, padding=1, bias=False)
         layers = []
         for stage in range(3):
