@@ -63,7 +63,9 @@ class Planned:
 class Study:
     """The study of one profile: its configs, its records, its tables."""
 
-    def __init__(self, profile: str = "teach"):
+    def __init__(self, profile: str = "teach", runs_dir=None):
+        """``runs_dir``: the user's records of this profile, read after the shipped ones and where
+        new runs are written (default ``data/runs/<profile>``)."""
         content = load_profile(profile)
         spec = content.get("study")
         if not isinstance(spec, dict):
@@ -72,7 +74,9 @@ class Study:
         unknown = [f for f in spec if f not in FIELDS]
         if missing or unknown:
             raise ValueError(f"profile {profile!r}: study section lacks {missing} / has unknown {unknown}")
-        self.profile = Path(profile).stem
+        self.source = profile  # a name or a path: where the profile is read from
+        self.profile = Path(profile).stem  # the name records are filed under
+        self.runs_dir = runs_dir
         self.spec = spec
         self.base = config_from_profile(profile, **spec["run"]).replace(profile=self.profile)
 
@@ -137,7 +141,7 @@ class Study:
             for steps in s["lengths"]:  # longer runs, evaluated at four points along the way
                 at_rate("D", f"{model} {steps} steps", model, update_steps=steps, eval_every=max(1, steps // 4))
         at_rate("E", "equivariant (this paper)", eq_model)
-        for name, change in baseline_changes(self.profile, s["baselines"], equal_budget=True).items():
+        for name, change in baseline_changes(self.source, s["baselines"], equal_budget=True).items():
             planned.append(Planned("E", "", name, base.replace(**change)))
         return planned, waiting
 
@@ -147,7 +151,7 @@ class Study:
         """Every record of this profile that the lookup finds (shipped reference first, then the user's)."""
         from .runs import find_records
 
-        return {r["key"]: r for r in find_records(self.profile)}
+        return {r["key"]: r for r in find_records(self.profile, self.runs_dir)}
 
     def missing(self, parts=PARTS, records: dict[str, dict] | None = None) -> list[Planned]:
         """Runs of ``parts`` (and the learning-rate grids they need) without a record, in the order
@@ -174,8 +178,7 @@ class Study:
                 todo.append(item)
         return todo
 
-    def complete(self, parts=PARTS, runs_dir=None, progress: bool = False, max_runs: int | None = None,
-                 echo=print) -> int:
+    def complete(self, parts=PARTS, progress: bool = False, max_runs: int | None = None, echo=print) -> int:
         """Train the missing runs of ``parts`` one at a time, re-planning after each (as rates get
         chosen). Returns the number of runs trained."""
         from .data import load_splits
@@ -195,7 +198,7 @@ class Study:
                 cache[data_key] = load_splits(c.dataset, train_size=c.train_size, test_size=c.test_size,
                                               validation_size=c.validation_size, seed=c.seed)
             started = time.perf_counter()
-            record = run(c, runs_dir=runs_dir, progress=progress, data=cache[data_key])
+            record = run(c, runs_dir=self.runs_dir, progress=progress, data=cache[data_key])
             done += 1
             echo(f"[study {self.profile}] {item.part} {item.label:42s} val {record.get('val_accuracy_ema', float('nan')):.3f} "
                  f"test {record['test_accuracy']:.3f} (EMA {record['test_accuracy_ema']:.3f}), "
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-runs", type=int, default=None)
     args = parser.parse_args(argv)
     try:
-        study = Study(args.profile)
+        study = Study(args.profile, args.runs_dir)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     parts = tuple(p for p in PARTS if p in args.parts.upper())
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in sorted(set(waiting)):
             print(f"  waiting: {line}")
         return 0
-    study.complete(parts, runs_dir=args.runs_dir, max_runs=args.max_runs, echo=lambda m: print(m, flush=True))
+    study.complete(parts, max_runs=args.max_runs, echo=lambda m: print(m, flush=True))
     return 0
 
 

@@ -1,0 +1,93 @@
+"""The evidence study's protocol (dpeq_utils.study) on a tiny profile, and the shipped-record lookup."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpeq_utils.config import config_from_profile
+from dpeq_utils.paths import profiles_dir, reference_dir
+from dpeq_utils.runs import RecordError, config_key, find_record, load_or_run, read_record, record_path
+from dpeq_utils.study import FIELDS, Study
+
+
+@pytest.fixture
+def tiny_profile(tmp_path):
+    """The smoke profile with a study of 2-step runs: every part, as few runs as the protocol allows."""
+    content = yaml.safe_load((profiles_dir() / "smoke.yaml").read_text())
+    content["study"].update(
+        run={**content["study"]["run"], "train_size": 96, "test_size": 32, "validation_size": 32, "batch_size": 32,
+             "physical_batch_size": 32, "update_steps": 2},
+        models=["eq_resnet9", "resnet9_matched"], seeds=[0, 1], epsilon_seeds=[0], groups=["C4"], lengths=[4],
+        baselines=["modelmix"])
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return str(path)
+
+
+def test_study_chooses_rates_on_validation_and_completes_every_part(tiny_profile, tmp_path):
+    study = Study(tiny_profile, runs_dir=tmp_path / "runs")
+    planned, waiting = study.plan({})
+    assert {p.stage for p in planned} == {"grid", ""} and waiting, "nothing but grids before a rate is chosen"
+    assert all(p.config.validation_size == 32 for p in planned)
+
+    trained = study.complete(max_runs=60)
+    records = study.records()
+    assert trained == len(records) and study.missing(records=records) == []
+    _, waiting = study.plan(records)
+    assert waiting == []
+    for model in ("eq_resnet9", "resnet9_matched"):
+        grid = [records[config_key(c)] for c in study.grid(model)]
+        best = max(grid, key=lambda r: (r["val_accuracy_ema"], -r["config"]["lr"]))
+        assert study.chosen_lr(records, model) == best["config"]["lr"]
+        seed1 = study.table("A", records).query("model == @model and seed == 1")
+        assert list(seed1["lr"]) == [best["config"]["lr"]], "later seeds run at the rate chosen on validation"
+    # the test set chooses nothing: changing a test accuracy does not change any choice
+    altered = {k: {**r, "test_accuracy": 1.0 - r["test_accuracy"], "test_accuracy_ema": 0.0} for k, r in records.items()}
+    assert study.plan(altered)[0] == study.plan(records)[0]
+    parts = {part: study.table(part, records) for part in "ABCDE"}
+    assert set(parts["B"]["non_private"]) == {True, False}
+    assert sorted(parts["D"]["update_steps"]) == [2, 2, 4, 4]
+    longer = [records[key] for key in parts["D"].query("update_steps == 4")["key"]]
+    assert [[h["step"] for h in r["history"]] for r in longer] == [[1, 2, 3, 4]] * 2, "learning curves at 4 points"
+    assert list(parts["E"]["label"]) == ["equivariant (this paper)", "modelmix"]
+
+
+def test_study_section_is_checked(tmp_path):
+    content = yaml.safe_load((profiles_dir() / "smoke.yaml").read_text())
+    del content["study"]["lengths"]
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ValueError, match="lacks \\['lengths'\\]"):
+        Study(str(path))
+    assert set(yaml.safe_load((profiles_dir() / "teach.yaml").read_text())["study"]) == set(FIELDS)
+
+
+def test_shipped_records_are_found_first_and_verified(tmp_path):
+    config = config_from_profile("smoke", train_size=64, test_size=16, batch_size=16, physical_batch_size=16,
+                                 update_steps=1, eval_every=0, aug_mult=1)
+    record = load_or_run(config, progress=False)  # trained into data/runs/smoke
+    user_file = record_path(config)
+    shipped = reference_dir("smoke") / user_file.name
+    shipped.parent.mkdir(parents=True)
+    shutil.copy(user_file, shipped)
+    user_file.unlink()
+    assert find_record(config) == shipped
+    assert load_or_run(config)["source"] == str(shipped), "a shipped record is used, nothing is trained"
+
+    # a record copied under another config's name is refused, naming the file
+    other = config.replace(lr=0.123)
+    impostor = reference_dir("smoke") / record_path(other).name
+    shutil.copy(shipped, impostor)
+    with pytest.raises(RecordError, match=impostor.name):
+        load_or_run(other)
+    impostor.unlink()
+    # an edited ε is refused; a truncated file names itself
+    text = shipped.read_text()
+    shipped.write_text(text.replace(f'"epsilon_spent": {record["epsilon_spent"]}', '"epsilon_spent": 50.0'))
+    with pytest.raises(RecordError, match="not within the target"):
+        read_record(shipped)
+    shipped.write_text(text[: len(text) // 2])
+    with pytest.raises(RecordError, match=shipped.name):
+        read_record(shipped)
