@@ -30,7 +30,7 @@ FLOAT_FIELDS = ("target_epsilon", "target_delta", "clip_norm", "epochs", "lr", "
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One DP-SGD (or non-private reference) training run. Field names follow DESIGN.md."""
+    """One DP-SGD (or non-private reference) training run. Field names are the ones parameters cells, records and figures use."""
 
     profile: str = "custom"
     # data

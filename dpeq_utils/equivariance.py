@@ -5,7 +5,7 @@ Groups are named as in the paper: ``"C<N>"`` (the N rotations by multiples of 36
 written in escnn's terms), ``D1`` the single reflection.
 
 Importing this module applies two fixes to escnn 1.0.11 that whole-model ``torch.func``
-per-sample gradients need (measured, see ``shared/docs/FACTS.md``):
+per-sample gradients need (measured; see ``docs/fidelity.md``):
 
 * escnn's basis-expansion modules hash their tensor *contents*; inside ``vmap`` those tensors
   have no storage, and ``Module.named_modules`` hashes every module. They get the identity hash

@@ -2,7 +2,7 @@
 
 * ``"vmap"`` — whole-model ``torch.func`` (``vmap`` of ``grad``): works for any model, the reference.
   escnn modules take ``GeometricTensor`` inputs and keep their kernel bases as buffers, so Opacus's
-  per-layer hooks do not apply to them (FACTS.md); ``torch.func`` differentiates the whole forward
+  per-layer hooks do not apply to them (``docs/fidelity.md``); ``torch.func`` differentiates the whole forward
   function instead, once per example, vectorised by ``vmap``. It needs the escnn fixes applied when
   :mod:`dpeq_utils.equivariance` is imported.
 * ``"hooks"`` — one ordinary batched backward pass for the activations only, then per-layer rules

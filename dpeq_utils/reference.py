@@ -1,5 +1,5 @@
 """Published CIFAR-10 accuracies that dpeq prints beside its own, each confirmed in
-``shared/docs/FACTS.md`` (trained from scratch, δ = 1e-5). Nothing here is typed from memory."""
+``docs/fidelity.md`` with its source (trained from scratch, δ = 1e-5). Nothing here is typed from memory."""
 
 from __future__ import annotations
 

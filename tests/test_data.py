@@ -1,4 +1,5 @@
 import hashlib
+import os
 import io
 import pickle
 import tarfile
@@ -211,10 +212,11 @@ def test_environment_variable_points_at_local_copy(tiny_archive, monkeypatch):
     assert len(train) == 20
 
 
-REAL_CIFAR = Path(__file__).resolve().parents[2] / "shared" / "cifar10" / "cifar-10-batches-py"
+#: A real CIFAR-10 copy (archive or extracted folder) to test against, if the environment names one.
+REAL_CIFAR = Path(os.environ.get("DPEQ_TEST_CIFAR10", "/nonexistent")).expanduser()
 
 
-@pytest.mark.skipif(not REAL_CIFAR.is_dir(), reason="no local CIFAR-10 copy beside the checkout")
+@pytest.mark.skipif(not REAL_CIFAR.exists(), reason="set DPEQ_TEST_CIFAR10 to a local CIFAR-10 copy to run this")
 def test_real_cifar10_copy():
     train, test = load_cifar10(REAL_CIFAR)
     assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)

@@ -20,7 +20,7 @@ def test_calibrated_noise_spends_at_most_and_nearly_the_target(accountant, case)
 
 
 def test_paper_recipe_noise_matches_facts():
-    """FACTS.md: Opacus RDP, q = 8192/50000, 353 epochs (2160 steps) → σ(ε=8) ≈ 4.93, σ(ε=1) ≈ 30.94."""
+    """docs/fidelity.md: Opacus RDP, q = 8192/50000, 353 epochs (2160 steps) → σ(ε=8) ≈ 4.93, σ(ε=1) ≈ 30.94."""
     q = 8192 / 50000
     assert calibrate_noise(8.0, 1e-5, q, 2160) == pytest.approx(4.93, rel=0.01)
     assert calibrate_noise(1.0, 1e-5, q, 2160) == pytest.approx(30.94, rel=0.01)
@@ -39,7 +39,7 @@ def test_prv_is_tighter_than_rdp():
     sigma, q, steps = 0.6342, 256 / 50000, 5860
     rdp, prv = epsilon_spent(sigma, q, steps, 1e-5, "rdp"), epsilon_spent(sigma, q, steps, 1e-5, "prv")
     assert prv < rdp
-    assert rdp == pytest.approx(7.99, abs=0.02) and prv == pytest.approx(7.03, abs=0.1)  # FACTS.md
+    assert rdp == pytest.approx(7.99, abs=0.02) and prv == pytest.approx(7.03, abs=0.1)  # docs/fidelity.md
 
 
 @pytest.mark.parametrize("kwargs,message", [
