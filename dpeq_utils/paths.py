@@ -10,7 +10,8 @@ folder                 default                      override
 data                   ``<repo>/data``              ``DPEQ_DATA_DIR``
 dataset cache          ``<data>/cache``             ``DPEQ_CACHE_DIR``
 run records            ``<data>/runs/<profile>``    ``DPEQ_RUNS_DIR`` (parent)
-shipped records        ``<data>/reference/<profile>``
+shipped records        ``<repo>/data/reference/``       ``DPEQ_REFERENCE_DIR`` (parent)
+                       ``<profile>``
 figures                ``<repo>/figures``           ``DPEQ_FIGURES_DIR``
 profiles               ``<repo>/notebooks/profiles``
 =====================  ===========================  ==========================
@@ -45,8 +46,9 @@ def runs_dir(profile: str | None = None) -> Path:
 
 
 def reference_dir(profile: str | None = None) -> Path:
-    """Run records shipped with the project (the reference studies); one sub-folder per profile."""
-    root = data_dir() / "reference"
+    """Run records shipped with the project (the reference studies); one sub-folder per profile.
+    Part of the repository, so moving the data folder (``DPEQ_DATA_DIR``) does not hide them."""
+    root = _from_env("DPEQ_REFERENCE_DIR", REPO_ROOT / "data" / "reference")
     return root / profile if profile else root
 
 

@@ -10,7 +10,8 @@ from .paths import figures_dir
 
 #: Colours per model family, fixed so every figure reads the same.
 MODEL_COLOURS = {"eq_resnet9": "#1b7837", "resnet9": "#762a83", "resnet9_matched": "#af8dc3", "wrn16_4": "#e08214"}
-MODEL_LABELS = {"eq_resnet9": "equivariant ResNet-9", "resnet9": "ResNet-9 (same widths)",
+#: Readable names for model keys (legends and tables).
+MODEL_LABELS = {"eq_resnet9": "equivariant ResNet-9 (paper)", "resnet9": "ResNet-9 (same widths)",
                 "resnet9_matched": "ResNet-9 (same #params)", "wrn16_4": "WRN-16-4 (GN+WS)"}
 
 

@@ -17,3 +17,10 @@ def published_table():
     import pandas as pd
 
     return pd.DataFrame(PUBLISHED_CIFAR10 + [OPACUS_TUTORIAL], columns=["source", "model", "epsilon", "test_accuracy"])
+
+#: ModelMix's shipped CIFAR-10 run (Xiao et al. 2022, code junwan0224/ModelMix), reported there as
+#: ε = 8 under their own accountant: noise multiplier, sample rate, steps, δ (docs/fidelity.md).
+MODELMIX_SHIPPED = {"noise_multiplier": 0.33, "sample_rate": 0.03, "steps": 3400, "target_delta": 1e-5}
+#: The public ε = 8 reproduction of De et al. 2022 (facebookresearch/tan): σ = 3, batch 4096 of
+#: 50,000, 2,500 steps, δ = 1e-5 (docs/fidelity.md).
+DE_ET_AL_EPS8 = {"noise_multiplier": 3.0, "sample_rate": 4096 / 50_000, "steps": 2500, "target_delta": 1e-5}

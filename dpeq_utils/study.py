@@ -79,6 +79,9 @@ class Study:
         self.runs_dir = runs_dir
         self.spec = spec
         self.base = config_from_profile(profile, **spec["run"]).replace(profile=self.profile)
+        if self.base.validation_size == 0 and max(len(spec["lr_grid"]), len(spec["lr_grid_non_private"])) > 1:
+            raise ValueError(f"profile {profile!r}: choosing among several learning rates needs a validation split; "
+                             "set study.run.validation_size > 0 or give each grid a single rate")
 
     # ------------------------------------------------------------------------------------------ configs
 
@@ -92,6 +95,8 @@ class Study:
         from .runs import config_key
 
         candidates = self.grid(model, non_private)
+        if len(candidates) == 1:  # nothing to choose (e.g. the paper's fixed rate)
+            return candidates[0].lr
         results = [records.get(config_key(c)) for c in candidates]
         if any(r is None for r in results):
             return None
@@ -217,7 +222,7 @@ class Study:
         if len(rows):
             table.insert(0, "label", [p.label for p, _ in rows])
             table.insert(1, "stage", [p.stage for p, _ in rows])
-        return table.drop_duplicates("key").reset_index(drop=True) if len(rows) else table
+        return table.drop_duplicates("key", keep="last").reset_index(drop=True) if len(rows) else table
 
 
 def _grid_needed(item: Planned, parts, spec) -> bool:

@@ -1,0 +1,338 @@
+"""Tables and figures of the evidence study (:mod:`dpeq_utils.study`), shared by the notebooks and
+the README's *Results* section, so both show the same numbers from the same records.
+
+Uncertainty: runs that differ only in their seed (training subset, initialisation, batches,
+noise) are summarised as mean ± sample standard deviation with a 95 % Student-t interval for the
+mean; a single run gets the binomial standard error of its test accuracy instead (the test subset's
+sampling error, not the seed-to-seed spread).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .plotting import MODEL_LABELS as MODEL_NAMES
+from .study import Study
+
+STAMP = "pipeline check on tiny synthetic data: not a result"
+
+
+def t_quantile(runs: int) -> float:
+    """The 97.5 % quantile of Student's t with ``runs - 1`` degrees of freedom.
+
+    >>> round(t_quantile(3), 3), round(t_quantile(2), 2)
+    (4.303, 12.71)
+    """
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, runs - 1))
+
+
+def summarise(table: pd.DataFrame, by: list[str], value: str = "test_accuracy_ema") -> pd.DataFrame:
+    """Mean, std, runs and the 95 % interval's half-width of ``value`` per group of ``by``."""
+    rows = []
+    for keys, part in table.groupby(by, sort=False, dropna=False):
+        values = part[value].astype(float).to_numpy()
+        n = len(values)
+        mean = float(values.mean())
+        if n > 1:
+            std = float(values.std(ddof=1))
+            half = t_quantile(n) * std / math.sqrt(n)
+        else:  # one run: the test subset's binomial standard error
+            size = float(part["test_size"].iloc[0])
+            std = math.sqrt(max(mean * (1 - mean), 0.0) / size)
+            half = 1.96 * std
+        row = dict(zip(by, keys if isinstance(keys, tuple) else (keys,)))
+        row.update({"mean": mean, "std": std, "runs": n, "ci95": half})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def percent(mean: float, half: float | None = None) -> str:
+    """``'31.2 %'`` or ``'31.2 ± 1.4 %'``.
+
+    >>> percent(0.3124, 0.0141)
+    '31.2 ± 1.4 %'
+    """
+    return f"{100 * mean:.1f} %" if half is None else f"{100 * mean:.1f} ± {100 * half:.1f} %"
+
+
+# ---------------------------------------------------------------------------------------------- part A
+
+
+def part_a(study: Study, records=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the learning-rate grid on validation, the per-model summary at the chosen rates)."""
+    table = study.table("A", records)
+    if table.empty:
+        return table, table
+    grid = table[table["stage"] == "grid"][["model", "lr", "val_accuracy", "val_accuracy_ema"]]
+    records = study.records() if records is None else records
+    chosen = {m: study.chosen_lr(records, m) for m in study.spec["models"]}
+    grid = grid.assign(chosen=[chosen.get(m) == lr for m, lr in zip(grid["model"], grid["lr"])])
+    final = table[[chosen.get(m) == lr for m, lr in zip(table["model"], table["lr"])]]
+    rows = []
+    for model, part in final.groupby("model", sort=False):
+        raw, ema = summarise(part, ["model"], "test_accuracy").iloc[0], summarise(part, ["model"]).iloc[0]
+        rows.append({"model": model, "parameters": int(part["num_params"].iloc[0]), "lr": chosen[model],
+                     "seeds": int(ema["runs"]), "test accuracy": raw["mean"], "± (95 %)": raw["ci95"],
+                     "std": raw["std"], "test accuracy (EMA)": ema["mean"], "EMA ± (95 %)": ema["ci95"],
+                     "EMA std": ema["std"], "train time per run (s)": float(part["train_time_s"].mean()),
+                     "s per step": float((part["train_time_s"] / part["steps"]).mean())})
+    return grid.reset_index(drop=True), pd.DataFrame(rows)
+
+
+def paired_gap(study: Study, model: str, other: str, records=None, value: str = "test_accuracy_ema") -> dict | None:
+    """``model`` minus ``other`` on the same seeds (same training subset and batches' seed), each at its
+    chosen rate: mean difference and its 95 % interval; None without two common seeds."""
+    records = study.records() if records is None else records
+    table = study.table("A", records)
+    if table.empty:
+        return None
+    picks = {}
+    for name in (model, other):
+        lr = study.chosen_lr(records, name)
+        part = table[(table["model"] == name) & (table["lr"] == lr)]
+        picks[name] = part.set_index("seed")[value]
+    common = sorted(set(picks[model].index) & set(picks[other].index))
+    if len(common) < 2:
+        return None
+    diff = np.array([picks[model][s] - picks[other][s] for s in common])
+    half = t_quantile(len(diff)) * diff.std(ddof=1) / math.sqrt(len(diff))
+    return {"mean": float(diff.mean()), "ci95": float(half), "seeds": len(diff)}
+
+
+# ---------------------------------------------------------------------------------------------- B, C, D
+
+
+def part_b(study: Study, records=None) -> pd.DataFrame:
+    """Mean and interval of EMA test accuracy per model and ε (``inf``: non-private), over seeds."""
+    table = study.table("B", records)
+    if table.empty:
+        return table
+    table = table[table["stage"] == ""].assign(
+        epsilon=lambda t: np.where(t["non_private"], np.inf, t["target_epsilon"]))
+    return summarise(table, ["model", "epsilon"]).sort_values(["model", "epsilon"]).reset_index(drop=True)
+
+
+def part_c(study: Study, records=None) -> pd.DataFrame:
+    table = study.table("C", records)
+    if table.empty:
+        return table
+    return table[["label", "group", "restrict", "head", "num_params", "test_accuracy", "test_accuracy_ema",
+                  "val_accuracy_ema", "train_time_s", "test_size"]].reset_index(drop=True)
+
+
+def part_d(study: Study, records=None) -> pd.DataFrame:
+    """Test accuracy (raw and EMA) along training for each model and length: one row per evaluation."""
+    records = study.records() if records is None else records
+    table = study.table("D", records)
+    rows = []
+    for _, row in table.iterrows():
+        record = records[row["key"]]
+        for h in record["history"]:
+            rows.append({"model": row["model"], "length": int(row["update_steps"]), "step": h["step"],
+                         "epsilon spent": h["epsilon"], "test_accuracy": h["test_accuracy"],
+                         "test_accuracy_ema": h["test_accuracy_ema"], "lr": row["lr"],
+                         "noise_multiplier": row["noise_multiplier"], "train_time_s": row["train_time_s"]})
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _no_records(ax, missing: int = 0) -> None:
+    if not ax.has_data():
+        ax.text(0.5, 0.5, "no records yet" + (f" ({missing} runs missing)" if missing else ""), ha="center",
+                va="center", transform=ax.transAxes)
+
+
+def stamp(ax, study: Study) -> None:
+    """Mark an axis as a smoke-profile pipeline check."""
+    if study.profile == "smoke":
+        ax.set_title(f"{ax.get_title()}\n[{STAMP}]", fontsize=9, color="firebrick")
+
+
+def plot_a(ax, study: Study, records=None) -> None:
+    """Part A: EMA test accuracy per model at its chosen rate, 95 % interval over seeds."""
+    from .plotting import MODEL_COLOURS
+
+    _, summary = part_a(study, records)
+    if len(summary):
+        y = np.arange(len(summary))
+        ax.barh(y, summary["test accuracy (EMA)"], xerr=summary["EMA ± (95 %)"], capsize=3,
+                color=[MODEL_COLOURS.get(m, "grey") for m in summary["model"]])
+        ax.set_yticks(y, [f"{MODEL_NAMES.get(m, m)}\n{p:,} params, lr {lr:g}, {n} seed(s)" for m, p, lr, n in
+                          zip(summary["model"], summary["parameters"], summary["lr"], summary["seeds"])], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0.1, color="grey", linestyle=":", label="chance")
+    ax.set_xlim(left=0)
+    ax.set(xlabel="test accuracy (EMA), 95 % interval",
+           title=f"A · equal budget, ε = {study.base.target_epsilon:g} ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)
+
+
+def plot_b(ax, study: Study, records=None) -> None:
+    """Part B: EMA test accuracy against ε, mean and 95 % interval; dashed: non-private (own rate)."""
+    from .plotting import MODEL_COLOURS
+
+    b = part_b(study, records)
+    for model, part in b.groupby("model", sort=False) if len(b) else []:
+        finite = part[np.isfinite(part["epsilon"])]
+        colour = MODEL_COLOURS.get(model)
+        ax.errorbar(finite["epsilon"], finite["mean"], yerr=finite["ci95"], marker="o", capsize=3, color=colour,
+                    label=f"{MODEL_NAMES.get(model, model)} ({int(finite['runs'].min())}+ seeds)")
+        reference = part[~np.isfinite(part["epsilon"])]
+        if len(reference):
+            ax.axhspan(reference["mean"].iloc[0] - reference["ci95"].iloc[0],
+                       reference["mean"].iloc[0] + reference["ci95"].iloc[0], color=colour, alpha=0.12)
+            ax.axhline(reference["mean"].iloc[0], color=colour, linestyle="--", linewidth=1,
+                       label=f"{MODEL_NAMES.get(model, model)}, non-private")
+    if len(b):
+        ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+        ax.legend(fontsize=6)
+    ax.set(xlabel=f"ε (δ = {study.base.target_delta:g})", ylabel="test accuracy (EMA)",
+           title=f"B · accuracy against ε ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)
+
+
+def plot_c(ax, study: Study, records=None) -> None:
+    """Part C: EMA test accuracy per group and design ablation (one seed: binomial 95 % interval)."""
+    c = part_c(study, records)
+    if len(c):
+        acc = c["test_accuracy_ema"].astype(float)
+        half = 1.96 * np.sqrt(acc * (1 - acc) / c["test_size"].astype(float))
+        y = np.arange(len(c))
+        ax.barh(y, acc, xerr=half, capsize=3, color=["#1b7837" if "paper" in lab else "#7fbf7b" for lab in c["label"]])
+        ax.set_yticks(y, [f"{lab} ({n:,} params)" for lab, n in zip(c["label"], c["num_params"])], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0.1, color="grey", linestyle=":")
+    ax.set_xlim(left=0)
+    ax.set(xlabel="test accuracy (EMA), 95 % binomial interval", title=f"C · which symmetry ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)
+
+
+def plot_d(ax, study: Study, records=None) -> None:
+    """Part D: EMA test accuracy along training for each model and run length."""
+    from .plotting import MODEL_COLOURS
+
+    d = part_d(study, records)
+    for (model, length), part in d.groupby(["model", "length"], sort=False) if len(d) else []:
+        ax.plot(part["step"], part["test_accuracy_ema"], marker="o", color=MODEL_COLOURS.get(model),
+                alpha=0.4 + 0.6 * (length == d["length"].max()), label=f"{MODEL_NAMES.get(model, model)}, {length} steps")
+    if len(d):
+        ax.axhline(0.1, color="grey", linestyle=":")
+        ax.legend(fontsize=6)
+    ax.set(xlabel="logical step", ylabel="test accuracy (EMA)", title=f"D · training length, σ per length ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)
+
+
+def figure_overview(study: Study, records=None, title: str | None = None):
+    """The main answers in one figure: parts A, B and D."""
+    import matplotlib.pyplot as plt
+
+    records = study.records() if records is None else records
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for plot, ax in zip((plot_a, plot_b, plot_d), axes):
+        plot(ax, study, records)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(plot, study: Study, reference: Study | None, records=None, width: float = 6.5, height: float = 3.8):
+    """``plot`` for ``study``, and beside it for ``reference`` (the shipped study) when one is given."""
+    import matplotlib.pyplot as plt
+
+    panels = [study] if reference is None else [study, reference]
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    for ax, which in zip(axes[0], panels):
+        plot(ax, which, records if which is study else None)
+    fig.tight_layout()
+    return fig
+
+
+def shipped_reference(profile: str) -> Study | None:
+    """The teach study to show beside a smoke run (None under any other profile)."""
+    return Study("teach") if Path(profile).stem == "smoke" else None
+
+
+# ---------------------------------------------------------------------------------------------- README
+
+
+RESULTS_BEGIN = "<!-- results:begin (generated by python -m dpeq_utils.report; do not edit by hand) -->"
+RESULTS_END = "<!-- results:end -->"
+
+
+def results_markdown(study: Study, records=None) -> str:
+    """The README's generated block: part A's table and the study's completeness, from records."""
+    records = study.records() if records is None else records
+    grid, summary = part_a(study, records)
+    lines = [f"Shipped study: profile `{study.profile}`, {len(study.table('A', records)) + sum(len(study.table(p, records)) for p in 'BCDE')} "
+             f"run records in `data/reference/{study.profile}/`; {len(study.missing(records=records))} planned runs still missing.", ""]
+    b = study.base
+    lines.append(f"**A · Equal budget** (ε = {b.target_epsilon:g}, δ = {b.target_delta:g}, {b.train_size:,} training examples, "
+                 f"batch {b.batch_size}, {b.update_steps} steps, clip {b.clip_norm:g}; learning rate per model chosen on "
+                 f"{b.validation_size:,} validation examples; test on {b.test_size:,}):")
+    lines.append("")
+    lines.append("| model | parameters | lr | seeds | test accuracy | test accuracy (EMA) | s per step (2-core CPU) |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for _, r in summary.iterrows():
+        lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {r['parameters']:,} | {r['lr']:g} | {r['seeds']} | "
+                     f"{percent(r['test accuracy'], r['± (95 %)'])} | {percent(r['test accuracy (EMA)'], r['EMA ± (95 %)'])} | "
+                     f"{r['s per step']:.2f} |")
+    lines.append("")
+    lines.append("± is the 95 % Student-t interval over seeds (a single seed: 1.96 binomial standard errors of the test subset).")
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, block: str) -> bool:
+    """Replace the generated block of ``readme``; True if it changed."""
+    text = readme.read_text()
+    pattern = re.compile(re.escape(RESULTS_BEGIN) + ".*?" + re.escape(RESULTS_END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"{readme} has no generated results block ({RESULTS_BEGIN} … {RESULTS_END})")
+    new = pattern.sub(lambda _: f"{RESULTS_BEGIN}\n{block}\n{RESULTS_END}", text)
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from .paths import REPO_ROOT, figures_dir
+    from .plotting import savefig, set_theme
+
+    parser = argparse.ArgumentParser(prog="python -m dpeq_utils.report",
+                                     description="Rebuild the README's results block and figure from the shipped records.")
+    parser.add_argument("--profile", default="teach")
+    parser.add_argument("--check", action="store_true", help="only check that the README is up to date (exit 1 if not)")
+    args = parser.parse_args(argv)
+    study = Study(args.profile)
+    block = results_markdown(study)
+    readme = REPO_ROOT / "README.md"
+    if args.check:
+        current = readme.read_text()
+        ok = f"{RESULTS_BEGIN}\n{block}\n{RESULTS_END}" in current
+        print("README results block is up to date" if ok else "README results block is stale: run python -m dpeq_utils.report")
+        return 0 if ok else 1
+    set_theme()
+    fig = figure_overview(study, title=f"dpeq evidence study ({args.profile} profile, CIFAR-10, 2-core CPU scale)")
+    savefig(fig, "results_overview", "results")
+    print(block)
+    print("README updated" if update_readme(readme, block) else "README unchanged")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
