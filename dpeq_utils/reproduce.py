@@ -67,6 +67,7 @@ def run_notebooks(profile: str, out_dir: Path | None = None, only: list[str] | N
     name = Path(profile).stem
     out_dir = Path(out_dir) if out_dir is not None else NOTEBOOKS_DIR / "executed" / name
     out_dir.mkdir(parents=True, exist_ok=True)
+    echo(shipped_records_note(profile))
     results = []
     for i, notebook in enumerate(notebooks, 1):
         output = out_dir / notebook.name
@@ -82,6 +83,21 @@ def run_notebooks(profile: str, out_dir: Path | None = None, only: list[str] | N
         echo(f"      {'ok' if result.ok else 'FAILED'} in {result.seconds:.1f} s -> {output}")
         results.append(result)
     return results
+
+
+def shipped_records_note(profile: str) -> str:
+    """What the run will find in ``data/reference/<profile>/`` before it trains anything."""
+    from .paths import reference_dir
+    from .runs import find_records
+
+    folder = reference_dir(Path(profile).stem)
+    shipped = [r for r in find_records(Path(profile).stem, runs_dir=folder)] if folder.is_dir() else []
+    if not shipped:
+        return f"profile {Path(profile).stem}: no shipped records in {folder}; runs without a record are trained"
+    trains = [stem for stem, section in (load_profile(profile).get("notebooks") or {}).items()
+              if (section or {}).get("train_missing") is False]
+    return (f"profile {Path(profile).stem}: using {len(shipped)} shipped records from {folder}"
+            + (f"; {', '.join(trains)} train nothing (train_missing: false)" if trains else ""))
 
 
 def summary(results: list[NotebookResult]) -> str:
