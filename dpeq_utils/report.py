@@ -62,6 +62,33 @@ def percent(mean: float, half: float | None = None) -> str:
     return f"{100 * mean:.1f} %" if half is None else f"{100 * mean:.1f} ± {100 * half:.1f} %"
 
 
+# ---------------------------------------------------------------------------------------------- cost
+
+
+#: Config fields that set the arithmetic of a step (not ε, seed or learning rate, which do not change its cost).
+COST_FIELDS = ("dataset", "model", "group", "restrict", "head", "widths", "num_groups", "aug_mult", "batch_size",
+               "physical_batch_size", "non_private", "prune_rate", "drop_rate", "modelmix", "device")
+
+
+def step_seconds(records: dict[str, dict]) -> dict[tuple, float]:
+    """Median training-loop seconds per logical step over every record with the same arithmetic
+    (:data:`COST_FIELDS`). The median, because a run that shared the machine with other work is slower."""
+    times: dict[tuple, list[float]] = {}
+    for record in records.values():
+        key = _cost_key(record["config"], record["device"])
+        times.setdefault(key, []).append(record["train_time_s"] / record["steps"])
+    return {key: float(np.median(values)) for key, values in times.items()}
+
+
+def _cost_key(config: dict, device: str) -> tuple:
+    values = {**config, "device": device}
+    return tuple(tuple(values[f]) if isinstance(values[f], list) else values[f] for f in COST_FIELDS)
+
+
+def typical_step_seconds(record: dict, records: dict[str, dict]) -> float:
+    return step_seconds(records)[_cost_key(record["config"], record["device"])]
+
+
 # ---------------------------------------------------------------------------------------------- part A
 
 
@@ -81,8 +108,8 @@ def part_a(study: Study, records=None) -> tuple[pd.DataFrame, pd.DataFrame]:
         rows.append({"model": model, "parameters": int(part["num_params"].iloc[0]), "lr": chosen[model],
                      "seeds": int(ema["runs"]), "test accuracy": raw["mean"], "± (95 %)": raw["ci95"],
                      "std": raw["std"], "test accuracy (EMA)": ema["mean"], "EMA ± (95 %)": ema["ci95"],
-                     "EMA std": ema["std"], "train time per run (s)": float(part["train_time_s"].mean()),
-                     "s per step": float((part["train_time_s"] / part["steps"]).mean())})
+                     "EMA std": ema["std"], "train time per run (s)": float(part["train_time_s"].median()),
+                     "s per step": typical_step_seconds(records[part["key"].iloc[0]], records)})
     return grid.reset_index(drop=True), pd.DataFrame(rows)
 
 
@@ -123,7 +150,7 @@ def part_c(study: Study, records=None) -> pd.DataFrame:
     table = study.table("C", records)
     if table.empty:
         return table
-    return table[["label", "group", "restrict", "head", "num_params", "test_accuracy", "test_accuracy_ema",
+    return table[["label", "key", "group", "restrict", "head", "num_params", "test_accuracy", "test_accuracy_ema",
                   "val_accuracy_ema", "train_time_s", "test_size"]].reset_index(drop=True)
 
 
@@ -274,25 +301,112 @@ RESULTS_END = "<!-- results:end -->"
 
 
 def results_markdown(study: Study, records=None) -> str:
-    """The README's generated block: part A's table and the study's completeness, from records."""
+    """The README's generated block: every part's table, from the records that exist."""
     records = study.records() if records is None else records
-    grid, summary = part_a(study, records)
-    lines = [f"Shipped study: profile `{study.profile}`, {len(study.table('A', records)) + sum(len(study.table(p, records)) for p in 'BCDE')} "
-             f"run records in `data/reference/{study.profile}/`; {len(study.missing(records=records))} planned runs still missing.", ""]
     b = study.base
-    lines.append(f"**A · Equal budget** (ε = {b.target_epsilon:g}, δ = {b.target_delta:g}, {b.train_size:,} training examples, "
-                 f"batch {b.batch_size}, {b.update_steps} steps, clip {b.clip_norm:g}; learning rate per model chosen on "
-                 f"{b.validation_size:,} validation examples; test on {b.test_size:,}):")
-    lines.append("")
-    lines.append("| model | parameters | lr | seeds | test accuracy | test accuracy (EMA) | s per step (2-core CPU) |")
-    lines.append("|---|---|---|---|---|---|---|")
+    keys = {k for part in PARTS_WITH_TABLES for k in study.table(part, records).get("key", [])}
+    missing = study.missing(records=records)
+    lines = [f"Generated from {len(keys)} run records in `data/reference/{study.profile}/` "
+             f"({'complete' if not missing else f'{len(missing)} planned runs still missing; parts ' + ', '.join(sorted({m.part for m in missing})) + ' incomplete'}). "
+             f"Budget of every run: {b.dataset}, {b.train_size:,} training examples (a seeded subset), ε = {b.target_epsilon:g} unless "
+             f"stated, δ = {b.target_delta:g} (RDP), Poisson batch {b.batch_size}, {b.update_steps} steps (~{b.update_steps * b.batch_size / b.train_size:.1f} "
+             f"epochs), clip {b.clip_norm:g}, no augmentation, EMA {b.ema_decay:g}; learning rate per model chosen on {b.validation_size:,} "
+             f"validation examples held out of the training set; test accuracy on {b.test_size:,} test images. ± is a 95 % interval: "
+             "Student-t over seeds, or 1.96 binomial standard errors for a single run. Seconds per step: the median "
+             "training-loop time over every run with the same arithmetic (runs sometimes shared the CPU with other work).", ""]
+    _, summary = part_a(study, records)
+    lines += ["**A · Equal budget, different models**", "",
+              "| model | parameters | lr (chosen) | seeds | test accuracy | test accuracy (EMA) | s per step (2-core CPU) |",
+              "|---|---|---|---|---|---|---|"]
     for _, r in summary.iterrows():
         lines.append(f"| {MODEL_NAMES.get(r['model'], r['model'])} | {r['parameters']:,} | {r['lr']:g} | {r['seeds']} | "
                      f"{percent(r['test accuracy'], r['± (95 %)'])} | {percent(r['test accuracy (EMA)'], r['EMA ± (95 %)'])} | "
                      f"{r['s per step']:.2f} |")
-    lines.append("")
-    lines.append("± is the 95 % Student-t interval over seeds (a single seed: 1.96 binomial standard errors of the test subset).")
+    gap = paired_gap(study, "eq_resnet9", "resnet9_matched", records)
+    if gap is not None:
+        lines += ["", f"Paired on {gap['seeds']} seeds, equivariant minus parameter-matched (EMA): "
+                      f"{100 * gap['mean']:+.1f} ± {100 * gap['ci95']:.1f} points."]
+    table_b = part_b(study, records)
+    if len(table_b):
+        eps = sorted(table_b["epsilon"].unique())
+        lines += ["", "**B · Test accuracy (EMA) against ε** (each model at its own rate; non-private with its own rate)", "",
+                  "| model | " + " | ".join("non-private" if not np.isfinite(e) else f"ε = {e:g}" for e in eps) + " |",
+                  "|---|" + "---|" * len(eps)]
+        for model, part in table_b.groupby("model", sort=False):
+            cells = []
+            for e in eps:
+                row = part[part["epsilon"] == e]
+                cells.append(f"{percent(row['mean'].iloc[0], row['ci95'].iloc[0])} ({int(row['runs'].iloc[0])})" if len(row) else "—")
+            lines.append(f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(cells) + " |")
+        lines += ["", "(n): seeds."]
+    table_c = part_c(study, records)
+    if len(table_c):
+        lines += ["", "**C · Which symmetry** (equivariant ResNet-9, one seed)", "",
+                  "| variant | parameters | test accuracy (EMA) | s per step |", "|---|---|---|---|"]
+        for _, r in table_c.iterrows():
+            acc = float(r["test_accuracy_ema"])
+            half = 1.96 * math.sqrt(acc * (1 - acc) / float(r["test_size"]))
+            lines.append(f"| {r['label']} | {int(r['num_params']):,} | {percent(acc, half)} | "
+                         f"{typical_step_seconds(records[r['key']], records):.2f} |")
+    curves = part_d(study, records)
+    if len(curves):
+        finals = curves[curves["step"] == curves["length"]]
+        lines += ["", "**D · Training length** (seed 0, σ calibrated per length; EMA test accuracy at the end)", "",
+                  "| model | " + " | ".join(f"{n} steps" for n in sorted(finals["length"].unique())) + " |",
+                  "|---|" + "---|" * finals["length"].nunique()]
+        for model, part in finals.groupby("model", sort=False):
+            by = part.set_index("length")["test_accuracy_ema"]
+            lines.append(f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(
+                percent(by[n]) if n in by.index else "—" for n in sorted(finals["length"].unique())) + " |")
+    table_e = study.table("E", records)
+    if len(table_e):
+        lines += ["", "**E · Other ways of making DP-SGD work, same budget** (one seed; baselines at their profile's rates)", "",
+                  "| method | trained parameters | test accuracy (EMA) | s per step |", "|---|---|---|---|"]
+        for _, r in table_e.iterrows():
+            acc = float(r["test_accuracy_ema"])
+            half = 1.96 * math.sqrt(acc * (1 - acc) / float(r["test_size"]))
+            lines.append(f"| {r['label']} | {int(r['kept_params']):,} | {percent(acc, half)} | "
+                         f"{typical_step_seconds(records[r['key']], records):.2f} |")
+    compute = recipe_compute(study, records)
+    if len(compute) == 2:
+        ratio = compute["CPU hours (2 cores)"].iloc[0] / compute["CPU hours (2 cores)"].iloc[1]
+        lines += ["", "**Compute of the published recipes** (example-view gradients × the cost of one, measured above; "
+                      "the paper claims >85 % less compute than the previous state of the art)", "",
+                  "| recipe | steps × batch × views | example-view gradients | ms each (this CPU) | CPU hours (2 cores) |",
+                  "|---|---|---|---|---|"]
+        for _, r in compute.iterrows():
+            lines.append(f"| {r['recipe']} | {r['steps']:,} × {r['batch']:,} × {r['views']} | {r['example-view gradients'] / 1e6:.1f} M | "
+                         f"{r['ms per example-view (this CPU)']:.1f} | {r['CPU hours (2 cores)']:,.0f} |")
+        lines += ["", f"The paper's recipe costs {100 * ratio:.0f} % of De et al.'s ε = 8 recipe on this CPU "
+                      f"({100 * (1 - ratio):.0f} % less)."]
     return "\n".join(lines)
+
+
+PARTS_WITH_TABLES = ("A", "B", "C", "D", "E")
+
+
+def recipe_compute(study: Study, records=None) -> pd.DataFrame:
+    """Compute of the published recipes, from the ``paper`` profile (the paper's run; De et al.'s ε = 8
+    setting) and the cost of one example-view gradient measured in this study: the median DP step
+    time of the model (part A, one view per example) divided by the batch. Assumes the cost is
+    linear in example-views (views are independent forward/backward passes)."""
+    from .config import config_from_profile
+
+    records = study.records() if records is None else records
+    table = study.table("A", records)
+    recipes = {"paper: equivariant ResNet-9, ε = 8": config_from_profile("paper"),
+               "De et al. ε = 8 (WRN-16-4)": config_from_profile("paper", "de_et_al_eps8")}
+    rows = []
+    for name, recipe in recipes.items():
+        runs = table[table["model"] == recipe.model] if len(table) else table
+        if not len(runs):
+            continue
+        per_view = typical_step_seconds(records[runs["key"].iloc[0]], records) / study.base.batch_size
+        views = recipe.update_steps * recipe.batch_size * recipe.aug_mult
+        rows.append({"recipe": name, "model": recipe.model, "steps": recipe.update_steps, "batch": recipe.batch_size,
+                     "views": recipe.aug_mult, "example-view gradients": views,
+                     "ms per example-view (this CPU)": 1000 * per_view, "CPU hours (2 cores)": views * per_view / 3600})
+    return pd.DataFrame(rows)
 
 
 def update_readme(readme: Path, block: str) -> bool:

@@ -91,3 +91,12 @@ def test_shipped_records_are_found_first_and_verified(tmp_path):
     shipped.write_text(text[: len(text) // 2])
     with pytest.raises(RecordError, match=shipped.name):
         read_record(shipped)
+
+
+def test_readme_results_are_generated_from_the_shipped_records(monkeypatch):
+    """The README's results block is what dpeq_utils.report generates from data/reference/teach/ (every
+    shipped record is read, so verified, on the way)."""
+    from dpeq_utils import report
+
+    monkeypatch.delenv("DPEQ_REFERENCE_DIR")
+    assert report.main(["--check"]) == 0, "run python -m dpeq_utils.report after adding shipped records"
