@@ -61,6 +61,7 @@ class RunConfig:
     lr: float = 2.0
     momentum: float = 0.0
     ema_decay: float = 0.999
+    ema_horizons: tuple[float, ...] = ()  # further EMA decays scored at every evaluation (they never change training)
     eval_every: int = 0  # evaluate every this many steps (0: only at the end)
     # DP-SGD variants (dpeq_utils.variants): pre-pruning + gradient dropping (Adamczewski et al. 2023)
     prune_rate: float = 0.0  # fraction of every parameter tensor removed before training
@@ -76,6 +77,9 @@ class RunConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "widths", tuple(self.widths))
+        if isinstance(self.ema_horizons, (list, tuple)):
+            object.__setattr__(self, "ema_horizons", tuple(float(d) if isinstance(d, int) and not isinstance(d, bool)
+                                                           else d for d in self.ema_horizons))
         # one spelling per value, so equal configs hash to equal record keys (8 and 8.0; YAML's "1e-5" string)
         for name in FLOAT_FIELDS:
             value = getattr(self, name)
@@ -133,6 +137,9 @@ class RunConfig:
             yield f"momentum must lie in [0, 1), got {self.momentum!r}"
         if not isinstance(self.ema_decay, (int, float)) or not 0 <= self.ema_decay < 1:
             yield f"ema_decay must lie in [0, 1), got {self.ema_decay!r}"
+        if not isinstance(self.ema_horizons, tuple) or not all(
+                isinstance(d, float) and 0 <= d < 1 for d in self.ema_horizons):
+            yield f"ema_horizons must be a list of decays in [0, 1), got {self.ema_horizons!r}"
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             yield f"eval_every must be an integer >= 0, got {self.eval_every!r}"
         if isinstance(self.validation_size, bool) or not isinstance(self.validation_size, int) or self.validation_size < 0:
@@ -167,6 +174,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["widths"] = list(self.widths)
+        values["ema_horizons"] = list(self.ema_horizons)
         return values
 
 

@@ -51,8 +51,9 @@ def config_key(config: RunConfig) -> str:
     True
     """
     values = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_KEY}
-    if not values["validation_size"]:  # added later: runs without a validation split keep their keys
-        del values["validation_size"]
+    for name in ("validation_size", "ema_horizons"):  # added later: runs that do not use them keep their keys
+        if not values[name]:
+            del values[name]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 

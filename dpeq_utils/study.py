@@ -48,6 +48,7 @@ FIELDS = {
     "epsilon_seeds": "seeds of part B",
     "groups": "groups of part C (besides the run's)",
     "lengths": "logical steps of part D (besides the run's)",
+    "ema_horizons": "further EMA decays scored along part D's longer runs (the EMA never changes training)",
     "baselines": "entries of the profile's baselines section compared in part E",
 }
 
@@ -144,7 +145,8 @@ class Study:
         for model in s["epsilon_models"]:
             at_rate("D", f"{model} {base.update_steps} steps", model)  # the part-A run at seed 0
             for steps in s["lengths"]:  # longer runs, evaluated at four points along the way
-                at_rate("D", f"{model} {steps} steps", model, update_steps=steps, eval_every=max(1, steps // 4))
+                at_rate("D", f"{model} {steps} steps", model, update_steps=steps, eval_every=max(1, steps // 4),
+                        ema_horizons=tuple(float(d) for d in s["ema_horizons"]))
         at_rate("E", "equivariant (this paper)", eq_model)
         for name, change in baseline_changes(self.source, s["baselines"], equal_budget=True).items():
             planned.append(Planned("E", "", name, base.replace(**change)))

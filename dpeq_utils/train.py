@@ -43,7 +43,7 @@ from .equivariance import evaluation_mode
 from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
 from .privacy import PrivacyBudget, PrivacyBudgetError
-from .runtime import pick_device, set_seed, tune_cpu_allocator
+from .runtime import pick_device, release_free_memory, set_seed, tune_cpu_allocator
 from .variants import CoordinateSelector, build_variants
 
 
@@ -206,6 +206,7 @@ def fit(config: RunConfig, *, progress: bool = True,
     if budget is not None and variants:
         optimizer.attach_step_hook(lambda _: [v.before_update(model) for v in variants])  # after noise, before update
     ema = WeightEMA(model, config.ema_decay)
+    horizons = {decay: WeightEMA(model, decay) for decay in config.ema_horizons}  # scored only, never trained on
     engine = resolve_engine(config.per_sample_engine, model)
     images = train_data.images.to(device)
     labels = train_data.labels.to(device)
@@ -217,10 +218,15 @@ def fit(config: RunConfig, *, progress: bool = True,
         accuracy, loss = evaluate(model, test_data, device)
         with swapped_parameters(model, ema.values):
             accuracy_ema, loss_ema = evaluate(model, test_data, device)
+        other_horizons = {}
+        for decay, average in horizons.items():
+            with swapped_parameters(model, average.values):
+                other_horizons[f"{decay:g}"] = evaluate(model, test_data, device)[0]
         entry = {"step": step, "epsilon": budget.epsilon() if budget else None,
                  "train_loss": math.fsum(recent_losses) / len(recent_losses) if recent_losses else None,
                  "test_accuracy": accuracy, "test_loss": loss, "test_accuracy_ema": accuracy_ema,
-                 "test_loss_ema": loss_ema, "elapsed_s": time.perf_counter() - started,
+                 "test_loss_ema": loss_ema, **({"test_accuracy_ema_horizons": other_horizons} if horizons else {}),
+                 "elapsed_s": time.perf_counter() - started,
                  "eval_time_s": time.perf_counter() - eval_started}
         history.append(entry)
         recent_losses.clear()
@@ -245,6 +251,8 @@ def fit(config: RunConfig, *, progress: bool = True,
                                    batch_size=len(chosen), engine=engine, variants=variants)
         recent_losses.extend(step_losses)
         ema.update(model)
+        for average in horizons.values():
+            average.update(model)
         if step_losses:
             bar.set_postfix(loss=f"{math.fsum(step_losses) / len(step_losses):.3f}", refresh=False)
         if config.eval_every and step % config.eval_every == 0 and step != steps:
@@ -258,6 +266,8 @@ def fit(config: RunConfig, *, progress: bool = True,
         with swapped_parameters(model, ema.values):
             validation["val_accuracy_ema"], validation["val_loss_ema"] = evaluate(model, validation_data, device)
 
+    if device.type == "cpu":
+        release_free_memory()  # the allocator kept the run's peak (tune_cpu_allocator); the next run starts lean
     epsilon = None
     if budget is not None:
         epsilon = budget.epsilon()
@@ -275,6 +285,7 @@ def fit(config: RunConfig, *, progress: bool = True,
         "test_accuracy": final["test_accuracy"],
         "test_accuracy_ema": final["test_accuracy_ema"],
         "test_loss": final["test_loss"],
+        **({"test_accuracy_ema_horizons": final["test_accuracy_ema_horizons"]} if horizons else {}),
         **validation,
         "num_params": count_params(model),
         "kept_params": round(count_params(model) * selector.kept_fraction) if selector else count_params(model),
