@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .data import DATASETS
+from .data import DATASETS, MAX_SIZES
 from .equivariance import can_halve, parse_group
 from .models import MODELS
 from .models.equivariant import HEADS
@@ -43,7 +43,7 @@ class RunConfig:
     group: str = "D4"
     restrict: bool = True
     widths: tuple[int, int, int] = (16, 32, 64)
-    num_groups: int = 8
+    num_groups: int = 8  # GroupNorm groups asked for by the ResNet-9 models (adapted per layer: models.layers.norm_groups); wrn16_4 always asks for 16 (De et al.)
     head: str = "pool2x2"
     # privacy
     non_private: bool = False
@@ -76,7 +76,8 @@ class RunConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        object.__setattr__(self, "widths", tuple(self.widths))
+        if isinstance(self.widths, (list, tuple)):
+            object.__setattr__(self, "widths", tuple(self.widths))
         if isinstance(self.ema_horizons, (list, tuple)):
             object.__setattr__(self, "ema_horizons", tuple(float(d) if isinstance(d, int) and not isinstance(d, bool)
                                                            else d for d in self.ema_horizons))
@@ -120,7 +121,8 @@ class RunConfig:
             parse_group(self.group)
         except ValueError as err:
             yield str(err)
-        if len(self.widths) != 3 or not all(isinstance(w, int) and w > 0 for w in self.widths):
+        if not isinstance(self.widths, tuple) or len(self.widths) != 3 or not all(
+                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.widths):
             yield f"widths must be three positive integers, got {self.widths!r}"
         for name in ("num_groups", "batch_size", "physical_batch_size", "aug_mult"):
             yield from positive_int(name)
@@ -144,6 +146,15 @@ class RunConfig:
             yield f"eval_every must be an integer >= 0, got {self.eval_every!r}"
         if isinstance(self.validation_size, bool) or not isinstance(self.validation_size, int) or self.validation_size < 0:
             yield f"validation_size must be an integer >= 0, got {self.validation_size!r}"
+        elif self.dataset in MAX_SIZES:
+            max_train, max_test = MAX_SIZES[self.dataset]
+            sizes = [v for v in (self.train_size, self.validation_size) if isinstance(v, int) and not isinstance(v, bool)]
+            if sum(sizes) > max_train or (self.dataset == "cifar10" and self.train_size is None
+                                           and self.validation_size >= max_train):
+                yield (f"train_size + validation_size must be at most {max_train:,} for {self.dataset}, got "
+                       f"{self.train_size} + {self.validation_size}")
+            if isinstance(self.test_size, int) and self.test_size > max_test:
+                yield f"test_size must be at most {max_test:,} for {self.dataset}, got {self.test_size:,}"
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             yield f"seed must be an integer >= 0, got {self.seed!r}"
         for name in ("prune_rate", "drop_rate"):
@@ -260,4 +271,9 @@ def parse_assignment(text: str) -> tuple[str, object]:
     key = key.strip()
     if key not in field_names():
         raise ValueError(f"unknown run config field {key!r}; valid fields: {', '.join(field_names())}")
-    return key, yaml.safe_load(raw)
+    try:
+        return key, yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"could not read the value of {key} ({raw!r}): {problem}; values are YAML, "
+                         "e.g. widths=[4, 8, 16], update_steps=null, restrict=false") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -25,12 +26,19 @@ def set_theme() -> None:
 
 
 def savefig(fig, name: str, profile: str) -> list[Path]:
-    """Write ``fig`` as PNG and PDF under ``figures/<profile>/``; returns the two paths."""
+    """Write ``fig`` as PNG and PDF under ``figures/<profile>/``; returns the two paths. Each file is
+    written beside its final name and renamed into place, so an interrupted save never leaves a
+    truncated figure under the real name."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"figure name must be a plain file stem, got {name!r}")
     folder = figures_dir(profile)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.{ext}" for ext in ("png", "pdf")]
     for path in paths:
-        fig.savefig(path)
+        partial = path.with_name(f".{path.stem}.partial{path.suffix}")
+        try:
+            fig.savefig(partial)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
     return paths

@@ -106,29 +106,53 @@ def calibrate_noise(target_epsilon: float, target_delta: float, sample_rate: flo
     def rdp(sigma: float) -> float:
         return _epsilon(sigma, sample_rate, steps, target_delta, "rdp")
 
-    high = 1.0
-    while rdp(high) > target_epsilon:  # grow until the budget holds
-        high *= 2
-        if high > 1e5:
-            raise PrivacyBudgetError(f"no noise multiplier up to 1e5 reaches ε={target_epsilon} with q={sample_rate}, "
-                                     f"T={steps}, δ={target_delta}: raise ε or lower q/T")
-    low = high / 2
-    while low > 1e-3 and rdp(low) <= target_epsilon:  # shrink until it is violated
-        low, high = low / 2, low
-    sigma = bisect(rdp, low, high)
+    def prv(sigma_: float) -> float:
+        return _epsilon(sigma_, sample_rate, steps, target_delta, "prv")
+
+    def smallest_sufficient(eps) -> float:
+        high = 1.0
+        while eps(high) > target_epsilon:  # grow until the budget holds
+            high *= 2
+            if high > 1e5:
+                raise PrivacyBudgetError(f"no noise multiplier up to 1e5 reaches ε={target_epsilon} with q={sample_rate}, "
+                                         f"T={steps}, δ={target_delta}: raise ε, or lower q or T")
+        low = high / 2
+        while low > 1e-3 and eps(low) <= target_epsilon:  # shrink until it is violated
+            low, high = low / 2, low
+        return bisect(eps, low, high)
+
+    floor = rdp_epsilon_floor(target_delta)
+    if target_epsilon <= floor:
+        if accountant == "rdp":
+            raise PrivacyBudgetError(
+                f"the RDP accountant cannot certify ε={target_epsilon} at δ={target_delta}: converting Rényi DP to "
+                f"(ε, δ) adds at least {floor:.3f} whatever the noise, so no σ, q or T reaches it. Use accountant='prv' "
+                "(numerically tight; it reaches far smaller ε), or raise ε.")
+        # PRV alone: RDP gives no starting point here
+        return smallest_sufficient(prv)
+    sigma = smallest_sufficient(rdp)
     if accountant == "rdp":
         return sigma
 
     # PRV's ε is below RDP's for the same σ, so its σ is below the RDP one. Walk down in small steps
     # rather than probing tiny σ: PRV's cost and memory explode for ε far above the target.
-    def prv(sigma_: float) -> float:
-        return _epsilon(sigma_, sample_rate, steps, target_delta, "prv")
-
     high = sigma
     low = high * 0.9
     while prv(low) <= target_epsilon:
         low, high = low * 0.9, low
     return bisect(prv, low, high)
+
+
+def rdp_epsilon_floor(target_delta: float) -> float:
+    """The smallest ε the RDP accountant can certify at ``target_delta``, whatever σ, q and T: the
+    conversion from Rényi DP adds ``log((α-1)/α) - (log δ + log α)/(α-1)`` at the best order α of
+    Opacus's grid even when the Rényi divergence itself is 0.
+
+    >>> round(rdp_epsilon_floor(1e-5), 3)
+    0.103
+    """
+    return min(math.log((a - 1) / a) - (math.log(target_delta) + math.log(a)) / (a - 1)
+               for a in RDPAccountant.DEFAULT_ALPHAS)
 
 
 class PrivacyBudget:

@@ -5,12 +5,17 @@ parameter ``profile`` and the notebook's section of the profile file (``notebook
 {...}}``) injected, and an execution timeout per cell. Executed copies go to ``--out`` (default
 ``notebooks/executed/<profile>/``), run records to ``data/runs/<profile>/``, figures to
 ``figures/<profile>/``. A failing notebook does not stop the others; the run ends with a summary
-naming each failure and its failing cell, and exits non-zero if any failed.
+naming each failure and its failing cell, and exits non-zero if any failed. ``--runs-dir`` and
+``--figures-dir`` move records and figures too (the kernels inherit them as ``DPEQ_RUNS_DIR`` and
+``DPEQ_FIGURES_DIR``). Interrupted with Ctrl-C, the notebook that was running is renamed
+``NN_name.INTERRUPTED.ipynb`` (its cells would otherwise look complete), the summary lists what
+finished, and the exit status is 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,8 +32,12 @@ class NotebookResult:
     name: str
     ok: bool
     seconds: float
-    output: Path
+    output: Path | None  # the executed copy, None when none was written
     error: str = ""
+    status: str = ""  # "ok", "FAILED", "INTERRUPTED" or "not run"
+
+    def __post_init__(self):
+        self.status = self.status or ("ok" if self.ok else "FAILED")
 
 
 def discover(notebooks_dir: Path = NOTEBOOKS_DIR, only: list[str] | None = None) -> list[Path]:
@@ -49,13 +58,29 @@ def notebook_parameters(notebook: Path, profile: str) -> dict:
     return {"profile": Path(profile).stem, **section}
 
 
-def _describe_failure(error: Exception) -> str:
+def _describe_failure(error: Exception, output: Path) -> str:
     from papermill.exceptions import PapermillExecutionError
 
     if isinstance(error, PapermillExecutionError):
         first_line = error.source.strip().splitlines()[0] if error.source.strip() else ""
         return f"cell {error.cell_index} of the executed copy ({first_line!r}): {error.ename}: {error.evalue}"
-    return f"{type(error).__name__}: {error}"
+    running = _running_cell(output)
+    return f"{type(error).__name__}: {error}" + (f" (while running {running})" if running else "")
+
+
+def _running_cell(output: Path) -> str | None:
+    """The cell papermill had marked running in a partly written executed copy (a dead kernel's last cell)."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except Exception:  # noqa: BLE001 - no copy, or a partial one: nothing to name
+        return None
+    for index, cell in enumerate(nb.cells):
+        if cell.get("metadata", {}).get("papermill", {}).get("status") == "running":
+            first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
+            return f"cell {index} ({first!r})"
+    return None
 
 
 def run_notebooks(profile: str, out_dir: Path | None = None, only: list[str] | None = None,
@@ -71,6 +96,7 @@ def run_notebooks(profile: str, out_dir: Path | None = None, only: list[str] | N
     results = []
     for i, notebook in enumerate(notebooks, 1):
         output = out_dir / notebook.name
+        output.unlink(missing_ok=True)  # an old copy must not pass for this run's
         echo(f"[{i}/{len(notebooks)}] {notebook.stem} (profile {name}) ...")
         started = time.perf_counter()
         try:
@@ -78,11 +104,29 @@ def run_notebooks(profile: str, out_dir: Path | None = None, only: list[str] | N
                                        kernel_name=kernel, execution_timeout=cell_timeout, cwd=str(notebook.parent),
                                        progress_bar=False, log_output=False)
             result = NotebookResult(notebook.stem, True, time.perf_counter() - started, output)
+        except KeyboardInterrupt:
+            marked = None
+            if output.exists():
+                marked = output.with_name(f"{notebook.stem}.INTERRUPTED.ipynb")
+                output.replace(marked)
+            results.append(NotebookResult(notebook.stem, False, time.perf_counter() - started, marked,
+                                          "interrupted (Ctrl-C)", "INTERRUPTED"))
+            results += [NotebookResult(n.stem, False, 0.0, None, "", "not run") for n in notebooks[i:]]
+            raise Interrupted(results) from None
         except Exception as error:  # noqa: BLE001 - one failing notebook must not stop the others
-            result = NotebookResult(notebook.stem, False, time.perf_counter() - started, output, _describe_failure(error))
-        echo(f"      {'ok' if result.ok else 'FAILED'} in {result.seconds:.1f} s -> {output}")
+            result = NotebookResult(notebook.stem, False, time.perf_counter() - started,
+                                    output if output.exists() else None, _describe_failure(error, output))
+        echo(f"      {result.status} in {result.seconds:.1f} s -> {result.output or 'no executed copy'}")
         results.append(result)
     return results
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a reproduction; carries the results so far (the rest marked "not run")."""
+
+    def __init__(self, results: list[NotebookResult]):
+        super().__init__("interrupted")
+        self.results = results
 
 
 def shipped_records_note(profile: str) -> str:
@@ -101,13 +145,16 @@ def shipped_records_note(profile: str) -> str:
 
 
 def summary(results: list[NotebookResult]) -> str:
-    lines = [f"{'notebook':<28} {'status':<7} {'seconds':>8}"]
-    lines += [f"{r.name:<28} {'ok' if r.ok else 'FAILED':<7} {r.seconds:>8.1f}" for r in results]
-    lines.append(f"{'total':<28} {'':<7} {sum(r.seconds for r in results):>8.1f}")
-    failures = [r for r in results if not r.ok]
+    lines = [f"{'notebook':<28} {'status':<11} {'seconds':>8}"]
+    lines += [f"{r.name:<28} {r.status:<11} {r.seconds:>8.1f}" for r in results]
+    lines.append(f"{'total':<28} {'':<11} {sum(r.seconds for r in results):>8.1f}")
+    failures = [r for r in results if r.status in ("FAILED", "INTERRUPTED")]
     if failures:
         lines.append("")
-        lines += [f"FAILED {r.name}: {r.error}\n       executed copy with the traceback: {r.output}" for r in failures]
+        for r in failures:
+            where = (f"executed copy with the traceback: {r.output}" if r.status == "FAILED" and r.output
+                     else f"partly executed copy: {r.output}" if r.output else "no executed copy was written")
+            lines.append(f"{r.status} {r.name}: {r.error}\n       {where}")
     return "\n".join(lines)
 
 
@@ -115,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dpeq_utils.reproduce", description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="smoke", help="smoke, teach, paper, or a path to a profile .yaml")
     parser.add_argument("--out", type=Path, default=None, help="folder for executed notebooks")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="parent folder for run records (default data/runs; sets DPEQ_RUNS_DIR for the notebooks)")
+    parser.add_argument("--figures-dir", type=Path, default=None,
+                        help="parent folder for figures (default figures; sets DPEQ_FIGURES_DIR for the notebooks)")
     parser.add_argument("--only", action="append", default=None, metavar="NN",
                         help="run only notebooks whose name starts with this (repeatable), e.g. --only 03")
     parser.add_argument("--list", action="store_true", help="list the notebooks and their parameters, run nothing")
@@ -135,7 +186,15 @@ def main(argv: list[str] | None = None) -> int:
             for key, spec in params.items():
                 print(f"    {key} = {spec['default']}  # {spec['help']}")
         return 0
-    results = run_notebooks(args.profile, args.out, args.only, args.notebooks_dir, args.cell_timeout)
+    for variable, folder in (("DPEQ_RUNS_DIR", args.runs_dir), ("DPEQ_FIGURES_DIR", args.figures_dir)):
+        if folder is not None:
+            os.environ[variable] = str(folder.expanduser().resolve())  # the kernels inherit it
+    try:
+        results = run_notebooks(args.profile, args.out, args.only, args.notebooks_dir, args.cell_timeout)
+    except Interrupted as interrupted:
+        print()
+        print(summary(interrupted.results))
+        return 130
     print()
     print(summary(results))
     return 0 if all(r.ok for r in results) else 1

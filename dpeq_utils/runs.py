@@ -18,12 +18,15 @@ Record fields (top level): ``key``, ``config``, ``noise_multiplier``, ``sample_r
 ``epsilon_spent`` (null for a non-private run), ``test_accuracy``, ``test_accuracy_ema``,
 ``test_loss``, ``num_params``, ``wall_time_s``, ``device``, ``versions``, ``git_commit``, ``seed``,
 ``dataset_size``, ``test_size``, ``mean_batch_size``, ``epochs``, ``train_time_s``, ``history``
-(one entry per evaluation), ``created``, ``schema``. Values that are not finite (the losses of a
-diverged run) are stored as null.
+(one entry per evaluation), ``data`` (where the data came from, how it was verified, SHA-256 of the
+training and test splits used), ``val_*`` (with a validation split), ``created``, ``schema``,
+``digest`` (:func:`record_digest`). Values that are not finite (the losses of a diverged run) are
+stored as null.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -86,16 +89,68 @@ def write_json_atomic(path: Path, content: dict) -> None:
             json.dump(content, handle, indent=1, allow_nan=False)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(handle.name, 0o666 & ~_umask())  # readable like any file the user writes (the temp file is 0600)
         os.replace(handle.name, path)
     finally:
         Path(handle.name).unlink(missing_ok=True)
 
 
-def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, progress: bool = True, data=None) -> dict:
-    """Train ``config`` and write its record; returns the record."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class RunLocked(RuntimeError):
+    """Another process is training the same config into the same folder."""
+
+
+@contextlib.contextmanager
+def run_lock(path: Path):
+    """An exclusive lock on one record's run: ``<record>.lock`` beside it, held with ``flock`` so the
+    operating system releases it when its process ends, however it ends (no stale locks on a local
+    disk). A second process asking for it is refused at once, told who holds it."""
+    import fcntl
+    import socket
+
+    lock = path.with_name(path.name + ".lock")
+    handle = open(lock, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLocked(f"{holder} is training this run already (lock {lock}); wait for it to finish (its record "
+                        f"will then be read) or stop it") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+        handle.flush()
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        handle.close()
+
+
+def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, progress: bool = True, data=None,
+        force_memory: bool = False) -> dict:
+    """Train ``config`` and write its record; returns the record. The record's folder is checked
+    (writable, room on disk) and the run locked (:func:`run_lock`) before anything is trained."""
+    from .preflight import check_output_folder
+
+    path = record_path(config, runs_dir)
+    check_output_folder(path.parent)
+    with run_lock(path):
+        return _train_and_write(config, path, progress, data, force_memory)
+
+
+def _train_and_write(config: RunConfig, path: Path, progress: bool, data, force_memory: bool) -> dict:
     from .train import train
 
-    results = train(config, progress=progress, data=data)
+    results = train(config, progress=progress, data=data, force_memory=force_memory)
     record = {
         "schema": SCHEMA,
         "key": config_key(config),
@@ -107,8 +162,26 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, progress: 
         "seed": config.seed,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(record_path(config, runs_dir), record)
+    record["digest"] = record_digest(record)
+    write_json_atomic(path, record)
     return record
+
+
+def record_digest(record: dict) -> str:
+    """SHA-256 of a record's content as JSON stores it (without ``digest`` and ``source``): a record
+    edited after it was written no longer matches. This catches accidental or casual edits; it is
+    not a signature (anyone can recompute it)."""
+    content = {k: v for k, v in record.items() if k not in ("digest", "source")}
+    text = json.dumps(_finite_or_null(content), sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def seal_record(path: str | os.PathLike) -> None:
+    """Add the digest to a record written before records carried one (after verifying the rest)."""
+    record = read_record(path)
+    record.pop("source", None)
+    record["digest"] = record_digest(record)
+    write_json_atomic(Path(path), record)
 
 
 class RecordError(ValueError):
@@ -139,6 +212,9 @@ def read_record(path: str | os.PathLike) -> dict:
     eps = record["epsilon_spent"]
     if not config.non_private and (eps is None or eps > config.target_epsilon):
         raise RecordError(f"{path}: ε spent {eps} is not within the target {config.target_epsilon}")
+    if "digest" in record and record_digest(record) != record["digest"]:
+        raise RecordError(f"{path}: its content was changed after it was written (digest mismatch); delete it "
+                          "(or retrain with --force)")
     return record
 
 
@@ -154,13 +230,13 @@ def find_record(config: RunConfig, runs_dir: str | os.PathLike | None = None) ->
 
 
 def load_or_run(config: RunConfig, runs_dir: str | os.PathLike | None = None, force: bool = False,
-                progress: bool = True, data=None) -> dict:
+                progress: bool = True, data=None, force_memory: bool = False) -> dict:
     """The record of ``config``: found by :func:`find_record` (unless ``force``), else trained and
     written to ``runs_dir``. A record read from disk carries ``"source"``: the file it came from."""
     path = None if force else find_record(config, runs_dir)
     if path is not None:
         return {**read_record(path), "source": str(path)}
-    return run(config, runs_dir, progress, data)
+    return run(config, runs_dir, progress, data, force_memory)
 
 
 def load_records(runs_dir: str | os.PathLike) -> list[dict]:

@@ -24,7 +24,6 @@ Run from the shell: ``python -m dpeq_utils.train --profile smoke --set target_ep
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import sys
@@ -42,6 +41,7 @@ from .data import ImageDataset, Splits, apply_views, draw_views, load_splits, no
 from .equivariance import evaluation_mode
 from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
+from .preflight import check_memory
 from .privacy import PrivacyBudget, PrivacyBudgetError
 from .runtime import pick_device, release_free_memory, set_seed, tune_cpu_allocator
 from .variants import CoordinateSelector, build_variants
@@ -157,18 +157,20 @@ class ExactSumDPOptimizer(DPOptimizer):
         super().add_noise()
 
 
-def train(config: RunConfig, *, progress: bool = True, data: Splits | None = None) -> dict:
+def train(config: RunConfig, *, progress: bool = True, data: Splits | None = None, force_memory: bool = False) -> dict:
     """Train one run and return its results (the body of a run record, without provenance).
 
     ``data`` lets a caller pass already loaded :class:`~dpeq_utils.data.Splits` (or a (train, test)
     pair); otherwise they are loaded from ``config``.
     """
-    return fit(config, progress=progress, data=data)[1]
+    return fit(config, progress=progress, data=data, force_memory=force_memory)[1]
 
 
 def fit(config: RunConfig, *, progress: bool = True,
-        data: Splits | None = None) -> tuple[nn.Module, dict]:
-    """:func:`train`, also returning the trained model (its raw weights, not the EMA)."""
+        data: Splits | None = None, force_memory: bool = False) -> tuple[nn.Module, dict]:
+    """:func:`train`, also returning the trained model (its raw weights, not the EMA). On a CPU the
+    run's memory is estimated before the first step and a run that would not fit is refused unless
+    ``force_memory`` (:mod:`dpeq_utils.preflight`)."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -190,6 +192,9 @@ def fit(config: RunConfig, *, progress: bool = True,
 
     model = build_model_for(config).to(device)
     model.train()
+    if device.type == "cpu":
+        check_memory(config, model, n + len(test_data) + (len(validation_data) if validation_data is not None else 0),
+                     force=force_memory)
     base_optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     # a fourth stream for the variants; the first three are unchanged by asking for it (SeedSequence prefixes)
     sampler_seed, augment_seed, noise_seed, variant_seed = _streams(config.seed, 4)
@@ -280,6 +285,8 @@ def fit(config: RunConfig, *, progress: bool = True,
         "steps": steps,
         "epsilon_spent": epsilon,
         "dataset_size": n,
+        "data": {"origin": train_data.meta.get("origin"), "verified": train_data.meta.get("verified"),
+                 "train_sha256": train_data.digest(), "test_sha256": test_data.digest()},
         "test_size": len(test_data),
         "mean_batch_size": float(np.mean(batch_sizes)),
         "test_accuracy": final["test_accuracy"],
@@ -361,33 +368,10 @@ def _accumulate_plain_gradient(model: nn.Module, views: torch.Tensor, labels: to
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import config_from_profile, parse_assignment
-    from .runs import load_or_run, record_path
+    """``python -m dpeq_utils.train`` (see :func:`dpeq_utils.cli.train_main`)."""
+    from .cli import train_main
 
-    parser = argparse.ArgumentParser(prog="python -m dpeq_utils.train", description=(
-        "Train one run of a profile and write its record. The last line printed is the record's path."))
-    parser.add_argument("--profile", default="smoke", help="smoke, teach, paper, or a path to a profile .yaml")
-    parser.add_argument("--baseline", default=None, metavar="NAME",
-                        help="apply the profile's baselines[NAME] entry, e.g. de_et_al_eps8 under --profile paper")
-    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a run config field (repeatable), e.g. --set target_epsilon=3")
-    parser.add_argument("--runs-dir", default=None, help="folder for the record (default: data/runs/<profile>)")
-    parser.add_argument("--force", action="store_true", help="train even if a record of this config exists")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_profile(args.profile, args.baseline, **dict(parse_assignment(a) for a in args.assignments))
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    record = load_or_run(config, runs_dir=args.runs_dir, force=args.force, progress=not args.no_progress)
-    eps = record["epsilon_spent"]
-    print(f"{config.model} {config.group if config.model != 'wrn16_4' else ''} on {config.dataset}: "
-          f"test accuracy {record['test_accuracy']:.3f} (EMA {record['test_accuracy_ema']:.3f}), "
-          f"ε = {'∞ (non-private)' if eps is None else f'{eps:.3f} ≤ {config.target_epsilon}'}, "
-          f"σ = {record['noise_multiplier']:.4g}, q = {record['sample_rate']:.4g}, {record['steps']} steps, "
-          f"{record['num_params']} parameters, {record['wall_time_s']:.1f} s on {record['device']}")
-    print(record_path(config, args.runs_dir))
-    return 0
+    return train_main(argv)
 
 
 if __name__ == "__main__":

@@ -161,20 +161,40 @@ def test_extracted_folder_with_str_keys_and_its_errors(tmp_path):
     folder.mkdir()
     for name, content in _tiny_batches(key_type=str).items():
         (folder / name).write_bytes(pickle.dumps(content, protocol=4))
-    train, test = load_cifar10(tmp_path)  # the parent folder works too
-    assert len(train) == 20 and len(test) == 4
+    with pytest.raises(DatasetError, match="differ from the official CIFAR-10"):
+        load_cifar10(tmp_path)  # tiny made-up batches are not CIFAR-10's content
+    train, test = load_cifar10(tmp_path, verify=False)  # the parent folder works too
+    assert len(train) == 20 and len(test) == 4 and train.meta["verified"].startswith("not verified")
 
     (folder / "test_batch").write_bytes((folder / "test_batch").read_bytes()[:100])
     with pytest.raises(DatasetError, match="corrupt or incomplete"):
-        load_cifar10(folder)
+        load_cifar10(folder, verify=False)
     (folder / "test_batch").write_bytes(pickle.dumps(_batch(4, 0, str, label_offset=10)))
     with pytest.raises(DatasetError, match="labels must lie in 0..9"):
-        load_cifar10(folder)
+        load_cifar10(folder, verify=False)
     (folder / "test_batch").unlink()
     with pytest.raises(DatasetError, match="missing test_batch"):
-        load_cifar10(folder)
+        load_cifar10(folder, verify=False)
     with pytest.raises(DatasetError, match="no CIFAR-10 copy"):
         load_cifar10(tmp_path / "nowhere")
+
+
+def test_a_flipped_pixel_in_an_extracted_folder_is_caught(tmp_path, monkeypatch):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    digests = {}
+    for name, content in _tiny_batches(key_type=str).items():
+        (folder / name).write_bytes(pickle.dumps(content, protocol=4))
+        with open(folder / name, "rb") as handle:
+            digests[name] = data.content_digest(*data._parse_batch(handle, name))
+    monkeypatch.setattr(data, "CIFAR10_CONTENT_SHA256", digests)  # as if these were the official batches
+    train, _ = load_cifar10(folder)
+    assert train.meta["verified"] == "content SHA-256 of every batch"
+    batch = pickle.loads((folder / "data_batch_3").read_bytes())
+    batch["data"][0, 17] ^= 1  # one bit of one pixel
+    (folder / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=4))
+    with pytest.raises(DatasetError, match="data_batch_3: its pixels or labels differ"):
+        load_cifar10(folder)
 
 
 def test_download_is_verified_and_cached(tiny_archive, tmp_path):
@@ -218,7 +238,7 @@ REAL_CIFAR = Path(os.environ.get("DPEQ_TEST_CIFAR10", "/nonexistent")).expanduse
 
 @pytest.mark.skipif(not REAL_CIFAR.exists(), reason="set DPEQ_TEST_CIFAR10 to a local CIFAR-10 copy to run this")
 def test_real_cifar10_copy():
-    train, test = load_cifar10(REAL_CIFAR)
+    train, test = load_cifar10(REAL_CIFAR)  # a folder is checked against CIFAR10_CONTENT_SHA256
     assert train.images.shape == (50000, 3, 32, 32) and test.images.shape == (10000, 3, 32, 32)
     assert train.labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]
     assert train.images[0, 0, 0, :3].tolist() == [59, 43, 50]

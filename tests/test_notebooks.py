@@ -91,9 +91,39 @@ def test_runner_reports_a_failing_notebook_and_runs_the_rest(tmp_path, capsys):
     code = reproduce.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--notebooks-dir", str(notebooks)])
     printed = capsys.readouterr().out
     assert code == 1
-    assert "FAILED 02_broken: cell 2 of the executed copy" in printed  # papermill inserts the parameters cell and "RuntimeError: deliberate failure" in printed
+    assert "FAILED 02_broken: cell 2 of the executed copy" in printed  # papermill inserts the parameters cell
+    assert "RuntimeError: deliberate failure" in printed
+    assert f"executed copy with the traceback: {tmp_path / 'out' / '02_broken.ipynb'}" in printed
     assert (notebooks / "ran.txt").read_text() == "smoke", "the notebook after the failure still ran"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["01_fine.ipynb", "02_broken.ipynb", "03_after.ipynb"]
+
+
+def test_runner_interrupted_marks_the_partial_notebook_and_exits_130(tmp_path, capsys, monkeypatch):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    for stem in ("01_fine", "02_long", "03_never"):
+        _notebook(notebooks / f"{stem}.ipynb", "print('hello')")
+    real = papermill.execute_notebook
+
+    def interrupted_on_the_second(source, output, **kwargs):
+        if "02_long" in source:
+            Path(output).write_text(Path(source).read_text())  # papermill had written a partial copy
+            raise KeyboardInterrupt
+        return real(source, output, **kwargs)
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted_on_the_second)
+    monkeypatch.setenv("DPEQ_RUNS_DIR", str(tmp_path / "elsewhere"))
+    code = reproduce.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--notebooks-dir", str(notebooks),
+                           "--figures-dir", str(tmp_path / "figs")])
+    printed = capsys.readouterr().out
+    assert code == 130
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["01_fine.ipynb", "02_long.INTERRUPTED.ipynb"]
+    assert re.search(r"01_fine\s+ok", printed) and re.search(r"02_long\s+INTERRUPTED", printed)
+    assert re.search(r"03_never\s+not run", printed)
+    assert "partly executed copy" in printed and "02_long.INTERRUPTED.ipynb" in printed
+    import os
+
+    assert os.environ["DPEQ_FIGURES_DIR"] == str((tmp_path / "figs").resolve()), "the kernels inherit the folder"
 
 
 def test_runner_only_and_list(tmp_path, capsys):

@@ -1,0 +1,89 @@
+"""What every dpeq command line shares: foreseeable errors become one clear sentence and an exit
+code; tracebacks are for bugs, or on request (``--debug`` or ``DPEQ_DEBUG=1``)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from contextlib import contextmanager
+
+#: Errors a user can cause and fix (bad values, missing or corrupt data or records, no room, no GPU):
+#: their messages say what to do. Anything else is a bug and keeps its traceback.
+FORESEEN = (ValueError, FileNotFoundError, PermissionError, OSError)
+
+
+def foreseen_errors() -> tuple[type[BaseException], ...]:
+    from .data import DatasetError
+    from .preflight import PreflightError
+    from .privacy import PrivacyBudgetError
+    from .runs import RecordError, RunLocked
+
+    return (DatasetError, PreflightError, PrivacyBudgetError, RecordError, RunLocked) + FORESEEN
+
+
+def debugging(flag: bool = False) -> bool:
+    return flag or os.environ.get("DPEQ_DEBUG", "") not in ("", "0")
+
+
+class CommandFailed(SystemExit):
+    """Raised by :func:`user_errors` after printing the message; its code is the exit status."""
+
+
+@contextmanager
+def user_errors(prog: str, debug: bool = False):
+    """Inside this block a foreseen error prints ``prog: error: message`` and exits 1; Ctrl-C exits 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        raise CommandFailed(130) from None
+    except foreseen_errors() as err:
+        if debugging(debug):
+            traceback.print_exc()
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        if not debugging(debug):
+            print(f"{prog}: (for the traceback: --debug or DPEQ_DEBUG=1)", file=sys.stderr)
+        raise CommandFailed(1) from None
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Train one run of a profile and write its record (``python -m dpeq_utils.train``, ``dpeq-train``)."""
+    import argparse
+
+    from .config import config_from_profile, parse_assignment
+    from .runs import find_record, load_or_run, record_path
+
+    prog = "python -m dpeq_utils.train"
+    parser = argparse.ArgumentParser(prog=prog, description=(
+        "Train one run of a profile and write its record. The last line printed is the record's path."))
+    parser.add_argument("--profile", default="smoke", help="smoke, teach, paper, or a path to a profile .yaml")
+    parser.add_argument("--baseline", default=None, metavar="NAME",
+                        help="apply the profile's baselines[NAME] entry, e.g. de_et_al_eps8 under --profile paper")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run config field (repeatable), e.g. --set target_epsilon=3")
+    parser.add_argument("--runs-dir", default=None, help="folder for the record (default: data/runs/<profile>)")
+    parser.add_argument("--force", action="store_true", help="train even if a record of this config exists")
+    parser.add_argument("--force-memory", action="store_true",
+                        help="train even if the run's estimated memory exceeds what is available")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of foreseeable errors too")
+    args = parser.parse_args(argv)
+    try:
+        config = config_from_profile(args.profile, args.baseline, **dict(parse_assignment(a) for a in args.assignments))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    with user_errors(prog, args.debug):
+        found = None if args.force else find_record(config, args.runs_dir)
+        record = load_or_run(config, runs_dir=args.runs_dir, force=args.force, progress=not args.no_progress,
+                             force_memory=args.force_memory)
+    eps = record["epsilon_spent"]
+    origin = (f"read from {found} (trained {record.get('created', '?')} on {record['device']}, "
+              f"{record['wall_time_s']:.0f} s then)" if found else f"{record['wall_time_s']:.1f} s on {record['device']}")
+    print(f"{config.model} {config.group if config.model != 'wrn16_4' else ''} on {config.dataset}: "
+          f"test accuracy {record['test_accuracy']:.3f} (EMA {record['test_accuracy_ema']:.3f}), "
+          f"ε = {'∞ (non-private)' if eps is None else f'{eps:.3f} ≤ {config.target_epsilon}'}, "
+          f"σ = {record['noise_multiplier']:.4g}, q = {record['sample_rate']:.4g}, {record['steps']} steps, "
+          f"{record['num_params']} parameters; {origin}")
+    print(found or record_path(config, args.runs_dir))
+    return 0

@@ -1,0 +1,127 @@
+"""Checks made before a run does any work: can its record be written, will it fit in memory.
+
+A run that cannot write its record, or that will exhaust the machine's memory, should say so before
+its first step, not after hours of training.
+
+Memory is estimated from measurements, not derived from first principles: the benchmark
+(``benchmarks/per_sample_speed.py``, 2-core CPU, paper widths) measured the peak memory of one DP
+step and one non-private step at physical batches 64 and 256; the slope per example is what a
+larger batch costs. Other widths and groups are scaled by their activation size per example
+(counted with one forward pass of one example), which is what the cost follows.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+#: MB per example-view of one step (DP step, non-private step) at the default widths: the benchmark's
+#: (peak at batch 256 - peak at batch 64) / 192 for eq_resnet9, resnet9 and wrn16_4 (README, *Speed*);
+#: resnet9_matched scaled from resnet9 by activation size.
+MB_PER_EXAMPLE_VIEW = {"eq_resnet9": (11.5, 5.3), "resnet9": (9.8, 5.5), "resnet9_matched": (4.1, 2.3),
+                       "wrn16_4": (21.3, 7.5)}
+#: Activation elements per example of those models at the default widths (the benchmark's models).
+REFERENCE_ACTIVATIONS = {"eq_resnet9": 335_826, "resnet9": 636_618, "resnet9_matched": 268_714, "wrn16_4": 1_064_970}
+#: The interpreter, torch, escnn and the allocator's slack: the smallest run's peak (smoke, measured ~0.9 GB).
+BASE_MB = 1000
+#: Examples per evaluation forward pass (``train.evaluate``).
+EVAL_BATCH = 500
+#: The allocator keeps freed blocks for reuse (``runtime.tune_cpu_allocator``) and fragments, so the
+#: process's peak is about twice the working set measured per step: with it, the estimate for the
+#: single teach run is 4.0 GB, its measured peak (README, *Profiles*).
+SLACK = 2.0
+#: Free disk a run needs for its record (and a margin).
+MIN_FREE_DISK_MB = 50
+
+
+class PreflightError(RuntimeError):
+    """A run would fail or harm the machine; the message says what to change."""
+
+
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and prove it is writable and has room for a record."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dpeq-write-check.", delete=True):
+            pass
+    except OSError as err:
+        raise PreflightError(f"cannot write run records to {folder} ({err.strerror or err}): choose another folder "
+                             "with --runs-dir (or DPEQ_RUNS_DIR), or fix its permissions; nothing was trained") from err
+    free_mb = shutil.disk_usage(folder).free / 2 ** 20
+    if free_mb < MIN_FREE_DISK_MB:
+        raise PreflightError(f"only {free_mb:.0f} MB free where run records go ({folder}); free at least "
+                             f"{MIN_FREE_DISK_MB} MB or choose another folder; nothing was trained")
+    return folder
+
+
+def available_memory_mb() -> float | None:
+    """Memory this process may still use: ``DPEQ_MEMORY_LIMIT_MB`` if set, else the kernel's
+    MemAvailable (Linux), else None (unknown: no check)."""
+    limit = os.environ.get("DPEQ_MEMORY_LIMIT_MB")
+    if limit:
+        return float(limit)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def activations_per_example(model: nn.Module, image_shape=(3, 32, 32)) -> int:
+    """Output elements of every leaf module for one example (one no-grad forward pass)."""
+    total = 0
+
+    def count(_module, _inputs, output):
+        nonlocal total
+        output = getattr(output, "tensor", output)
+        if isinstance(output, torch.Tensor):
+            total += output[0].numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, *image_shape, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
+
+
+def estimate_memory_mb(config, model: nn.Module, data_examples: int) -> float:
+    """Estimated peak memory (MB) of a run on a CPU: base + data + (one physical chunk's step + one
+    evaluation pass) × :data:`SLACK`."""
+    private_mb, plain_mb = MB_PER_EXAMPLE_VIEW[config.model]
+    per_view = plain_mb if config.non_private else private_mb
+    activations = activations_per_example(model)
+    step = config.physical_batch_size * config.aug_mult * per_view * activations / REFERENCE_ACTIVATIONS[config.model]
+    evaluation = EVAL_BATCH * activations * 4 / 2 ** 20
+    return BASE_MB + data_examples * 3 * 32 * 32 / 2 ** 20 + SLACK * (step + evaluation)
+
+
+def check_memory(config, model: nn.Module, data_examples: int, force: bool = False) -> float:
+    """Warn when the estimate is above 80 % of the available memory, refuse above 100 % unless
+    ``force``. Returns the estimate (MB)."""
+    estimate = estimate_memory_mb(config, model, data_examples)
+    available = available_memory_mb()
+    if available is None:
+        return estimate
+    advice = (f"lower physical_batch_size (now {config.physical_batch_size}; it changes memory, not the result)"
+              + (f" or aug_mult (now {config.aug_mult})" if config.aug_mult > 1 else ""))
+    if estimate > available and not force:
+        raise PreflightError(f"this run needs about {estimate / 1024:.1f} GB of memory, {available / 1024:.1f} GB is "
+                             f"available: {advice}, or force it (--force-memory) if you know better; nothing was trained")
+    if estimate > 0.8 * available:
+        warnings.warn(f"this run needs about {estimate / 1024:.1f} GB of memory, close to the {available / 1024:.1f} GB "
+                      f"available; if it fails, {advice}", ResourceWarning, stacklevel=2)
+    return estimate
