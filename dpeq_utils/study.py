@@ -36,6 +36,8 @@ from .config import RunConfig, baseline_changes, config_from_profile, load_profi
 from .equivariance import can_halve
 
 PARTS = ("A", "B", "C", "D", "E")
+#: The order parts are trained in: the training-length question (D) before the choice of group (C).
+TRAINING_ORDER = ("A", "B", "D", "C", "E")
 #: The protocol's fields and what each means (a profile's ``study`` section sets every one).
 FIELDS = {
     "run": "changes to the profile's run section shared by every study run (the budget)",
@@ -176,7 +178,7 @@ class Study:
         def order(p: Planned):
             steps = p.config.update_steps or 0
             return (steps > 4 * (self.base.update_steps or 0), p.config.model not in main, p.stage != "grid",
-                    PARTS.index(p.part), steps)
+                    TRAINING_ORDER.index(p.part), steps)
 
         for item in sorted(needed, key=order):
             key = config_key(item.config)
