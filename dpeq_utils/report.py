@@ -164,7 +164,8 @@ def part_d(study: Study, records=None) -> pd.DataFrame:
         for h in record["history"]:
             rows.append({"model": row["model"], "length": int(row["update_steps"]), "step": h["step"],
                          "epsilon spent": h["epsilon"], "test_accuracy": h["test_accuracy"],
-                         "test_accuracy_ema": h["test_accuracy_ema"], "lr": row["lr"],
+                         "test_accuracy_ema": h["test_accuracy_ema"], "test_loss": h["test_loss"],
+                         "test_loss_ema": h["test_loss_ema"], "lr": row["lr"],
                          "noise_multiplier": row["noise_multiplier"], "train_time_s": row["train_time_s"]})
     return pd.DataFrame(rows)
 
@@ -246,18 +247,20 @@ def plot_c(ax, study: Study, records=None) -> None:
     stamp(ax, study)
 
 
-def plot_d(ax, study: Study, records=None) -> None:
-    """Part D: EMA test accuracy along training for each model and run length."""
+def plot_d(ax, study: Study, records=None, value: str = "test_accuracy_ema") -> None:
+    """Part D: EMA test accuracy (or another history value) along training for each model and run length."""
     from .plotting import MODEL_COLOURS
 
     d = part_d(study, records)
     for (model, length), part in d.groupby(["model", "length"], sort=False) if len(d) else []:
-        ax.plot(part["step"], part["test_accuracy_ema"], marker="o", color=MODEL_COLOURS.get(model),
+        ax.plot(part["step"], part[value], marker="o", color=MODEL_COLOURS.get(model),
                 alpha=0.4 + 0.6 * (length == d["length"].max()), label=f"{MODEL_NAMES.get(model, model)}, {length} steps")
     if len(d):
-        ax.axhline(0.1, color="grey", linestyle=":")
+        if "accuracy" in value:
+            ax.axhline(0.1, color="grey", linestyle=":")
         ax.legend(fontsize=6)
-    ax.set(xlabel="logical step", ylabel="test accuracy (EMA)", title=f"D · training length, σ per length ({study.profile})")
+    ax.set(xlabel="logical step", ylabel=value.replace("_", " ").replace("ema", "(EMA)"),
+           title=f"D · training length, σ per length ({study.profile})")
     _no_records(ax)
     stamp(ax, study)
 

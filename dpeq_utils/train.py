@@ -237,6 +237,8 @@ def fit(config: RunConfig, *, progress: bool = True,
         recent_losses.clear()
         return entry
 
+    if config.eval_every:  # the learning curve starts where training starts
+        record_evaluation(0)
     loop_started = time.perf_counter()
     bar = tqdm(range(1, steps + 1), desc=f"{config.model} {'non-private' if budget is None else 'DP-SGD'}",
                disable=not progress, leave=False)

@@ -50,7 +50,8 @@ def test_study_chooses_rates_on_validation_and_completes_every_part(tiny_profile
     assert set(parts["B"]["non_private"]) == {True, False}
     assert sorted(parts["D"]["update_steps"]) == [2, 2, 4, 4]
     longer = [records[key] for key in parts["D"].query("update_steps == 4")["key"]]
-    assert [[h["step"] for h in r["history"]] for r in longer] == [[1, 2, 3, 4]] * 2, "learning curves at 4 points"
+    assert [[h["step"] for h in r["history"]] for r in longer] == [[0, 1, 2, 3, 4]] * 2, "learning curves from step 0"
+    assert all(set(r["history"][-1]["test_accuracy_ema_horizons"]) == {"0.9", "0.999"} for r in longer)
     assert list(parts["E"]["label"]) == ["equivariant (this paper)", "modelmix"]
 
 

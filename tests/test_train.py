@@ -200,8 +200,9 @@ def test_tiny_private_run_record(tmp_path):
     assert record["sample_rate"] == 32 / 128 and record["steps"] == 3
     assert 0 < record["noise_multiplier"] < 10
     assert 0.0 <= record["test_accuracy"] <= 1.0 and 0.0 <= record["test_accuracy_ema"] <= 1.0
-    assert [h["step"] for h in record["history"]] == [2, 3]
-    assert record["history"][0]["epsilon"] < record["history"][1]["epsilon"] == record["epsilon_spent"]
+    assert [h["step"] for h in record["history"]] == [0, 2, 3]  # step 0: where the learning curve starts
+    assert record["history"][0]["epsilon"] == 0.0
+    assert record["history"][1]["epsilon"] < record["history"][2]["epsilon"] == record["epsilon_spent"]
     assert 10 <= record["mean_batch_size"] <= 60  # Poisson around 32
     assert record["per_sample_engine"] == "hooks" and record["config"]["per_sample_engine"] == "auto"
     on_disk = json.loads(record_path(config, tmp_path).read_text())
