@@ -46,7 +46,7 @@ def summarise(table: pd.DataFrame, by: list[str], value: str = "test_accuracy_em
         else:  # one run: the test subset's binomial standard error
             size = float(part["test_size"].iloc[0])
             std = math.sqrt(max(mean * (1 - mean), 0.0) / size)
-            half = 1.96 * std
+            half = float(binomial_ci95(mean, size))
         row = dict(zip(by, keys if isinstance(keys, tuple) else (keys,)))
         row.update({"mean": mean, "std": std, "runs": n, "ci95": half})
         rows.append(row)
@@ -71,13 +71,14 @@ COST_FIELDS = ("dataset", "model", "group", "restrict", "head", "widths", "num_g
 
 
 def step_seconds(records: dict[str, dict]) -> dict[tuple, float]:
-    """Median training-loop seconds per logical step over every record with the same arithmetic
-    (:data:`COST_FIELDS`). The median, because a run that shared the machine with other work is slower."""
+    """Training-loop seconds per logical step: the fastest of every record with the same arithmetic
+    (:data:`COST_FIELDS`). The fastest, because sharing the machine with other work only ever slows a
+    run down: the minimum is the closest to the cost on an idle machine."""
     times: dict[tuple, list[float]] = {}
     for record in records.values():
         key = _cost_key(record["config"], record["device"])
         times.setdefault(key, []).append(record["train_time_s"] / record["steps"])
-    return {key: float(np.median(values)) for key, values in times.items()}
+    return {key: float(min(values)) for key, values in times.items()}
 
 
 def _cost_key(config: dict, device: str) -> tuple:
@@ -235,7 +236,7 @@ def plot_c(ax, study: Study, records=None) -> None:
     c = part_c(study, records)
     if len(c):
         acc = c["test_accuracy_ema"].astype(float)
-        half = 1.96 * np.sqrt(acc * (1 - acc) / c["test_size"].astype(float))
+        half = binomial_ci95(acc, c["test_size"].astype(float))
         y = np.arange(len(c))
         ax.barh(y, acc, xerr=half, capsize=3, color=["#1b7837" if "paper" in lab else "#7fbf7b" for lab in c["label"]])
         ax.set_yticks(y, [f"{lab} ({n:,} params)" for lab, n in zip(c["label"], c["num_params"])], fontsize=7)
@@ -315,8 +316,9 @@ def results_markdown(study: Study, records=None) -> str:
              f"stated, δ = {b.target_delta:g} (RDP), Poisson batch {b.batch_size}, {b.update_steps} steps (~{b.update_steps * b.batch_size / b.train_size:.1f} "
              f"epochs), clip {b.clip_norm:g}, no augmentation, EMA {b.ema_decay:g}; learning rate per model chosen on {b.validation_size:,} "
              f"validation examples held out of the training set; test accuracy on {b.test_size:,} test images. ± is a 95 % interval: "
-             "Student-t over seeds, or 1.96 binomial standard errors for a single run. Seconds per step: the median "
-             "training-loop time over every run with the same arithmetic (runs sometimes shared the CPU with other work).", ""]
+             "Student-t over seeds, or 1.96 binomial standard errors for a single run. Seconds per step: the fastest "
+             "training loop among the runs with the same arithmetic (runs sometimes shared the CPU with other work, "
+             "which only slows them).", ""]
     _, summary = part_a(study, records)
     lines += ["**A · Equal budget, different models**", "",
               "| model | parameters | lr (chosen) | seeds | test accuracy | test accuracy (EMA) | s per step (2-core CPU) |",
@@ -344,13 +346,8 @@ def results_markdown(study: Study, records=None) -> str:
         lines += ["", "(n): seeds."]
     table_c = part_c(study, records)
     if len(table_c):
-        lines += ["", "**C · Which symmetry** (equivariant ResNet-9, one seed)", "",
-                  "| variant | parameters | test accuracy (EMA) | s per step |", "|---|---|---|---|"]
-        for _, r in table_c.iterrows():
-            acc = float(r["test_accuracy_ema"])
-            half = 1.96 * math.sqrt(acc * (1 - acc) / float(r["test_size"]))
-            lines.append(f"| {r['label']} | {int(r['num_params']):,} | {percent(acc, half)} | "
-                         f"{typical_step_seconds(records[r['key']], records):.2f} |")
+        lines += ["", "**C · Which symmetry** (equivariant ResNet-9, one seed)", ""]
+        lines += _single_runs_table(table_c, records, "variant", "num_params", "parameters")
     curves = part_d(study, records)
     if len(curves):
         finals = curves[curves["step"] == curves["length"]]
@@ -363,13 +360,8 @@ def results_markdown(study: Study, records=None) -> str:
                 percent(by[n]) if n in by.index else "—" for n in sorted(finals["length"].unique())) + " |")
     table_e = study.table("E", records)
     if len(table_e):
-        lines += ["", "**E · Other ways of making DP-SGD work, same budget** (one seed; baselines at their profile's rates)", "",
-                  "| method | trained parameters | test accuracy (EMA) | s per step |", "|---|---|---|---|"]
-        for _, r in table_e.iterrows():
-            acc = float(r["test_accuracy_ema"])
-            half = 1.96 * math.sqrt(acc * (1 - acc) / float(r["test_size"]))
-            lines.append(f"| {r['label']} | {int(r['kept_params']):,} | {percent(acc, half)} | "
-                         f"{typical_step_seconds(records[r['key']], records):.2f} |")
+        lines += ["", "**E · Other ways of making DP-SGD work, same budget** (one seed; baselines at their profile's rates)", ""]
+        lines += _single_runs_table(table_e, records, "method", "kept_params", "trained parameters")
     compute = recipe_compute(study, records)
     if len(compute) == 2:
         ratio = compute["CPU hours (2 cores)"].iloc[0] / compute["CPU hours (2 cores)"].iloc[1]
@@ -388,9 +380,24 @@ def results_markdown(study: Study, records=None) -> str:
 PARTS_WITH_TABLES = ("A", "B", "C", "D", "E")
 
 
+def binomial_ci95(accuracy, size):
+    """Half-width of the 95 % normal-approximation interval of an accuracy measured on ``size`` examples."""
+    return 1.96 * np.sqrt(accuracy * (1 - accuracy) / size)
+
+
+def _single_runs_table(table: pd.DataFrame, records: dict, name: str, params: str, params_header: str) -> list[str]:
+    """Markdown rows of one-seed runs: label, parameters, EMA test accuracy ± binomial interval, s per step."""
+    lines = [f"| {name} | {params_header} | test accuracy (EMA) | s per step |", "|---|---|---|---|"]
+    for _, r in table.iterrows():
+        acc = float(r["test_accuracy_ema"])
+        lines.append(f"| {r['label']} | {int(r[params]):,} | {percent(acc, binomial_ci95(acc, float(r['test_size'])))} | "
+                     f"{typical_step_seconds(records[r['key']], records):.2f} |")
+    return lines
+
+
 def recipe_compute(study: Study, records=None) -> pd.DataFrame:
     """Compute of the published recipes, from the ``paper`` profile (the paper's run; De et al.'s ε = 8
-    setting) and the cost of one example-view gradient measured in this study: the median DP step
+    setting) and the cost of one example-view gradient measured in this study: the fastest DP step
     time of the model (part A, one view per example) divided by the batch. Assumes the cost is
     linear in example-views (views are independent forward/backward passes)."""
     from .config import config_from_profile
