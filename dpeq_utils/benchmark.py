@@ -36,7 +36,7 @@ from .per_sample import ENGINE_FUNCTIONS
 from .runtime import device_name, pick_device, release_free_memory, tune_cpu_allocator
 from .train import logical_step
 
-# name → (model, build_model keyword arguments): the four nets of issue 4
+# name → (model, build_model keyword arguments): the models the README's speed table compares
 BENCHMARK_MODELS = {
     "eq_resnet9": ("eq_resnet9", {}),  # the paper's D4→D2 equivariant ResNet-9
     "eq_resnet9_small": ("eq_resnet9", {"widths": (8, 16, 32)}),

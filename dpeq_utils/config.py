@@ -20,8 +20,8 @@ from .models import MODELS
 from .models.equivariant import HEADS
 from .paths import profiles_dir
 from .per_sample import ENGINES
-from .variants import SELECTION_METHODS
 from .privacy import ACCOUNTANTS
+from .variants import SELECTION_METHODS
 
 PROFILES = ("smoke", "teach", "paper")
 FLOAT_FIELDS = ("target_epsilon", "target_delta", "clip_norm", "epochs", "lr", "momentum", "ema_decay",
@@ -43,7 +43,9 @@ class RunConfig:
     group: str = "D4"
     restrict: bool = True
     widths: tuple[int, int, int] = (16, 32, 64)
-    num_groups: int = 8  # GroupNorm groups asked for by the ResNet-9 models (adapted per layer: models.layers.norm_groups); wrn16_4 always asks for 16 (De et al.)
+    # GroupNorm groups asked for by the ResNet-9 models (adapted per layer: models.layers.norm_groups);
+    # wrn16_4 always asks for 16 (De et al.)
+    num_groups: int = 8
     head: str = "pool2x2"
     # privacy
     non_private: bool = False

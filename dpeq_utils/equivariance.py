@@ -26,10 +26,9 @@ import math
 import re
 from dataclasses import dataclass
 
+import escnn.gspaces as gspaces
 import torch
 import torch.nn.functional as F
-
-import escnn.gspaces as gspaces
 from escnn.nn import GeometricTensor
 from escnn.nn.modules.basismanager import basisexpansion_blocks, basisexpansion_singleblock
 

@@ -174,7 +174,6 @@ class PrivacyBudget:
         if planned > self.target_epsilon:
             raise PrivacyBudgetError(f"σ={self.noise_multiplier:.4g} over {steps} steps at q={sample_rate:.4g} spends "
                                      f"ε={planned:.4f} > target {self.target_epsilon}: use more noise or fewer steps")
-        self.planned_epsilon = planned
         self.steps_taken = 0
 
     def spend(self) -> None:

@@ -310,12 +310,15 @@ def results_markdown(study: Study, records=None) -> str:
     b = study.base
     keys = {k for part in PARTS_WITH_TABLES for k in study.table(part, records).get("key", [])}
     missing = study.missing(records=records)
-    lines = [f"Generated from {len(keys)} run records in `data/reference/{study.profile}/` "
-             f"({'complete' if not missing else f'{len(missing)} planned runs still missing; parts ' + ', '.join(sorted({m.part for m in missing})) + ' incomplete'}). "
-             f"Budget of every run: {b.dataset}, {b.train_size:,} training examples (a seeded subset), ε = {b.target_epsilon:g} unless "
-             f"stated, δ = {b.target_delta:g} (RDP), Poisson batch {b.batch_size}, {b.update_steps} steps (~{b.update_steps * b.batch_size / b.train_size:.1f} "
-             f"epochs), clip {b.clip_norm:g}, no augmentation, EMA {b.ema_decay:g}; learning rate per model chosen on {b.validation_size:,} "
-             f"validation examples held out of the training set; test accuracy on {b.test_size:,} test images. ± is a 95 % interval: "
+    state = ("complete" if not missing else f"{len(missing)} planned runs still missing; parts "
+             + ", ".join(sorted({m.part for m in missing})) + " incomplete")
+    epochs = b.update_steps * b.batch_size / b.train_size
+    lines = [f"Generated from {len(keys)} run records in `data/reference/{study.profile}/` ({state}). "
+             f"Budget of every run: {b.dataset}, {b.train_size:,} training examples (a seeded subset), "
+             f"ε = {b.target_epsilon:g} unless stated, δ = {b.target_delta:g} (RDP), Poisson batch {b.batch_size}, "
+             f"{b.update_steps} steps (~{epochs:.1f} epochs), clip {b.clip_norm:g}, no augmentation, EMA {b.ema_decay:g}; "
+             f"learning rate per model chosen on {b.validation_size:,} validation examples held out of the training set; "
+             f"test accuracy on {b.test_size:,} test images. ± is a 95 % interval: "
              "Student-t over seeds, or 1.96 binomial standard errors for a single run. Seconds per step: the fastest "
              "training loop among the runs with the same arithmetic (runs sometimes shared the CPU with other work, "
              "which only slows them).", ""]
@@ -434,7 +437,7 @@ def update_readme(readme: Path, block: str) -> bool:
 def main(argv=None) -> int:
     import argparse
 
-    from .paths import REPO_ROOT, figures_dir
+    from .paths import REPO_ROOT
     from .plotting import savefig, set_theme
 
     parser = argparse.ArgumentParser(prog="python -m dpeq_utils.report",

@@ -34,11 +34,15 @@ import os
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import RunConfig
 from .paths import reference_dir
 from .paths import runs_dir as default_runs_dir
 from .runtime import device_name, git_commit, library_versions, pick_device
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA = 1
 #: Fields that do not change what a run computes, only where or how fast.
@@ -256,7 +260,7 @@ def find_records(profile: str, runs_dir: str | os.PathLike | None = None) -> lis
     return list(found.values())
 
 
-def results_table(records) -> "pandas.DataFrame":
+def results_table(records) -> "pd.DataFrame":
     """One row per run: the config fields, then the derived and measured values (no history)."""
     import pandas as pd
 
@@ -272,7 +276,7 @@ def results_table(records) -> "pandas.DataFrame":
 
 
 def sweep(base: RunConfig, variations: list[dict], runs_dir: str | os.PathLike | None = None,
-          progress: bool = True) -> "pandas.DataFrame":
+          progress: bool = True) -> "pd.DataFrame":
     """``load_or_run`` for ``base`` changed by each dict in ``variations``; the results table of those runs.
 
     Only missing runs are trained; each dataset is loaded once for all the runs that share it.

@@ -31,9 +31,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import RunConfig, baseline_changes, config_from_profile, load_profile
 from .equivariance import can_halve
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PARTS = ("A", "B", "C", "D", "E")
 #: The order parts are trained in: the training-length question (D) before the choice of group (C).
@@ -214,7 +218,7 @@ class Study:
                  f"{time.perf_counter() - started:.0f} s, {len(todo) - 1} left")
         return done
 
-    def table(self, part: str, records: dict[str, dict] | None = None) -> "pandas.DataFrame":
+    def table(self, part: str, records: dict[str, dict] | None = None) -> "pd.DataFrame":
         """The named runs of one part that have records: one row per run (label, stage, config
         fields, results). Missing runs are absent; :meth:`missing` lists them."""
         from .runs import config_key, results_table

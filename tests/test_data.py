@@ -1,6 +1,6 @@
 import hashlib
-import os
 import io
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from dpeq_utils import data
 from dpeq_utils.data import DatasetError, augment_views, load_cifar10, load_dataset, make_synthetic, synthetic_glyphs
-
 
 # ---------------------------------------------------------------------------------------------- synthetic
 

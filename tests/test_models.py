@@ -3,10 +3,16 @@ import torch
 import torch.nn as nn
 from escnn import nn as enn
 
-from dpeq_utils.equivariance import (GROUPS, feature_equivariance_errors, group_order, halved_subgroup,
-                                     invariance_error, parse_group, rotation_error_curve)
-from dpeq_utils.models import (MODELS, PlainResNet9, build_model, count_params, fields_for_width,
-                               same_width_channels)
+from dpeq_utils.equivariance import (
+    GROUPS,
+    feature_equivariance_errors,
+    group_order,
+    halved_subgroup,
+    invariance_error,
+    parse_group,
+    rotation_error_curve,
+)
+from dpeq_utils.models import MODELS, PlainResNet9, build_model, count_params, fields_for_width, same_width_channels
 
 SMALL = (8, 16, 16)
 

@@ -1,8 +1,6 @@
 """The notebooks: structure, a full smoke reproduction through papermill, and the runner's failure path."""
 
-import json
 import re
-import sys
 from pathlib import Path
 
 import nbformat

@@ -2,14 +2,21 @@
 
 import pytest
 import torch
+import torch.nn as nn
+from conftest import relative_error
 
 from dpeq_utils.data import augment_views
 from dpeq_utils.models import build_model
-import torch.nn as nn
-
-from dpeq_utils.per_sample import (ENGINE_FUNCTIONS, _conv_parameters, _fast_pull_back, hooks_per_sample_grads,
-                                   hooks_supported, naive_per_sample_grads, per_sample_grads, resolve_engine)
-from conftest import relative_error
+from dpeq_utils.per_sample import (
+    ENGINE_FUNCTIONS,
+    _conv_parameters,
+    _fast_pull_back,
+    hooks_per_sample_grads,
+    hooks_supported,
+    naive_per_sample_grads,
+    per_sample_grads,
+    resolve_engine,
+)
 
 SMALL = (8, 16, 16)
 

@@ -1,7 +1,6 @@
 """The evidence study's protocol (dpeq_utils.study) on a tiny profile, and the shipped-record lookup."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import relative_error
 from opacus.optimizers import DPOptimizer
 
 from dpeq_utils.config import RunConfig, config_from_profile, parse_assignment
@@ -14,7 +15,6 @@ from dpeq_utils.models import build_model
 from dpeq_utils.per_sample import vmap_per_sample_grads  # the reference engine
 from dpeq_utils.runs import REQUIRED_FIELDS, config_key, load_or_run, record_path, results_table
 from dpeq_utils.train import WeightEMA, _store_per_sample_gradients, evaluate, logical_step, swapped_parameters
-from conftest import relative_error
 
 SMALL = (4, 8, 16)
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,6 @@ from .baselines import PlainResNet9, WideResNet
 from .equivariant import PAPER_WIDTHS, EquivariantResNet9, fields_for_width
 
 MODELS = ("eq_resnet9", "resnet9", "resnet9_matched", "wrn16_4")
-#: Arguments each model family takes from a run config.
-RESNET9_ARGS = ("group", "restrict", "widths", "num_groups", "head", "num_classes")
 
 
 def count_params(model: nn.Module) -> int:

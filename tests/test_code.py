@@ -1,0 +1,57 @@
+"""The code itself: lint-clean, and its modules import each other in one direction only."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dpeq_utils"
+
+
+def test_ruff_passes():
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "dpeq_utils", "tests", "benchmarks"],
+                            capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """dpeq_utils modules imported at module level (imports inside functions are deliberate and lazy)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            target = ".".join(base + ([node.module] if node.module else []))
+            names = [f"{target}.{a.name}" for a in node.names]
+            found |= {n for n in names if (PACKAGE.parent / (n.replace(".", "/") + ".py")).is_file()
+                      or (PACKAGE.parent / n.replace(".", "/") / "__init__.py").is_file()} or {target}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("dpeq_utils")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dpeq_utils"):
+            found.add(node.module)
+    return found - {module}
+
+
+def test_module_imports_form_no_cycle():
+    graph = {_module_name(p): _top_level_imports(p) for p in PACKAGE.rglob("*.py")}
+    visiting, done = set(), set()
+
+    def visit(node, trail):
+        if node in done:
+            return
+        assert node not in visiting, "import cycle: " + " -> ".join(trail + [node])
+        visiting.add(node)
+        for target in graph.get(node, ()):
+            visit(target, trail + [node])
+        visiting.discard(node)
+        done.add(node)
+
+    for name in graph:
+        visit(name, [])
+    assert "dpeq_utils.train" in graph and "dpeq_utils.config" in graph["dpeq_utils.train"]
