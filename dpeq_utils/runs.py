@@ -5,11 +5,11 @@ never leaves a half-written record that a later ``load_or_run`` would trust. Its
 ``<model>-<group>-<key>.json``, where the key hashes every config field that can change the result.
 Left out: ``profile`` (a label), and ``device``, ``physical_batch_size`` and ``per_sample_engine``,
 which change where and how fast a run computes and its float32 rounding, never a random draw: the
-Poisson batches and the augmentation views come from CPU generators drawn per logical step, and the
-clipped gradients are summed in float64 whatever the chunking. Two exceptions are stated, not
-hidden: convolutions give a chunk's examples results that differ in the last float32 bit from the
-same examples in a larger chunk, so a run with another ``physical_batch_size`` agrees to rounding
-(training is chaotic: over many steps that is a statistically equivalent run, not the same bits);
+Poisson batches and the augmentation views come from CPU generators drawn per logical step. Two
+exceptions are stated, not hidden: convolutions give a chunk's examples results that differ in the
+last float32 bit from the same examples in a larger chunk, and chunk sums are added in another
+order, so a run with another ``physical_batch_size`` agrees to rounding (training is chaotic: over
+many steps that is a statistically equivalent run, not the same bits);
 and the noise (and the variants' masks) are drawn by the device's own generator, so a CUDA run
 draws other noise than a CPU run of the same config. The record's ``config`` and ``device`` say
 what produced it.

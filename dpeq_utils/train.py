@@ -6,9 +6,9 @@ One logical step of DP-SGD (Abadi et al. 2016) as implemented here:
    ``q = batch_size / N``; the batch size itself is random (expected ``batch_size``). This ``q`` and
    the number of steps are exactly what the accountant is given.
 2. **Per-example gradients** of each example's loss averaged over its ``aug_mult`` views, computed in
-   physical chunks of ``physical_batch_size`` examples (memory only: the views are drawn once per
-   logical batch and the clipped gradients are summed in float64, so on a CPU the chunking does not
-   change a single bit of the result; ``tests/test_train.py`` checks it).
+   physical chunks of ``physical_batch_size`` examples (memory only: the Poisson batch and the views
+   are drawn once per logical batch, so the chunking changes no random draw, only float32 rounding;
+   ``tests/test_train.py`` checks it).
 3. **Clipping** of each example's whole gradient to norm ``clip_norm``, then summing (Opacus
    ``DPOptimizer``, accumulating across the chunks).
 4. **Noise** ``N(0, σ² clip_norm²)`` added once per logical step to the sum, which is divided by the
@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from .config import RunConfig
 from .data import ImageDataset, Splits, apply_views, draw_views, load_splits, normalize
@@ -120,43 +119,6 @@ class WeightEMA:
         self.updates += 1
 
 
-class ExactSumDPOptimizer(DPOptimizer):
-    """Opacus's ``DPOptimizer`` with the clipped per-example gradients summed in float64.
-
-    Opacus sums each physical chunk in the parameters' dtype and adds the chunk sums, so the
-    float32 rounding of the logical step depends on where the chunks start. Here every example's
-    clipped gradient (a float32 product, the same whatever the chunk) is added into a float64
-    accumulator, and the total is rounded to float32 once, before the noise: the result no longer
-    depends on ``physical_batch_size`` (and is slightly more accurate). Clipping, noise and scaling
-    are Opacus's own.
-    """
-
-    SLICE = 16  # examples converted to float64 at a time (bounds the extra memory)
-
-    def clip_and_accumulate(self):
-        if len(self.grad_samples[0]) == 0:
-            factors = torch.zeros((0,), device=self.grad_samples[0].device)
-        else:
-            norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples], dim=1).norm(2, dim=1)
-            factors = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        for p in self.params:
-            _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
-            total = p.summed_grad if p.summed_grad is not None else torch.zeros(
-                p.shape, dtype=torch.float64, device=p.device)
-            for start in range(0, len(grad_sample), self.SLICE):
-                part = grad_sample[start:start + self.SLICE]
-                clipped = part * factors[start:start + self.SLICE].to(part).view(-1, *[1] * (part.ndim - 1))
-                total += clipped.sum(0, dtype=torch.float64)
-            p.summed_grad = total
-            _mark_as_processed(p.grad_sample)
-
-    def add_noise(self):
-        for p in self.params:
-            p.summed_grad = p.summed_grad.to(p.dtype)  # one rounding of the exact-order-free sum
-        super().add_noise()
-
-
 def train(config: RunConfig, *, progress: bool = True, data: Splits | None = None, force_memory: bool = False) -> dict:
     """Train one run and return its results (the body of a run record, without provenance).
 
@@ -203,7 +165,7 @@ def fit(config: RunConfig, *, progress: bool = True,
     if budget is None:
         optimizer = base_optimizer
     else:
-        optimizer = ExactSumDPOptimizer(base_optimizer, noise_multiplier=budget.noise_multiplier, max_grad_norm=config.clip_norm,
+        optimizer = DPOptimizer(base_optimizer, noise_multiplier=budget.noise_multiplier, max_grad_norm=config.clip_norm,
                                 expected_batch_size=config.batch_size, loss_reduction="mean",
                                 generator=torch.Generator(device=device).manual_seed(noise_seed))
     variants = build_variants(config, model, torch.Generator(device=device).manual_seed(variant_seed))  # prunes now

@@ -281,11 +281,11 @@ def test_records_store_non_finite_values_as_null(tmp_path):
 
 def test_physical_batch_size_changes_no_random_draw_and_only_float_rounding(tmp_path):
     """physical_batch_size is not in the record key, so it must not change what a run draws: the batch,
-    the views and the noise are the same bits whatever the chunking, and the clipped gradients are
-    summed in float64. What remains is float32 rounding in the chunks' forward passes (oneDNN, and
-    also PyTorch's native convolution, give a chunk's examples results that differ in the last bit
-    from the same examples in a larger chunk: measured up to ~2e-6 in the logits), so the
-    results agree to rounding, not bit for bit.
+    the views and the noise are the same bits whatever the chunking. What remains is float32
+    rounding: oneDNN (and PyTorch's native convolution) give a chunk's examples results that differ in
+    the last bit from the same examples in a larger chunk (measured up to ~2e-6 in the logits), and
+    the chunks' clipped sums are added in another order, so the results agree to rounding, not bit
+    for bit.
     """
     base = config_from_profile("smoke", **{**TINY, "eval_every": 0, "update_steps": 3, "aug_mult": 3,
                                            "physical_batch_size": 32})
