@@ -321,7 +321,9 @@ def results_markdown(study: Study, records=None) -> str:
              f"test accuracy on {b.test_size:,} test images. ± is a 95 % interval: "
              "Student-t over seeds, or 1.96 binomial standard errors for a single run. Seconds per step: the fastest "
              "training loop among the runs with the same arithmetic (runs sometimes shared the CPU with other work, "
-             "which only slows them).", ""]
+             "which only slows them).", "", "**Verdicts at this scale** (each computed from the records below):", ""]
+    lines += [f"* {line}" for line in verdicts(study, records)]
+    lines.append("")
     _, summary = part_a(study, records)
     lines += ["**A · Equal budget, different models**", "",
               "| model | parameters | lr (chosen) | seeds | test accuracy | test accuracy (EMA) | s per step (2-core CPU) |",
@@ -381,6 +383,56 @@ def results_markdown(study: Study, records=None) -> str:
 
 
 PARTS_WITH_TABLES = ("A", "B", "C", "D", "E")
+
+
+def verdicts(study: Study, records=None) -> list[str]:
+    """One sentence per claim of the paper, computed from the records (nothing here is typed by hand)."""
+    from .models import WideResNet, build_model, count_params
+
+    records = study.records() if records is None else records
+    lines = []
+    gap = paired_gap(study, "eq_resnet9", "resnet9_matched", records)
+    if gap is not None:
+        verdict = ("higher than" if gap["mean"] - gap["ci95"] > 0 else "lower than" if gap["mean"] + gap["ci95"] < 0
+                   else "not distinguishable from")
+        lines.append(f"**Accuracy at equal budget and equal parameters** (A): the equivariant ResNet-9 is **{verdict}** "
+                     f"the plain ResNet-9 with the same parameter count: {100 * gap['mean']:+.1f} ± {100 * gap['ci95']:.1f} "
+                     f"points (EMA test accuracy, paired over {gap['seeds']} seeds, ε = {study.base.target_epsilon:g}).")
+    table_b = part_b(study, records)
+    if len(table_b) and {"eq_resnet9", "resnet9_matched"} <= set(table_b["model"]):
+        wide = table_b.pivot(index="epsilon", columns="model", values="mean").dropna()
+        half = table_b.pivot(index="epsilon", columns="model", values="ci95").reindex(wide.index)
+        private = wide[np.isfinite(wide.index)]
+        below = int(((private["eq_resnet9"] + half.loc[private.index, "eq_resnet9"])
+                     < (private["resnet9_matched"] - half.loc[private.index, "resnet9_matched"])).sum())
+        above = int(((private["eq_resnet9"] - half.loc[private.index, "eq_resnet9"])
+                     > (private["resnet9_matched"] + half.loc[private.index, "resnet9_matched"])).sum())
+        lines.append(f"**Across ε** (B): of {len(private)} values of ε with records for both models, the equivariant model is "
+                     f"below the matched one beyond both intervals at {below}, above at {above}, and within the intervals "
+                     f"at {len(private) - below - above}."
+                     + (f" Without privacy (each at its own rate): {percent(wide.loc[np.inf, 'eq_resnet9'])} against "
+                        f"{percent(wide.loc[np.inf, 'resnet9_matched'])}." if np.inf in wide.index else ""))
+    curves = part_d(study, records)
+    if len(curves):
+        finals = curves[curves["step"] == curves["length"]].pivot(index="length", columns="model", values="test_accuracy_ema")
+        if {"eq_resnet9", "resnet9_matched"} <= set(finals.columns):
+            finals = finals.dropna()
+            lines.append("**Training length** (D, one seed): equivariant minus matched at the end of a run of "
+                         + ", ".join(f"{n} steps: {100 * (r['eq_resnet9'] - r['resnet9_matched']):+.1f} points"
+                                     for n, r in finals.iterrows()) + ".")
+    paper = count_params(build_model("eq_resnet9"))
+    wrn40, wrn16 = count_params(WideResNet(depth=40, width=4)), count_params(WideResNet(depth=16, width=4))
+    lines.append(f"**Parameters:** the paper model has {paper:,}; De et al.'s headline WRN-40-4 has {wrn40:,} "
+                 f"({wrn40 / paper:.1f}× more: the paper's \"~35× fewer\" is this ratio) and WRN-16-4 {wrn16:,} "
+                 f"({wrn16 / paper:.1f}×). Counted with `count_params`.")
+    compute = recipe_compute(study, records)
+    if len(compute) == 2:
+        ratio = compute["CPU hours (2 cores)"].iloc[0] / compute["CPU hours (2 cores)"].iloc[1]
+        lines.append(f"**Compute:** the paper's recipe costs {100 * ratio:.0f} % of De et al.'s ε = 8 WRN-16-4 recipe "
+                     f"on this CPU ({100 * (1 - ratio):.0f} % less; the paper claims more than 85 % less).")
+    else:
+        lines.append("**Compute:** not compared yet: it needs part A's WRN-16-4 runs (the time of one step of each model).")
+    return lines
 
 
 def binomial_ci95(accuracy, size):
