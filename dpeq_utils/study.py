@@ -40,7 +40,8 @@ if TYPE_CHECKING:
     import pandas as pd
 
 PARTS = ("A", "B", "C", "D", "E")
-#: The order parts are trained in: the training-length question (D) before the choice of group (C).
+#: The order parts are trained in: the training-length question (D) before the choice of group (C);
+#: part B's seeds after the first come after D.
 TRAINING_ORDER = ("A", "B", "D", "C", "E")
 #: The protocol's fields and what each means (a profile's ``study`` section sets every one).
 FIELDS = {
@@ -181,8 +182,10 @@ class Study:
 
         def order(p: Planned):
             steps = p.config.update_steps or 0
-            return (steps > 4 * (self.base.update_steps or 0), p.config.model not in main, p.stage != "grid",
-                    TRAINING_ORDER.index(p.part), steps)
+            rank = TRAINING_ORDER.index(p.part)
+            if p.part == "B" and p.config.seed != self.base.seed:
+                rank += 1.5  # B's further seeds after D: one seed of every question first
+            return (steps > 4 * (self.base.update_steps or 0), p.config.model not in main, p.stage != "grid", rank, steps)
 
         for item in sorted(needed, key=order):
             key = config_key(item.config)
