@@ -18,12 +18,11 @@ from .data import DATASETS, MAX_SIZES
 from .equivariance import can_halve, parse_group
 from .models import MODELS
 from .models.equivariant import HEADS
-from .paths import profiles_dir
 from .per_sample import ENGINES
 from .privacy import ACCOUNTANTS
+from .profiles import BUDGET_FIELDS, PROFILES, baseline_changes, baseline_entries, load_profile, profile_path  # noqa: F401 - re-exported
 from .variants import SELECTION_METHODS
 
-PROFILES = ("smoke", "teach", "paper")
 FLOAT_FIELDS = ("target_epsilon", "target_delta", "clip_norm", "epochs", "lr", "momentum", "ema_decay",
                 "prune_rate", "drop_rate", "modelmix_gap_rate")
 
@@ -195,29 +194,6 @@ def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
-def profile_path(profile: str | Path) -> Path:
-    """A profile by name (``smoke``, ``teach``, ``paper``) or by path to a YAML file."""
-    path = Path(profile)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"no profile file at {path}")
-        return path
-    path = profiles_dir() / f"{profile}.yaml"
-    if not path.is_file():
-        available = sorted(p.stem for p in profiles_dir().glob("*.yaml"))
-        raise ValueError(f"unknown profile {profile!r}; available: {available} (or give a path to a .yaml file)")
-    return path
-
-
-def load_profile(profile: str | Path) -> dict:
-    """The whole profile file as a dict (its ``run`` section feeds :func:`config_from_profile`)."""
-    with open(profile_path(profile)) as handle:
-        content = yaml.safe_load(handle) or {}
-    if not isinstance(content, dict) or not isinstance(content.get("run"), dict):
-        raise ValueError(f"profile {profile!r} must be a mapping with a 'run' section of RunConfig fields")
-    return content
-
-
 def config_from_profile(profile: str | Path, baseline: str | None = None, **overrides) -> RunConfig:
     """``RunConfig`` from a profile's ``run`` section, then its ``baselines[baseline]`` entry (if
     named), then ``overrides``."""
@@ -229,36 +205,6 @@ def config_from_profile(profile: str | Path, baseline: str | None = None, **over
     if unknown:
         raise ValueError(f"unknown run config field(s) {unknown} in profile {profile!r}; valid: {', '.join(field_names())}")
     return RunConfig(**values)
-
-
-def baseline_entries(profile: str | Path) -> dict[str, dict]:
-    """A profile's ``baselines`` section: named changes to its ``run`` section (De et al., pruning, ModelMix)."""
-    entries = load_profile(profile).get("baselines") or {}
-    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
-        raise ValueError(f"profile {profile!r}: 'baselines' must map names to mappings of RunConfig fields")
-    return entries
-
-
-#: What "equal budget" holds fixed when baselines are compared with the profile's run.
-BUDGET_FIELDS = ("dataset", "train_size", "test_size", "target_epsilon", "target_delta", "accountant", "batch_size",
-                 "update_steps", "epochs", "seed")
-
-
-def baseline_changes(profile: str | Path, names, equal_budget: bool = True) -> dict[str, dict]:
-    """For each named baseline, its changes to the profile's run; with ``equal_budget`` the
-    :data:`BUDGET_FIELDS` are dropped, so every method gets the run's data, ε, batch and steps.
-
-    >>> baseline_changes("paper", ["de_et_al_eps8"])["de_et_al_eps8"]["model"]
-    'wrn16_4'
-    >>> "update_steps" in baseline_changes("paper", ["de_et_al_eps8"])["de_et_al_eps8"]
-    False
-    """
-    entries = baseline_entries(profile)
-    unknown = [n for n in names if n not in entries]
-    if unknown:
-        raise ValueError(f"profile {profile!r} has no baseline(s) {unknown}; available: {sorted(entries)}")
-    return {name: {k: v for k, v in entries[name].items() if not (equal_budget and k in BUDGET_FIELDS)}
-            for name in names}
 
 
 def parse_assignment(text: str) -> tuple[str, object]:

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import load_profile
 from .paths import REPO_ROOT
+from .profiles import load_profile
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 
@@ -130,18 +130,18 @@ class Interrupted(KeyboardInterrupt):
 
 
 def shipped_records_note(profile: str) -> str:
-    """What the run will find in ``data/reference/<profile>/`` before it trains anything."""
+    """What the run will find in ``data/reference/<profile>/`` before it trains anything (the notebooks
+    verify each record when they read it; this only counts, so the runner stays light)."""
     from .paths import reference_dir
-    from .runs import find_records
 
     folder = reference_dir(Path(profile).stem)
-    shipped = [r for r in find_records(Path(profile).stem, runs_dir=folder)] if folder.is_dir() else []
+    shipped = sorted(folder.glob("*.json")) if folder.is_dir() else []
     if not shipped:
         return f"profile {Path(profile).stem}: no shipped records in {folder}; runs without a record are trained"
-    trains = [stem for stem, section in (load_profile(profile).get("notebooks") or {}).items()
-              if (section or {}).get("train_missing") is False]
+    quiet = [stem for stem, section in (load_profile(profile).get("notebooks") or {}).items()
+             if (section or {}).get("train_missing") is False]
     return (f"profile {Path(profile).stem}: using {len(shipped)} shipped records from {folder}"
-            + (f"; {', '.join(trains)} train nothing (train_missing: false)" if trains else ""))
+            + (f"; {', '.join(quiet)} train nothing (train_missing: false)" if quiet else ""))
 
 
 def summary(results: list[NotebookResult]) -> str:

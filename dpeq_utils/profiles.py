@@ -1,0 +1,69 @@
+"""Profiles (``notebooks/profiles/*.yaml``) read as plain data: nothing here imports torch, escnn or
+opacus, so reading a profile (the papermill runner, ``--list``) stays light. Building a
+:class:`~dpeq_utils.config.RunConfig` from a profile is :func:`dpeq_utils.config.config_from_profile`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from .paths import profiles_dir
+
+PROFILES = ("smoke", "teach", "paper")
+
+
+def profile_path(profile: str | Path) -> Path:
+    """A profile by name (``smoke``, ``teach``, ``paper``) or by path to a YAML file."""
+    path = Path(profile)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise FileNotFoundError(f"no profile file at {path}")
+        return path
+    path = profiles_dir() / f"{profile}.yaml"
+    if not path.is_file():
+        available = sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+        raise ValueError(f"unknown profile {profile!r}; available: {available} (or give a path to a .yaml file)")
+    return path
+
+
+def load_profile(profile: str | Path) -> dict:
+    """The whole profile file as a dict (its ``run`` section feeds :func:`config_from_profile`)."""
+    with open(profile_path(profile)) as handle:
+        content = yaml.safe_load(handle) or {}
+    if not isinstance(content, dict) or not isinstance(content.get("run"), dict):
+        raise ValueError(f"profile {profile!r} must be a mapping with a 'run' section of RunConfig fields")
+    return content
+
+
+def baseline_entries(profile: str | Path) -> dict[str, dict]:
+    """A profile's ``baselines`` section: named changes to its ``run`` section (De et al., pruning, ModelMix)."""
+    entries = load_profile(profile).get("baselines") or {}
+    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+        raise ValueError(f"profile {profile!r}: 'baselines' must map names to mappings of RunConfig fields")
+    return entries
+
+
+#: What "equal budget" holds fixed when baselines are compared with the profile's run.
+BUDGET_FIELDS = ("dataset", "train_size", "test_size", "target_epsilon", "target_delta", "accountant", "batch_size",
+                 "update_steps", "epochs", "seed")
+
+
+def baseline_changes(profile: str | Path, names, equal_budget: bool = True) -> dict[str, dict]:
+    """For each named baseline, its changes to the profile's run; with ``equal_budget`` the
+    :data:`BUDGET_FIELDS` are dropped, so every method gets the run's data, ε, batch and steps.
+
+    >>> baseline_changes("paper", ["de_et_al_eps8"])["de_et_al_eps8"]["model"]
+    'wrn16_4'
+    >>> "update_steps" in baseline_changes("paper", ["de_et_al_eps8"])["de_et_al_eps8"]
+    False
+    """
+    entries = baseline_entries(profile)
+    unknown = [n for n in names if n not in entries]
+    if unknown:
+        raise ValueError(f"profile {profile!r} has no baseline(s) {unknown}; available: {sorted(entries)}")
+    return {name: {k: v for k, v in entries[name].items() if not (equal_budget and k in BUDGET_FIELDS)}
+            for name in names}
+
+
