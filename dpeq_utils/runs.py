@@ -180,14 +180,6 @@ def record_digest(record: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def seal_record(path: str | os.PathLike) -> None:
-    """Add the digest to a record written before records carried one (after verifying the rest)."""
-    record = read_record(path)
-    record.pop("source", None)
-    record["digest"] = record_digest(record)
-    write_json_atomic(Path(path), record)
-
-
 class RecordError(ValueError):
     """A file that should be a run record is not one, or does not describe what it claims."""
 
