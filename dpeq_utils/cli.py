@@ -14,12 +14,13 @@ FORESEEN = (ValueError, FileNotFoundError, PermissionError, OSError)
 
 
 def foreseen_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
     from .data import DatasetError
     from .preflight import PreflightError
     from .privacy import PrivacyBudgetError
     from .runs import RecordError, RunLocked
 
-    return (DatasetError, PreflightError, PrivacyBudgetError, RecordError, RunLocked) + FORESEEN
+    return (CheckpointError, DatasetError, PreflightError, PrivacyBudgetError, RecordError, RunLocked) + FORESEEN
 
 
 def debugging(flag: bool = False) -> bool:
@@ -63,7 +64,10 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run config field (repeatable), e.g. --set target_epsilon=3")
     parser.add_argument("--runs-dir", default=None, help="folder for the record (default: data/runs/<profile>)")
-    parser.add_argument("--force", action="store_true", help="train even if a record of this config exists")
+    parser.add_argument("--force", action="store_true",
+                        help="train from step 0 even if a record or a checkpoint of this config exists")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue from this run's checkpoint if there is one (default); --no-resume starts over")
     parser.add_argument("--force-memory", action="store_true",
                         help="train even if the run's estimated memory exceeds what is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -76,7 +80,7 @@ def train_main(argv: list[str] | None = None) -> int:
     with user_errors(prog, args.debug):
         found = None if args.force else find_record(config, args.runs_dir)
         record = load_or_run(config, runs_dir=args.runs_dir, force=args.force, progress=not args.no_progress,
-                             force_memory=args.force_memory)
+                             force_memory=args.force_memory, resume=args.resume)
     eps = record["epsilon_spent"]
     origin = (f"read from {found} (trained {record.get('created', '?')} on {record['device']}, "
               f"{record['wall_time_s']:.0f} s then)" if found else f"{record['wall_time_s']:.1f} s on {record['device']}")

@@ -64,6 +64,9 @@ class RunConfig:
     ema_decay: float = 0.999
     ema_horizons: tuple[float, ...] = ()  # further EMA decays scored at every evaluation (they never change training)
     eval_every: int = 0  # evaluate every this many steps (0: only at the end)
+    # write a checkpoint every this many steps (0: only when signalled; None: every few minutes of
+    # wall time). Where a run pauses changes nothing it computes (tests/test_checkpoint.py)
+    checkpoint_every: int | None = None
     # DP-SGD variants (dpeq_utils.variants): pre-pruning + gradient dropping (Adamczewski et al. 2023)
     prune_rate: float = 0.0  # fraction of every parameter tensor removed before training
     prune_method: str = "magnitude"  # random, or magnitude of the initial (seed-only) weights
@@ -145,6 +148,9 @@ class RunConfig:
             yield f"ema_horizons must be a list of decays in [0, 1), got {self.ema_horizons!r}"
         if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
             yield f"eval_every must be an integer >= 0, got {self.eval_every!r}"
+        every = self.checkpoint_every
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+            yield f"checkpoint_every must be an integer >= 0 or None, got {every!r}"
         if isinstance(self.validation_size, bool) or not isinstance(self.validation_size, int) or self.validation_size < 0:
             yield f"validation_size must be an integer >= 0, got {self.validation_size!r}"
         elif self.dataset in MAX_SIZES:

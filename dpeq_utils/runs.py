@@ -20,8 +20,8 @@ Record fields (top level): ``key``, ``config``, ``noise_multiplier``, ``sample_r
 ``dataset_size``, ``test_size``, ``mean_batch_size``, ``epochs``, ``train_time_s``, ``history``
 (one entry per evaluation), ``data`` (where the data came from, how it was verified, SHA-256 of the
 training and test splits used), ``val_*`` (with a validation split), ``created``, ``schema``,
-``digest`` (:func:`record_digest`). Values that are not finite (the losses of a diverged run) are
-stored as null.
+``digest`` (:func:`record_digest`), ``resumed_at_steps`` (only for a run continued from a
+checkpoint). Values that are not finite (the losses of a diverged run) are stored as null.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 #: Fields that do not change what a run computes, only where or how fast.
-NOT_IN_KEY = ("profile", "device", "physical_batch_size", "per_sample_engine")
+NOT_IN_KEY = ("profile", "device", "physical_batch_size", "per_sample_engine", "checkpoint_every")
 REQUIRED_FIELDS = ("key", "config", "noise_multiplier", "sample_rate", "steps", "epsilon_spent", "test_accuracy",
                    "test_accuracy_ema", "num_params", "wall_time_s", "device", "versions", "git_commit", "seed")
 
@@ -140,21 +140,28 @@ def run_lock(path: Path):
 
 
 def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, progress: bool = True, data=None,
-        force_memory: bool = False) -> dict:
+        force_memory: bool = False, resume: bool = True) -> dict:
     """Train ``config`` and write its record; returns the record. The record's folder is checked
-    (writable, room on disk) and the run locked (:func:`run_lock`) before anything is trained."""
+    (writable, room on disk) and the run locked (:func:`run_lock`) before anything is trained. The
+    run resumes from its checkpoint if one is there (``resume=False``: starts over) and writes
+    checkpoints as it goes (:mod:`dpeq_utils.checkpoint`)."""
+    from .checkpoint import Checkpoints, checkpoint_path
     from .preflight import check_output_folder
 
     path = record_path(config, runs_dir)
     check_output_folder(path.parent)
     with run_lock(path):
-        return _train_and_write(config, path, progress, data, force_memory)
+        checkpoints = Checkpoints(checkpoint_path(path), config_key(config), resume=resume,
+                                  every=config.checkpoint_every)
+        record = _train_and_write(config, path, progress, data, force_memory, checkpoints)
+        checkpoints.remove()
+        return record
 
 
-def _train_and_write(config: RunConfig, path: Path, progress: bool, data, force_memory: bool) -> dict:
+def _train_and_write(config: RunConfig, path: Path, progress: bool, data, force_memory: bool, checkpoints) -> dict:
     from .train import train
 
-    results = train(config, progress=progress, data=data, force_memory=force_memory)
+    results = train(config, progress=progress, data=data, force_memory=force_memory, checkpoints=checkpoints)
     record = {
         "schema": SCHEMA,
         "key": config_key(config),
@@ -226,13 +233,15 @@ def find_record(config: RunConfig, runs_dir: str | os.PathLike | None = None) ->
 
 
 def load_or_run(config: RunConfig, runs_dir: str | os.PathLike | None = None, force: bool = False,
-                progress: bool = True, data=None, force_memory: bool = False) -> dict:
+                progress: bool = True, data=None, force_memory: bool = False, resume: bool = True) -> dict:
     """The record of ``config``: found by :func:`find_record` (unless ``force``), else trained and
-    written to ``runs_dir``. A record read from disk carries ``"source"``: the file it came from."""
+    written to ``runs_dir``, resuming from the run's checkpoint if there is one (unless ``force`` or
+    ``resume=False``, which start over). A record read from disk carries ``"source"``: the file it
+    came from."""
     path = None if force else find_record(config, runs_dir)
     if path is not None:
         return {**read_record(path), "source": str(path)}
-    return run(config, runs_dir, progress, data, force_memory)
+    return run(config, runs_dir, progress, data, force_memory, resume=resume and not force)
 
 
 def load_records(runs_dir: str | os.PathLike) -> list[dict]:

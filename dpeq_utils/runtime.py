@@ -66,7 +66,13 @@ def library_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (with ``+dirty`` when it has uncommitted changes), or None outside git."""
+    """The checkout's commit (with ``+dirty`` when it had uncommitted changes), or None outside git,
+    as it was when this process imported dpeq: the code a long process (a study, a kernel) runs is
+    the code it imported, not whatever the checkout holds when a record is written."""
+    return _COMMIT_AT_IMPORT
+
+
+def _read_git_commit() -> str | None:
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
@@ -78,6 +84,9 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
+
+
+_COMMIT_AT_IMPORT = _read_git_commit()
 
 
 def environment_report(device: str | torch.device = "auto") -> dict[str, str]:

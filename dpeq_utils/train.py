@@ -26,8 +26,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
+import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -36,14 +40,14 @@ import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
 
 from .config import RunConfig
-from .data import ImageDataset, Splits, apply_views, draw_views, load_splits, normalize
+from .data import ImageDataset, Splits, apply_views, draw_views, load_splits
 from .equivariance import evaluation_mode
 from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
 from .preflight import check_memory
 from .privacy import PrivacyBudget, PrivacyBudgetError
 from .runtime import pick_device, release_free_memory, set_seed, tune_cpu_allocator
-from .variants import CoordinateSelector, build_variants
+from .variants import Variant, build_variants
 
 
 def planned_steps(config: RunConfig, dataset_size: int) -> int:
@@ -118,23 +122,110 @@ class WeightEMA:
             self.values[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
         self.updates += 1
 
+    def state_dict(self) -> dict:
+        return {"values": self.values, "updates": self.updates}
 
-def train(config: RunConfig, *, progress: bool = True, data: Splits | None = None, force_memory: bool = False) -> dict:
-    """Train one run and return its results (the body of a run record, without provenance).
-
-    ``data`` lets a caller pass already loaded :class:`~dpeq_utils.data.Splits` (or a (train, test)
-    pair); otherwise they are loaded from ``config``.
-    """
-    return fit(config, progress=progress, data=data, force_memory=force_memory)[1]
+    def load_state_dict(self, state: dict) -> None:
+        self.values = {name: value.clone() for name, value in state["values"].items()}
+        self.updates = state["updates"]
 
 
-def fit(config: RunConfig, *, progress: bool = True,
-        data: Splits | None = None, force_memory: bool = False) -> tuple[nn.Module, dict]:
-    """:func:`train`, also returning the trained model (its raw weights, not the EMA). On a CPU the
-    run's memory is estimated before the first step and a run that would not fit is refused unless
-    ``force_memory`` (:mod:`dpeq_utils.preflight`)."""
-    from tqdm.auto import tqdm
+@dataclass
+class RunState:
+    """Everything a run is while it trains: what :func:`setup` builds, :func:`train_step` advances,
+    :func:`evaluate_run` scores and :func:`summary` turns into a record's results. Its
+    :meth:`state_dict` is what a checkpoint holds (:mod:`dpeq_utils.checkpoint`)."""
 
+    config: RunConfig
+    device: torch.device
+    splits: Splits
+    sample_rate: float
+    steps: int
+    budget: PrivacyBudget | None
+    model: nn.Module
+    optimizer: torch.optim.Optimizer  # Opacus's DPOptimizer around SGD when private
+    generators: dict[str, torch.Generator]  # sampler, augment, noise, variants: one stream each
+    variants: list[Variant]
+    ema: WeightEMA
+    horizons: dict[float, WeightEMA]  # further EMAs, scored only, never trained on
+    engine: str
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)
+    recent_losses: list[float] = field(default_factory=list)  # per-example training losses since the last evaluation
+    train_time_s: float = 0.0  # the step loop alone (sampling, gradients, updates), over every process of the run
+    earlier_wall_time_s: float = 0.0  # wall time of earlier processes of a resumed run
+    resumes: list[int] = field(default_factory=list)  # the steps a resumed run continued from
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def private(self) -> bool:
+        return self.budget is not None
+
+    @property
+    def wall_time_s(self) -> float:
+        return self.earlier_wall_time_s + time.perf_counter() - self.started
+
+    def state_dict(self) -> dict:
+        """The run's progress: enough to continue it bit for bit on the same device and libraries."""
+        return {
+            "step": self.step,
+            "steps_taken": self.budget.steps_taken if self.budget else self.step,
+            "parameters": {name: p.detach().clone() for name, p in self.model.named_parameters()},
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "horizons": {decay: average.state_dict() for decay, average in self.horizons.items()},
+            "generators": {name: g.get_state() for name, g in self.generators.items()},
+            "global_generators": global_generator_states(),
+            "variants": [variant.state_dict() for variant in self.variants],
+            "history": self.history, "batch_sizes": self.batch_sizes, "recent_losses": self.recent_losses,
+            "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s, "resumes": self.resumes,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(state["parameters"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        for decay, average in self.horizons.items():
+            average.load_state_dict(state["horizons"][decay])
+        for name, generator in self.generators.items():
+            generator.set_state(state["generators"][name])
+        set_global_generator_states(state["global_generators"])
+        for variant, variant_state in zip(self.variants, state["variants"], strict=True):
+            variant.load_state_dict(variant_state)
+        self.step = state["step"]
+        if self.budget is not None:
+            self.budget.steps_taken = state["steps_taken"]
+        self.history, self.batch_sizes = list(state["history"]), list(state["batch_sizes"])
+        self.recent_losses = list(state["recent_losses"])
+        self.train_time_s, self.earlier_wall_time_s = state["train_time_s"], state["wall_time_s"]
+        self.resumes = list(state["resumes"])
+        self.started = time.perf_counter()
+
+
+def global_generator_states() -> dict:
+    """Python's, NumPy's and torch's global generators (dpeq draws from its own streams, but a
+    library may use these)."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_global_generator_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = False) -> RunState:
+    """Load the data, calibrate the budget, build the model, optimiser, streams, variants and EMAs:
+    a run at step 0. On a CPU the run's memory is estimated first and a run that would not fit is
+    refused unless ``force_memory`` (:mod:`dpeq_utils.preflight`)."""
     started = time.perf_counter()
     set_seed(config.seed)
     device = pick_device(config.device)
@@ -143,159 +234,241 @@ def fit(config: RunConfig, *, progress: bool = True,
     splits = Splits(*data) if data is not None else load_splits(
         config.dataset, train_size=config.train_size, test_size=config.test_size,
         validation_size=config.validation_size, seed=config.seed)
-    train_data, test_data, validation_data = splits
-    if config.validation_size and validation_data is None:
+    if config.validation_size and splits.validation is None:
         raise ValueError("the data passed to train() has no validation split, but the config asks for one")
-    n = len(train_data)
+    n = len(splits.train)
     q = sample_rate(config, n)
     steps = planned_steps(config, n)
     budget = None if config.non_private else PrivacyBudget(
         config.target_epsilon, config.target_delta, q, steps, config.accountant, dataset_size=n)
-
     model = build_model_for(config).to(device)
     model.train()
     if device.type == "cpu":
-        check_memory(config, model, n + len(test_data) + (len(validation_data) if validation_data is not None else 0),
-                     force=force_memory)
-    base_optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+        check_memory(config, model, sum(len(part) for part in splits if part is not None), force=force_memory)
     # a fourth stream for the variants; the first three are unchanged by asking for it (SeedSequence prefixes)
-    sampler_seed, augment_seed, noise_seed, variant_seed = _streams(config.seed, 4)
-    sampler = torch.Generator().manual_seed(sampler_seed)
-    augmenter = torch.Generator().manual_seed(augment_seed)  # CPU: the same views on every device
-    if budget is None:
-        optimizer = base_optimizer
-    else:
-        optimizer = DPOptimizer(base_optimizer, noise_multiplier=budget.noise_multiplier, max_grad_norm=config.clip_norm,
+    seeds = dict(zip(("sampler", "augment", "noise", "variants"), _streams(config.seed, 4)))
+    generators = {"sampler": torch.Generator().manual_seed(seeds["sampler"]),
+                  "augment": torch.Generator().manual_seed(seeds["augment"]),  # CPU: the same views on every device
+                  "noise": torch.Generator(device=device).manual_seed(seeds["noise"]),
+                  "variants": torch.Generator(device=device).manual_seed(seeds["variants"])}
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    if budget is not None:
+        optimizer = DPOptimizer(optimizer, noise_multiplier=budget.noise_multiplier, max_grad_norm=config.clip_norm,
                                 expected_batch_size=config.batch_size, loss_reduction="mean",
-                                generator=torch.Generator(device=device).manual_seed(noise_seed))
-    variants = build_variants(config, model, torch.Generator(device=device).manual_seed(variant_seed))  # prunes now
-    selector = next((v for v in variants if isinstance(v, CoordinateSelector)), None)
-    if budget is not None and variants:
-        optimizer.attach_step_hook(lambda _: [v.before_update(model) for v in variants])  # after noise, before update
-    ema = WeightEMA(model, config.ema_decay)
-    horizons = {decay: WeightEMA(model, decay) for decay in config.ema_horizons}  # scored only, never trained on
-    engine = resolve_engine(config.per_sample_engine, model)
-    images = train_data.images.to(device)
-    labels = train_data.labels.to(device)
+                                generator=generators["noise"])
+    variants = build_variants(config, model, generators["variants"])  # prunes now
+    return RunState(config=config, device=device, splits=splits, sample_rate=q, steps=steps, budget=budget,
+                    model=model, optimizer=optimizer, generators=generators, variants=variants,
+                    ema=WeightEMA(model, config.ema_decay),
+                    horizons={decay: WeightEMA(model, decay) for decay in config.ema_horizons},
+                    engine=resolve_engine(config.per_sample_engine, model), started=started)
 
-    history, batch_sizes, recent_losses = [], [], []  # recent_losses: per-example training losses since the last evaluation
 
-    def record_evaluation(step: int) -> dict:
-        eval_started = time.perf_counter()
-        accuracy, loss = evaluate(model, test_data, device)
-        with swapped_parameters(model, ema.values):
-            accuracy_ema, loss_ema = evaluate(model, test_data, device)
-        other_horizons = {}
-        for decay, average in horizons.items():
-            with swapped_parameters(model, average.values):
-                other_horizons[f"{decay:g}"] = evaluate(model, test_data, device)[0]
-        entry = {"step": step, "epsilon": budget.epsilon() if budget else None,
-                 "train_loss": math.fsum(recent_losses) / len(recent_losses) if recent_losses else None,
-                 "test_accuracy": accuracy, "test_loss": loss, "test_accuracy_ema": accuracy_ema,
-                 "test_loss_ema": loss_ema, **({"test_accuracy_ema_horizons": other_horizons} if horizons else {}),
-                 "elapsed_s": time.perf_counter() - started,
-                 "eval_time_s": time.perf_counter() - eval_started}
-        history.append(entry)
-        recent_losses.clear()
-        return entry
+def train_step(state: RunState) -> list[float]:
+    """One logical step: spend it from the budget, draw the Poisson batch and its views, update,
+    average. Returns every example's training loss."""
+    step_started = time.perf_counter()
+    config, train_data, device = state.config, state.splits.train, state.device
+    if state.budget is not None:
+        state.budget.spend()
+    for variant in state.variants:
+        variant.begin_step(state.model)
+    n = len(train_data)
+    chosen = torch.nonzero(torch.rand(n, generator=state.generators["sampler"]) < state.sample_rate).squeeze(1)
+    state.batch_sizes.append(len(chosen))
+    draws = draw_views(len(chosen), config.aug_mult, state.generators["augment"])  # once per logical batch
+    chunk = config.physical_batch_size
+    starts = range(0, len(chosen), chunk) if len(chosen) else [0]
+    batches = ((apply_views(train_data.normalized(chosen[i:i + chunk], device), draws[i:i + chunk]),
+                train_data.labels[chosen[i:i + chunk]].to(device)) for i in starts)
+    losses = logical_step(state.model, state.optimizer, batches, len(starts), private=state.private,
+                          batch_size=len(chosen), engine=state.engine, variants=state.variants)
+    state.recent_losses.extend(losses)
+    state.ema.update(state.model)
+    for average in state.horizons.values():
+        average.update(state.model)
+    state.step += 1
+    state.train_time_s += time.perf_counter() - step_started
+    return losses
 
-    if config.eval_every:  # the learning curve starts where training starts
-        record_evaluation(0)
-    loop_started = time.perf_counter()
-    bar = tqdm(range(1, steps + 1), desc=f"{config.model} {'non-private' if budget is None else 'DP-SGD'}",
-               disable=not progress, leave=False)
-    for step in bar:
-        if budget is not None:
-            budget.spend()
-        if selector is not None:
-            selector.select(model)  # reads the current (released) iterate only, never the batch
-        chosen = torch.nonzero(torch.rand(n, generator=sampler) < q).squeeze(1).to(device)
-        batch_sizes.append(len(chosen))
-        draws = draw_views(len(chosen), config.aug_mult, augmenter)  # once per logical batch, whatever the chunks
-        starts = range(0, len(chosen), config.physical_batch_size) if len(chosen) else [0]
-        batches = ((apply_views(normalize(images[chosen[i:i + config.physical_batch_size]], train_data.mean,
-                                          train_data.std), draws[i:i + config.physical_batch_size]),
-                    labels[chosen[i:i + config.physical_batch_size]]) for i in starts)
-        step_losses = logical_step(model, optimizer, batches, len(starts), private=budget is not None,
-                                   batch_size=len(chosen), engine=engine, variants=variants)
-        recent_losses.extend(step_losses)
-        ema.update(model)
-        for average in horizons.values():
-            average.update(model)
-        if step_losses:
-            bar.set_postfix(loss=f"{math.fsum(step_losses) / len(step_losses):.3f}", refresh=False)
-        if config.eval_every and step % config.eval_every == 0 and step != steps:
-            record_evaluation(step)
-    bar.close()
-    train_time = time.perf_counter() - loop_started - sum(h["eval_time_s"] for h in history)
-    final = record_evaluation(steps)
+
+def evaluate_run(state: RunState) -> dict:
+    """Score the raw weights, the EMA and the further EMAs on the test set; append it to the history."""
+    eval_started = time.perf_counter()
+    model, test_data, device = state.model, state.splits.test, state.device
+    accuracy, loss = evaluate(model, test_data, device)
+    with swapped_parameters(model, state.ema.values):
+        accuracy_ema, loss_ema = evaluate(model, test_data, device)
+    other_horizons = {}
+    for decay, average in state.horizons.items():
+        with swapped_parameters(model, average.values):
+            other_horizons[f"{decay:g}"] = evaluate(model, test_data, device)[0]
+    losses = state.recent_losses
+    entry = {"step": state.step, "epsilon": state.budget.epsilon() if state.budget else None,
+             "train_loss": math.fsum(losses) / len(losses) if losses else None,
+             "test_accuracy": accuracy, "test_loss": loss, "test_accuracy_ema": accuracy_ema,
+             "test_loss_ema": loss_ema, **({"test_accuracy_ema_horizons": other_horizons} if state.horizons else {}),
+             "elapsed_s": state.wall_time_s, "eval_time_s": time.perf_counter() - eval_started}
+    state.history.append(entry)
+    state.recent_losses = []
+    return entry
+
+
+def summary(state: RunState) -> dict:
+    """The results of a finished run: the final evaluation (and validation), the privacy audit, the
+    variants' fields. Raises :class:`PrivacyBudgetError` if the run did not take exactly its planned
+    steps within its budget."""
+    config, model, device = state.config, state.model, state.device
+    train_data, test_data, validation_data = state.splits
+    final = evaluate_run(state)
     validation = {}
     if validation_data is not None:  # the split learning rates are chosen on; the test set is never used for that
         validation["val_accuracy"], validation["val_loss"] = evaluate(model, validation_data, device)
-        with swapped_parameters(model, ema.values):
+        with swapped_parameters(model, state.ema.values):
             validation["val_accuracy_ema"], validation["val_loss_ema"] = evaluate(model, validation_data, device)
-
     if device.type == "cpu":
         release_free_memory()  # the allocator kept the run's peak (tune_cpu_allocator); the next run starts lean
     epsilon = None
-    if budget is not None:
-        epsilon = budget.epsilon()
-        if budget.steps_taken != steps or epsilon > config.target_epsilon:
-            raise PrivacyBudgetError(f"internal error: took {budget.steps_taken} of {steps} steps, ε={epsilon} "
-                                     f"(target {config.target_epsilon}); the run is discarded")
-    return model, {
-        "noise_multiplier": budget.noise_multiplier if budget else 0.0,
-        "sample_rate": q,
-        "steps": steps,
+    if state.budget is not None:
+        epsilon = state.budget.epsilon()
+        if state.budget.steps_taken != state.steps or state.step != state.steps or epsilon > config.target_epsilon:
+            raise PrivacyBudgetError(f"internal error: took {state.budget.steps_taken} of {state.steps} steps, "
+                                     f"ε={epsilon} (target {config.target_epsilon}); the run is discarded")
+    variant_fields = {"kept_params": count_params(model), "mean_updated_fraction": 1.0}
+    for variant in state.variants:
+        variant_fields.update(variant.summary(model))
+    return {
+        "noise_multiplier": state.budget.noise_multiplier if state.budget else 0.0,
+        "sample_rate": state.sample_rate,
+        "steps": state.steps,
         "epsilon_spent": epsilon,
-        "dataset_size": n,
+        "dataset_size": len(train_data),
         "data": {"origin": train_data.meta.get("origin"), "verified": train_data.meta.get("verified"),
                  "train_sha256": train_data.digest(), "test_sha256": test_data.digest()},
         "test_size": len(test_data),
-        "mean_batch_size": float(np.mean(batch_sizes)),
+        "mean_batch_size": float(np.mean(state.batch_sizes)),
         "test_accuracy": final["test_accuracy"],
         "test_accuracy_ema": final["test_accuracy_ema"],
         "test_loss": final["test_loss"],
-        **({"test_accuracy_ema_horizons": final["test_accuracy_ema_horizons"]} if horizons else {}),
+        **({"test_accuracy_ema_horizons": final["test_accuracy_ema_horizons"]} if state.horizons else {}),
         **validation,
         "num_params": count_params(model),
-        "kept_params": round(count_params(model) * selector.kept_fraction) if selector else count_params(model),
-        "mean_updated_fraction": float(np.mean(selector.updated_fractions)) if selector else 1.0,
-        "epochs": steps * q,
-        "per_sample_engine": engine if budget else None,  # the engine that ran ("auto" resolved)
-        "train_time_s": train_time,  # the step loop alone: sampling, gradients, updates (no evaluation)
-        "wall_time_s": time.perf_counter() - started,
-        "history": history,
+        **variant_fields,
+        "epochs": state.steps * state.sample_rate,
+        "per_sample_engine": state.engine if state.private else None,  # the engine that ran ("auto" resolved)
+        "train_time_s": state.train_time_s,  # the step loop alone: sampling, gradients, updates (no evaluation)
+        "wall_time_s": state.wall_time_s,  # over every process of a resumed run
+        **({"resumed_at_steps": state.resumes} if state.resumes else {}),
+        "history": state.history,
     }
+
+
+def train(config: RunConfig, *, progress: bool = True, data: Splits | None = None, force_memory: bool = False,
+          checkpoints=None) -> dict:
+    """Train one run and return its results (the body of a run record, without provenance).
+
+    ``data`` lets a caller pass already loaded :class:`~dpeq_utils.data.Splits` (or a (train, test)
+    pair); otherwise they are loaded from ``config``. ``checkpoints``: see :func:`fit`.
+    """
+    return fit(config, progress=progress, data=data, force_memory=force_memory, checkpoints=checkpoints)[1]
+
+
+def fit(config: RunConfig, *, progress: bool = True, data: Splits | None = None, force_memory: bool = False,
+        checkpoints=None) -> tuple[nn.Module, dict]:
+    """:func:`train`, also returning the trained model (its raw weights, not the EMA).
+
+    ``checkpoints`` (a :class:`dpeq_utils.checkpoint.Checkpoints`, or None) resumes the run from its
+    checkpoint, saves one as ``config.checkpoint_every`` asks, and on SIGINT, SIGTERM or SIGUSR2
+    saves one at the end of the current step before the signal takes its usual course.
+    """
+    from tqdm.auto import tqdm
+
+    state = setup(config, data, force_memory)
+    if checkpoints is not None:
+        checkpoints.resume(state)
+    if config.eval_every and state.step == 0:  # the learning curve starts where training starts
+        evaluate_run(state)
+    bar = tqdm(total=state.steps, initial=state.step, disable=not progress, leave=False,
+               desc=f"{config.model} {'DP-SGD' if state.private else 'non-private'}")
+    with contextlib.ExitStack() as stack:
+        signals = stack.enter_context(deferred_signals()) if checkpoints is not None else None
+        while state.step < state.steps:
+            losses = train_step(state)
+            bar.update()
+            if losses:
+                bar.set_postfix(loss=f"{math.fsum(losses) / len(losses):.3f}", refresh=False)
+            if config.eval_every and state.step % config.eval_every == 0 and state.step != state.steps:
+                evaluate_run(state)
+            if checkpoints is not None:
+                checkpoints.after_step(state, signalled=signals.pending is not None)
+                signals.deliver()
+    bar.close()
+    return state.model, summary(state)
+
+
+class deferred_signals(contextlib.AbstractContextManager):
+    """Hold SIGINT, SIGTERM and SIGUSR2 until the end of the current step (where a checkpoint can be
+    written), then hand each to the handler it had before (Ctrl-C's KeyboardInterrupt, the default
+    termination, submitit's requeue on Slurm). Only in the main thread; elsewhere nothing is held."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
+
+    def __init__(self):
+        self.pending: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                if signal.getsignal(number) is not signal.SIG_IGN:
+                    self.previous[number] = signal.signal(number, self._hold)
+        return self
+
+    def _hold(self, number, frame):
+        self.pending = number
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+        return False
+
+    def deliver(self) -> None:
+        """Restore the old handlers and raise the held signal again (if one arrived)."""
+        if self.pending is None:
+            return
+        number, self.pending = self.pending, None
+        self.__exit__(None, None, None)
+        signal.raise_signal(number)
 
 
 def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private: bool, batch_size: int,
                  engine: str = "auto", variants=()) -> list[float]:
     """One update from a logical batch given as ``num_chunks`` physical chunks of ``(views, labels)``.
 
-    Private: per-example gradients of every chunk go to Opacus's ``DPOptimizer``, which clips and
-    sums them, skipping the update until the last chunk, where it adds the noise, divides by the
-    expected batch size and steps (per-example gradients by ``engine``, see :mod:`dpeq_utils.per_sample`).
-    Non-private: the mean gradient over the ``batch_size`` examples.
-    ``variants`` (:mod:`dpeq_utils.variants`) restrict the per-example gradients before clipping; their
-    ``before_update`` must already be attached to a private ``optimizer`` (it runs after the noise)
-    and is called here for the non-private one. Returns every example's training loss (mean over its views).
+    Private: per-example gradients of every chunk (by ``engine``, see :mod:`dpeq_utils.per_sample`)
+    go to Opacus's ``DPOptimizer``, which clips and sums them; after the last chunk it adds the
+    noise and divides by the expected batch size (``pre_step``). Non-private: the mean gradient over
+    the ``batch_size`` examples. Then, for both, the variants' ``before_update`` and the SGD update.
+    ``variants`` (:mod:`dpeq_utils.variants`) also restrict the per-example gradients before
+    clipping. Returns every example's training loss (mean over its views).
     """
     losses = []
+    update_ready = not private and batch_size > 0
     for i, (views, labels) in enumerate(batches):
         if private:
             losses += _store_per_sample_gradients(model, views, labels, engine, variants)
             optimizer.signal_skip_step(do_skip=i < num_chunks - 1)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            update_ready = optimizer.pre_step()  # clip and sum; on the last chunk also noise and scaling
+            if not update_ready:
+                optimizer.zero_grad(set_to_none=True)  # drops this chunk's per-example gradients, keeps the sum
         else:
             losses += _accumulate_plain_gradient(model, views, labels, batch_size)
-    if not private:
-        if batch_size:
-            for variant in variants:
-                variant.before_update(model)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    if update_ready:
+        for variant in variants:
+            variant.before_update(model)
+        getattr(optimizer, "original_optimizer", optimizer).step()
+    optimizer.zero_grad(set_to_none=True)
     return losses
 
 

@@ -15,14 +15,38 @@ the one trainer (same sampler, accountant and data as every other run).
   paper's much smaller ε (e.g. 8 where standard accounting gives far more) comes from a custom
   accountant with an extra per-coordinate sensitivity assumption, which dpeq does not adopt.
 
-Both act at the same two points of a logical step: :meth:`gradient_mask` before clipping and
-:meth:`before_update` after the noise, just before the optimiser's update.
+Both follow :class:`Variant`: :meth:`~Variant.begin_step` before the batch is drawn,
+:meth:`~Variant.gradient_mask` before clipping and :meth:`~Variant.before_update` after the noise,
+just before the optimiser's update; their state goes into a run's checkpoint.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn as nn
+
+
+class Variant(Protocol):
+    """What the trainer calls, and when (:func:`dpeq_utils.train.train_step`)."""
+
+    def begin_step(self, model: nn.Module) -> None:
+        """Before the step's batch is drawn; may read the current (released) iterate, never data."""
+
+    def gradient_mask(self, name: str) -> torch.Tensor | None:
+        """The coordinates of parameter ``name`` whose per-example gradients count this step (None: all)."""
+
+    def before_update(self, model: nn.Module) -> None:
+        """After the noise (private) or the mean gradient (non-private), before the optimiser's update."""
+
+    def summary(self, model: nn.Module) -> dict:
+        """Result fields of the run record this variant decides (e.g. parameters kept)."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue (its random generator is saved by the trainer)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 SELECTION_METHODS = ("random", "magnitude")
 
@@ -99,8 +123,22 @@ class CoordinateSelector:
         self.updated_fractions.append(sum(int(m.sum()) for m in self.mask.values()) / total)
         return self.mask
 
+    begin_step = select
+
     def gradient_mask(self, name: str) -> torch.Tensor | None:
         return self.mask.get(name)
+
+    def summary(self, model: nn.Module) -> dict:
+        total = sum(p.numel() for p in model.parameters())
+        return {"kept_params": round(total * self.kept_fraction),
+                "mean_updated_fraction": sum(self.updated_fractions) / max(1, len(self.updated_fractions))}
+
+    def state_dict(self) -> dict:
+        return {"prune_masks": self.prune_masks, "mask": self.mask, "updated_fractions": list(self.updated_fractions)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prune_masks, self.mask = dict(state["prune_masks"]), dict(state["mask"])
+        self.updated_fractions = list(state["updated_fractions"])
 
     @torch.no_grad()
     def before_update(self, model: nn.Module) -> None:
@@ -120,8 +158,20 @@ class ModelMix:
         self.generator = generator if generator is not None else torch.Generator()
         self.previous = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
+    def begin_step(self, model: nn.Module) -> None:
+        pass
+
     def gradient_mask(self, name: str) -> None:
         return None
+
+    def summary(self, model: nn.Module) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"previous": self.previous}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.previous = {name: value.clone() for name, value in state["previous"].items()}
 
     @torch.no_grad()
     def mix(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -146,7 +196,7 @@ class ModelMix:
             self.previous[name] = current
 
 
-def build_variants(config, model: nn.Module, generator: torch.Generator) -> list:
+def build_variants(config, model: nn.Module, generator: torch.Generator) -> list[Variant]:
     """The variant objects a run config asks for (empty for plain DP-SGD)."""
     variants = []
     if config.prune_rate > 0 or config.drop_rate > 0:

@@ -32,11 +32,9 @@ def _batch(batch=6, views=2, seed=0):
 
 
 def _optimizer(model, sigma, clip, expected, variants, lr=0.5):
-    optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, max_grad_norm=clip,
-                            expected_batch_size=expected, loss_reduction="mean",
-                            generator=torch.Generator().manual_seed(3))
-    optimizer.attach_step_hook(lambda _: [v.before_update(model) for v in variants])
-    return optimizer
+    """A DPOptimizer as the trainer builds it (``logical_step`` calls the variants' ``before_update``)."""
+    return DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, max_grad_norm=clip,
+                       expected_batch_size=expected, loss_reduction="mean", generator=torch.Generator().manual_seed(3))
 
 
 def _params(model):

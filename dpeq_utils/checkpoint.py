@@ -1,0 +1,173 @@
+"""Checkpoints: a run's progress on disk, so an interrupted run continues where it stopped and ends
+exactly as if it never stopped.
+
+A checkpoint sits beside the run's record, named like it with ``.ckpt`` instead of ``.json`` (so it
+is keyed by the same config key), and holds :meth:`dpeq_utils.train.RunState.state_dict`: the
+parameters, the optimiser's momentum, the EMAs, the steps the privacy budget has counted, the state
+of every random generator (sampler, augmentation, noise, variants, and Python's, NumPy's and torch's
+global ones), the variants' state (pruning masks, ModelMix's previous iterate), the history, the
+batch sizes and the time spent so far. It is written every ``checkpoint_every`` steps (None: every
+:data:`DEFAULT_INTERVAL_S` seconds of training) and at the end of the step during which SIGINT,
+SIGTERM or SIGUSR2 arrived, then removed once the record is written.
+
+**Why resuming spends no extra privacy.** A resumed run restores every generator, so it redraws the
+same batches, views and noise as the uninterrupted run: on a CPU it ends bit for bit where the
+uninterrupted run ends (``tests/test_checkpoint.py``), and steps lost to a crash after the last
+checkpoint are recomputed with the same draws, never released. ε is computed once, from the steps
+the restored budget has counted, so a resume neither resets nor double-counts it.
+
+**What is never trusted.** The file starts with a header line carrying the SHA-256 of the rest; a
+truncated or corrupt file fails that check. A checkpoint whose config key, budget (σ, q, steps),
+device type or arithmetic-relevant library versions differ from the run's is refused. Each refusal
+is a :class:`CheckpointError` that says what to do (``--no-resume`` starts over). Writes are atomic
+(temporary file, fsync, rename), so a process killed while writing leaves the previous checkpoint
+intact; a failed periodic write (e.g. a full disk) is reported and training goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from .runtime import library_versions
+
+FORMAT = 1
+MAGIC = "dpeq-checkpoint"
+#: Seconds of training between two checkpoints when ``checkpoint_every`` is None.
+DEFAULT_INTERVAL_S = 300.0
+#: Libraries whose version changes the arithmetic of a step: a checkpoint must come from the same ones.
+ARITHMETIC_LIBRARIES = ("python", "torch", "escnn", "opacus", "numpy")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used to continue this run; the message says what to do."""
+
+
+def checkpoint_path(record_path: str | os.PathLike) -> Path:
+    return Path(record_path).with_suffix(".ckpt")
+
+
+def _temp_files(path: Path) -> list[Path]:
+    return list(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def write_checkpoint(path: Path, content: dict) -> None:
+    """Atomically write ``content`` (torch-serialised) behind a header with its SHA-256."""
+    buffer = io.BytesIO()
+    torch.save(content, buffer)
+    payload = buffer.getvalue()
+    header = f"{MAGIC} {FORMAT} {hashlib.sha256(payload).hexdigest()}\n".encode()
+    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            _write(handle, header + payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)
+
+
+def _write(handle, data: bytes) -> None:  # one seam, so tests can simulate a full disk
+    handle.write(data)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The content of a checkpoint, after checking its header and SHA-256."""
+    advice = "delete it or rerun with --no-resume to start the run over"
+    data = path.read_bytes()
+    header, _, payload = data.partition(b"\n")
+    parts = header.decode("utf-8", "replace").split()
+    if len(parts) != 3 or parts[0] != MAGIC:
+        raise CheckpointError(f"{path} is not a dpeq checkpoint; {advice}")
+    if parts[1] != str(FORMAT):
+        raise CheckpointError(f"{path} has checkpoint format {parts[1]}, this dpeq reads {FORMAT}; {advice}")
+    if hashlib.sha256(payload).hexdigest() != parts[2]:
+        raise CheckpointError(f"{path} is truncated or corrupt (SHA-256 mismatch); {advice}")
+    return torch.load(io.BytesIO(payload), weights_only=False, map_location="cpu")
+
+
+class Checkpoints:
+    """The checkpoints of one run: what :func:`dpeq_utils.train.fit` calls to resume and to save.
+
+    ``key`` is the run's config key; ``resume=False`` deletes an existing checkpoint and starts over;
+    ``every`` is ``config.checkpoint_every``.
+    """
+
+    def __init__(self, path: Path, key: str, resume: bool = True, every: int | None = None,
+                 interval_s: float = DEFAULT_INTERVAL_S):
+        self.path, self.key, self.resume_allowed = Path(path), key, resume
+        self.every, self.interval_s = every, interval_s
+        self.last_saved = time.monotonic()
+        self.resumed_from: int | None = None
+
+    def identity(self, state) -> dict:
+        """What must match for a checkpoint to continue ``state``'s run."""
+        versions = library_versions()
+        budget = state.budget
+        return {"key": self.key, "device_type": state.device.type,
+                "versions": {name: versions.get(name) for name in ARITHMETIC_LIBRARIES},
+                "budget": {"noise_multiplier": budget.noise_multiplier if budget else None,
+                           "sample_rate": state.sample_rate, "steps": state.steps}}
+
+    def resume(self, state) -> None:
+        """Load the checkpoint into ``state`` (just built by ``setup``) if there is one and resuming is allowed."""
+        for stale in _temp_files(self.path):  # left by a process killed while writing; we hold the run's lock
+            stale.unlink(missing_ok=True)
+        if not self.path.exists():
+            return
+        if not self.resume_allowed:
+            self.path.unlink()
+            print(f"[dpeq] starting over: removed the checkpoint {self.path.name}", file=sys.stderr)
+            return
+        content = read_checkpoint(self.path)
+        saved = content.get("identity", {})
+        for field, value in self.identity(state).items():
+            if saved.get(field) != value:
+                theirs, ours = saved.get(field), value
+                if isinstance(theirs, dict) and isinstance(ours, dict):  # name only what differs
+                    theirs, ours = ({k: d.get(k) for k in ours if theirs.get(k) != ours.get(k)} for d in (theirs, ours))
+                raise CheckpointError(
+                    f"{self.path} does not continue this run: it was written with {field} {theirs}, this run has "
+                    f"{ours}; rerun with --no-resume to start over (or delete the checkpoint)")
+        state.load_state_dict(content["state"])
+        state.resumes.append(state.step)
+        self.resumed_from = state.step
+        spent = f", ε spent so far {state.budget.epsilon():.3f}" if state.budget and state.step else ""
+        print(f"[dpeq] resuming {self.path.stem} from step {state.step} of {state.steps}{spent}", file=sys.stderr)
+
+    def after_step(self, state, signalled: bool = False) -> None:
+        """Save if a signal arrived, every ``every`` steps, or (``every`` None) after ``interval_s``."""
+        if signalled:
+            self.save(state)
+            print(f"[dpeq] checkpoint written at step {state.step} of {state.steps}: {self.path}; "
+                  "rerun the same command to resume", file=sys.stderr)
+            return
+        if state.step == state.steps:
+            return  # finished: the record comes next
+        if self.every is None:
+            due = time.monotonic() - self.last_saved >= self.interval_s
+        else:
+            due = self.every > 0 and state.step % self.every == 0
+        if due:
+            try:
+                self.save(state)
+            except OSError as err:  # a periodic save may fail (disk full); the run and the last checkpoint survive
+                warnings.warn(f"could not write the checkpoint {self.path} at step {state.step} ({err}); "
+                              "training goes on, the previous checkpoint is kept", RuntimeWarning, stacklevel=2)
+
+    def save(self, state) -> None:
+        write_checkpoint(self.path, {"identity": self.identity(state), "state": state.state_dict()})
+        self.last_saved = time.monotonic()
+
+    def remove(self) -> None:
+        """After the record is written: the run is complete, its checkpoint is obsolete."""
+        self.path.unlink(missing_ok=True)

@@ -1,0 +1,229 @@
+"""Checkpoint and resume: an interrupted run, resumed, ends bit for bit where the uninterrupted run
+ends; the privacy ledger survives; nothing corrupt, foreign or half-written is ever used."""
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpeq_utils.checkpoint as checkpoint_module
+import dpeq_utils.train as train_module
+from dpeq_utils.checkpoint import CheckpointError, checkpoint_path, read_checkpoint
+from dpeq_utils.config import RunConfig
+from dpeq_utils.runs import read_record, record_path, run
+
+TINY = RunConfig(profile="tiny", dataset="synthetic", train_size=200, test_size=100, model="resnet9", widths=(4, 8, 8),
+                 batch_size=32, physical_batch_size=16, aug_mult=2, update_steps=7, eval_every=2, lr=0.5,
+                 device="cpu", checkpoint_every=3)
+VARIANTS = {
+    "dp-sgd, 2 views": {},
+    "pruning + dropping": {"prune_rate": 0.3, "drop_rate": 0.2},
+    "modelmix": {"modelmix": True},
+    "equivariant, momentum, EMA horizons": {"model": "eq_resnet9", "group": "C4", "widths": (2, 2, 2),
+                                            "momentum": 0.9, "ema_horizons": (0.9,)},
+}
+TIMINGS = ("wall_time_s", "train_time_s", "created", "digest", "resumed_at_steps", "git_commit")
+
+
+class Crash(Exception):
+    """Stands in for a process that dies (kill -9, power loss) right after a step."""
+
+
+def _comparable(record: dict) -> dict:
+    kept = {k: v for k, v in record.items() if k not in TIMINGS}
+    kept["history"] = [{k: v for k, v in h.items() if k not in ("elapsed_s", "eval_time_s")} for h in record["history"]]
+    return kept
+
+
+def _stop_after(monkeypatch, step: int, how: str):
+    """Make the trainer stop after ``step``: a crash once that step is complete (its checkpoint, if
+    one was due, written), or a SIGINT arriving during it."""
+    original = train_module.train_step
+
+    def stepping(state):
+        if how == "crash" and state.step == step:
+            raise Crash
+        losses = original(state)
+        if how == "signal" and state.step == step:
+            os.kill(os.getpid(), signal.SIGINT)  # held until the step ends, then a checkpoint, then Ctrl-C
+        return losses
+    monkeypatch.setattr(train_module, "train_step", stepping)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_interrupted_run_resumes_to_the_same_bits(variant, tmp_path, monkeypatch):
+    config = TINY.replace(**VARIANTS[variant])
+    reference = run(config, tmp_path / "uninterrupted", progress=False)
+    folder = tmp_path / "interrupted"
+    path = record_path(config, folder)
+    # stopped three times: by a signal at a step that is no multiple of checkpoint_every (saves there),
+    # by a crash at one that is (its checkpoint was written), by a crash after it (steps 5-6 are redone)
+    for step, how in ((2, "signal"), (3, "crash"), (5, "crash")):
+        with monkeypatch.context() as patch:
+            _stop_after(patch, step, how)
+            with pytest.raises(KeyboardInterrupt if how == "signal" else Crash):
+                run(config, folder, progress=False)
+        assert not path.exists()
+        saved = read_checkpoint(checkpoint_path(path))["state"]
+        assert saved["step"] == (step if how == "signal" else 3)
+        assert saved["steps_taken"] == saved["step"]  # the ledger counts exactly the steps the checkpoint holds
+    resumed = run(config, folder, progress=False)
+    assert resumed["resumed_at_steps"] == [2, 3]  # the crashed third process left no checkpoint of its own
+    assert _comparable(resumed) == _comparable(reference)
+    assert resumed["epsilon_spent"] == reference["epsilon_spent"] <= config.target_epsilon
+    assert not checkpoint_path(path).exists()  # the record is written, the checkpoint removed
+    assert read_record(path)["resumed_at_steps"] == [2, 3]
+
+
+def _checkpointed(tmp_path, monkeypatch, config=TINY):
+    """A run stopped after step 4 with its checkpoint at step 3 on disk."""
+    with monkeypatch.context() as patch:
+        _stop_after(patch, 4, "crash")
+        with pytest.raises(Crash):
+            run(config, tmp_path, progress=False)
+    return checkpoint_path(record_path(config, tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit flipped", "not a checkpoint"])
+def test_a_corrupt_checkpoint_is_reported_and_never_used(damage, tmp_path, monkeypatch):
+    path = _checkpointed(tmp_path, monkeypatch)
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "bit flipped":
+        path.write_bytes(data[:-100] + bytes([data[-100] ^ 1]) + data[-99:])
+    else:
+        path.write_bytes(b"{}")
+    with pytest.raises(CheckpointError, match="corrupt|not a dpeq checkpoint") as caught:
+        run(TINY, tmp_path, progress=False)
+    assert "--no-resume" in str(caught.value)
+    assert not record_path(TINY, tmp_path).exists()
+    record = run(TINY, tmp_path, progress=False, resume=False)  # starting over works, and says so
+    assert "resumed_at_steps" not in record and not path.exists()
+
+
+def test_a_checkpoint_of_another_run_or_other_libraries_is_refused(tmp_path, monkeypatch):
+    path = _checkpointed(tmp_path, monkeypatch)
+    other = TINY.replace(lr=0.25)
+    path.rename(checkpoint_path(record_path(other, tmp_path)))  # copied under another config's name
+    with pytest.raises(CheckpointError, match="written with key"):
+        run(other, tmp_path, progress=False)
+    checkpoint_path(record_path(other, tmp_path)).rename(path)
+    versions = checkpoint_module.library_versions()
+    monkeypatch.setattr(checkpoint_module, "library_versions", lambda: {**versions, "opacus": "0.0.1"})
+    expected = f"written with versions {{'opacus': '{versions['opacus']}'}}, this run has {{'opacus': '0.0.1'}}"
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        run(TINY, tmp_path, progress=False)
+    assert path.exists()  # refused, not deleted: the user decides
+
+
+def test_the_cli_resumes_and_no_resume_starts_over(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from dpeq_utils.cli import train_main
+
+    profile = tmp_path / "tiny.yaml"
+    run_fields = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.to_dict().items() if k != "profile"}
+    profile.write_text(yaml.safe_dump({"description": "tiny", "run": run_fields}))
+    folder = tmp_path / "runs"
+    path = _checkpointed(folder, monkeypatch)
+    args = ["--profile", str(profile), "--runs-dir", str(folder), "--no-progress"]
+    assert train_main(args) == 0
+    assert "resuming resnet9-D4-" in capsys.readouterr().err  # "... from step 3 of 7, ε spent so far ..."
+    assert read_record(record_path(TINY, folder))["resumed_at_steps"] == [3]
+    record_path(TINY, folder).unlink()
+    _checkpointed(folder, monkeypatch)
+    assert train_main(args + ["--no-resume"]) == 0
+    assert "starting over" in capsys.readouterr().err
+    assert "resumed_at_steps" not in read_record(record_path(TINY, folder)) and not path.exists()
+
+
+def test_a_failed_periodic_checkpoint_keeps_training_and_the_last_checkpoint(tmp_path, monkeypatch):
+    reference = run(TINY, tmp_path / "reference", progress=False)
+    writes = []
+
+    def disk_full_after_first(handle, data):
+        writes.append(len(data))
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        handle.write(data)
+    monkeypatch.setattr(checkpoint_module, "_write", disk_full_after_first)
+    folder = tmp_path / "full"
+    with pytest.warns(RuntimeWarning, match="could not write the checkpoint .* No space left"):
+        _stop_after(monkeypatch, 6, "crash")
+        with pytest.raises(Crash):
+            run(TINY, folder, progress=False)
+    path = checkpoint_path(record_path(TINY, folder))
+    assert read_checkpoint(path)["state"]["step"] == 3  # the step-6 write failed; the step-3 one is intact
+    assert not list(folder.glob(".*.tmp"))  # nothing half-written left behind
+    monkeypatch.undo()
+    resumed = run(TINY, folder, progress=False)
+    assert _comparable(resumed) == _comparable(reference)
+
+
+def test_a_temp_file_of_a_killed_write_is_ignored_and_cleaned(tmp_path, monkeypatch):
+    path = _checkpointed(tmp_path, monkeypatch)
+    stale = path.with_name(f".{path.name}.abc123.tmp")
+    stale.write_bytes(path.read_bytes()[:1000])  # what a write killed half-way leaves
+    record = run(TINY, tmp_path, progress=False)
+    assert record["resumed_at_steps"] == [3] and not stale.exists()
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_record(tmp_path):
+    """The real thing: a training process killed with SIGKILL, and the same command run again."""
+    reference = run(TINY.replace(update_steps=12, checkpoint_every=2), tmp_path / "reference", progress=False)
+    config = TINY.replace(update_steps=12, checkpoint_every=2)
+    folder = tmp_path / "killed"
+    script = (f"import time, dpeq_utils.train as t\n"
+              f"from dpeq_utils.config import RunConfig\nfrom dpeq_utils.runs import run\n"
+              f"original = t.train_step\n"
+              f"def slow(state):\n    time.sleep(0.3)\n    return original(state)\n"
+              f"t.train_step = slow\n"
+              f"run(RunConfig(**{config.to_dict()!r}), {str(folder)!r}, progress=False)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-c", script], env=env)
+    path = checkpoint_path(record_path(config, folder))
+    deadline = time.monotonic() + 120
+    while not path.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # past the first checkpoint, mid-way through later steps
+    process.kill()
+    process.wait()
+    assert path.exists() and not record_path(config, folder).exists()
+    resumed = run(config, folder, progress=False)
+    assert resumed["resumed_at_steps"] and resumed["resumed_at_steps"][0] % 2 == 0
+    assert _comparable(resumed) == _comparable(reference)
+
+
+def test_deferred_signals_hand_the_signal_to_its_old_handler():
+    received = []
+    previous = signal.signal(signal.SIGUSR2, lambda number, frame: received.append(number))
+    try:
+        with train_module.deferred_signals() as held:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            assert held.pending == signal.SIGUSR2 and not received  # held during the step
+            held.deliver()
+            assert received == [signal.SIGUSR2]  # then delivered to the handler it had (submitit's on Slurm)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_checkpoint_state_round_trips(tmp_path):
+    state = train_module.setup(TINY)
+    for _ in range(2):
+        train_module.train_step(state)
+    other = train_module.setup(TINY)
+    other.load_state_dict(state.state_dict())
+    for a, b in zip(state.model.parameters(), other.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert other.step == 2 and other.budget.steps_taken == 2
+    assert torch.equal(other.generators["noise"].get_state(), state.generators["noise"].get_state())
