@@ -123,7 +123,8 @@ class CoordinateSelector:
         self.updated_fractions.append(sum(int(m.sum()) for m in self.mask.values()) / total)
         return self.mask
 
-    begin_step = select
+    def begin_step(self, model: nn.Module) -> None:
+        self.select(model)
 
     def gradient_mask(self, name: str) -> torch.Tensor | None:
         return self.mask.get(name)

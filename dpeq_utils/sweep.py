@@ -1,0 +1,293 @@
+"""Sweeps: a grid of runs handed to an executor — Slurm through submitit on a cluster, or this
+machine — with the same code, records and checkpoints as a single run.
+
+    python -m dpeq_utils.sweep --profile paper --grid "target_epsilon=[1,2,3,5,8]" \\
+        --grid "seed=[0,1,2]" --grid "model=[eq_resnet9,resnet9_matched,wrn16_4]" \\
+        --executor slurm --partition gpu --gpus-per-run 1 --time 240 --array-parallelism 8
+    python -m dpeq_utils.sweep status data/runs/paper
+
+Only runs without a record are submitted (a run with a checkpoint resumes from it). On Slurm the
+runs are one array job, one task per run; each task is a checkpointable callable
+(:class:`RunJob`): when Slurm preempts it or its time limit nears, Slurm sends SIGUSR2 (submitit
+asks for it ``signal_delay_s`` before the limit), the trainer writes the run's checkpoint at the end
+of the current step (:mod:`dpeq_utils.checkpoint`), and submitit requeues the task, which resumes.
+``--executor local`` runs the same jobs as processes on this machine, at most ``--concurrency`` at
+a time (submitit's local executor has no limit of its own); ``--executor debug`` runs them in this
+process. ``--dry-run`` prints the plan and an estimate of the device hours it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import RunConfig, config_from_profile, parse_assignment
+
+EXECUTORS = ("slurm", "local", "debug")
+
+
+def expand_grid(base: RunConfig, grids: list[str]) -> list[RunConfig]:
+    """Every combination of the ``"field=[v1, v2, ...]"`` lists, applied to ``base`` (grid order,
+    last field fastest).
+
+    >>> [(c.seed, c.target_epsilon) for c in expand_grid(RunConfig(), ["seed=[0,1]", "target_epsilon=[1,8]"])]
+    [(0, 1.0), (0, 8.0), (1, 1.0), (1, 8.0)]
+    """
+    fields, values = [], []
+    for text in grids:
+        name, value = parse_assignment(text)
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"--grid {text!r}: give a non-empty list, e.g. {name}=[1, 2]")
+        if name in fields:
+            raise ValueError(f"--grid names {name} twice; put all its values in one list")
+        fields.append(name)
+        values.append(value)
+    return [base.replace(**dict(zip(fields, combination))) for combination in itertools.product(*values)]
+
+
+@dataclass
+class PlannedRun:
+    config: RunConfig
+    status: str  # "done" (a record exists), "resumable" (a checkpoint exists), "missing"
+
+
+def plan(configs: list[RunConfig], runs_dir) -> list[PlannedRun]:
+    from .checkpoint import checkpoint_path
+    from .runs import find_record, record_path
+
+    planned = []
+    for config in configs:
+        if find_record(config, runs_dir) is not None:
+            status = "done"
+        elif checkpoint_path(record_path(config, runs_dir)).exists():
+            status = "resumable"
+        else:
+            status = "missing"
+        planned.append(PlannedRun(config, status))
+    return planned
+
+
+try:  # submitit is a dependency; the fallback keeps `import dpeq_utils.sweep` working without it
+    from submitit.helpers import Checkpointable as _Checkpointable
+except ImportError:  # pragma: no cover
+    _Checkpointable = object
+
+
+class RunJob(_Checkpointable):
+    """One run as a submitit job: train it (or resume it) and write its record. Checkpointable: on
+    preemption or timeout submitit requeues the same job, which resumes from the run's checkpoint
+    (the trainer wrote it before handing the signal on)."""
+
+    def __init__(self, config: dict, runs_dir: str):
+        self.config, self.runs_dir = config, runs_dir
+
+    def __call__(self) -> dict:
+        from .runs import load_or_run, record_path
+
+        config = RunConfig(**self.config)
+        record = load_or_run(config, self.runs_dir, progress=False)
+        return {"record": str(record_path(config, self.runs_dir)), "test_accuracy": record["test_accuracy"],
+                "epsilon_spent": record["epsilon_spent"], "wall_time_s": record["wall_time_s"]}
+
+
+def make_executor(kind: str, logs_dir: Path, *, partition: str | None = None, gpus_per_run: int = 0,
+                  time_min: int = 240, array_parallelism: int = 16, cpus_per_run: int | None = None,
+                  slurm_options: dict | None = None):
+    """A submitit executor for ``kind`` (one of :data:`EXECUTORS`), its logs in ``logs_dir`` (``%j``: job id)."""
+    import submitit
+
+    if kind not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {kind!r}")
+    folder = Path(logs_dir) / "%j"
+    if kind == "debug":
+        return submitit.DebugExecutor(folder=folder)
+    if kind == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        # the local default time limit is 2 minutes; and without gpus_per_node a job sees no GPU
+        executor.update_parameters(timeout_min=time_min, gpus_per_node=gpus_per_run)
+        return executor
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
+    parameters = {"time": time_min, "gpus_per_node": gpus_per_run, "ntasks_per_node": 1, "nodes": 1,
+                  "array_parallelism": array_parallelism, "signal_delay_s": 120, "job_name": "dpeq"}
+    if partition:
+        parameters["partition"] = partition
+    if cpus_per_run:
+        parameters["cpus_per_task"] = cpus_per_run
+    executor.update_parameters(**parameters, **(slurm_options or {}))
+    return executor
+
+
+def submit(executor, configs: list[RunConfig], runs_dir, concurrency: int = 1, echo=print) -> list:
+    """Submit one job per config; returns the jobs. A Slurm executor gets one array job. A local
+    executor runs at most ``concurrency`` jobs at a time (this call then waits for them all)."""
+    jobs = [RunJob(c.to_dict(), str(runs_dir)) for c in configs]
+    name = type(executor).__name__
+    if name == "LocalExecutor":
+        return _submit_throttled(executor, jobs, max(1, concurrency), echo)
+    if name == "DebugExecutor":
+        return [executor.submit(job) for job in jobs]
+    with executor.batch():
+        submitted = [executor.submit(job) for job in jobs]
+    return submitted
+
+
+def _submit_throttled(executor, jobs: list[RunJob], concurrency: int, echo) -> list:
+    waiting, running, finished = list(jobs), [], []
+    while waiting or running:
+        while waiting and len(running) < concurrency:
+            running.append(executor.submit(waiting.pop(0)))
+        time.sleep(0.5)
+        for job in [j for j in running if j.done()]:
+            running.remove(job)
+            finished.append(job)
+            echo(f"  job {job.job_id}: {job.state.lower()}")
+    return finished
+
+
+def estimate_hours(configs: list[RunConfig], throughput: float | None, records: list[dict]) -> tuple[float | None, str]:
+    """Device hours for ``configs``: their examples × views divided by a throughput (examples·views
+    per second), given, or measured by existing records of the same model on any device."""
+    work = {}
+    for config in configs:
+        steps = config.update_steps if config.update_steps is not None else None
+        if steps is None:
+            return None, "runs sized by epochs: pass --throughput and count steps yourself"
+        work[config.model] = work.get(config.model, 0) + steps * config.batch_size * config.aug_mult
+    if throughput:
+        return sum(work.values()) / throughput / 3600, f"at the given {throughput:g} examples·views/s"
+    rates = {}
+    for record in records:
+        model = record["config"]["model"]
+        views = record["steps"] * record["mean_batch_size"] * record["config"]["aug_mult"]
+        if record.get("train_time_s"):
+            rates.setdefault(model, []).append((views / record["train_time_s"], record["device"]))
+    missing = [m for m in work if m not in rates]
+    if missing:
+        return None, f"no record measures {', '.join(missing)} yet: pass --throughput (examples·views per second)"
+    hours = sum(work[m] / max(r for r, _ in rates[m]) for m in work) / 3600
+    devices = sorted({d for m in work for _, d in rates[m]})
+    return hours, f"at the fastest throughput records measured ({'; '.join(devices)})"
+
+
+def status_table(runs_dir, logs_dir=None) -> list[dict]:
+    """Records, checkpoints, runs in progress (locked) and failed jobs found in a runs folder."""
+    from .checkpoint import read_checkpoint
+    from .runs import read_record
+
+    runs_dir = Path(runs_dir)
+    rows = []
+    for path in sorted(runs_dir.glob("*.json")):
+        record = read_record(path)
+        rows.append({"run": path.stem, "status": "done", "step": record["steps"], "steps": record["steps"],
+                     "test_accuracy": record["test_accuracy"], "epsilon": record["epsilon_spent"]})
+    for path in sorted(runs_dir.glob("*.ckpt")):
+        try:
+            state = read_checkpoint(path)["state"]
+            step = state["step"]
+        except Exception as err:  # noqa: BLE001 - a status view reports whatever is wrong, it never stops
+            rows.append({"run": path.stem, "status": f"bad checkpoint ({err})"})
+            continue
+        locked = path.with_suffix(".json.lock").exists()
+        rows.append({"run": path.stem, "status": "running" if locked else "resumable", "step": step})
+    for path in sorted(runs_dir.glob("*.json.lock")):
+        stem = path.name[: -len(".json.lock")]
+        if not (runs_dir / f"{stem}.ckpt").exists():
+            rows.append({"run": stem, "status": "running (no checkpoint yet)"})
+    logs = Path(logs_dir) if logs_dir is not None else runs_dir / "sweep-logs"
+    for result in sorted(logs.glob("*/*_result.pkl")) if logs.is_dir() else []:
+        with open(result, "rb") as handle:
+            outcome, detail = pickle.load(handle)
+        if outcome == "error":
+            last = str(detail).strip().splitlines()[-1] if str(detail).strip() else "error"
+            rows.append({"run": f"job {result.parent.name}", "status": f"failed: {last}",
+                         "log": str(result.parent)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import user_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "python -m dpeq_utils.sweep"
+    if argv[:1] == ["status"]:
+        parser = argparse.ArgumentParser(prog=f"{prog} status", description="Records, checkpoints and failed jobs of a runs folder.")
+        parser.add_argument("runs_dir")
+        parser.add_argument("--logs-dir", default=None, help="submitit logs (default: RUNS_DIR/sweep-logs)")
+        args = parser.parse_args(argv[1:])
+        with user_errors(f"{prog} status"):
+            rows = status_table(args.runs_dir, args.logs_dir)
+        import pandas as pd
+
+        table = pd.DataFrame(rows)
+        print(table.to_string(index=False) if len(table) else f"nothing in {args.runs_dir}")
+        if len(table):
+            print("\n" + ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items()))
+        return 0
+
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="smoke")
+    parser.add_argument("--baseline", default=None, metavar="NAME", help="the profile's baselines[NAME] entry")
+    parser.add_argument("--grid", action="append", default=[], metavar="FIELD=[V1,V2]", help="repeatable")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--runs-dir", default=None, help="default: data/runs/<profile>")
+    parser.add_argument("--logs-dir", default=None, help="submitit logs (default: RUNS_DIR/sweep-logs)")
+    parser.add_argument("--executor", choices=EXECUTORS, default="local")
+    parser.add_argument("--concurrency", type=int, default=1, help="local executor: runs at a time")
+    parser.add_argument("--partition", default=None, help="Slurm partition")
+    parser.add_argument("--gpus-per-run", type=int, default=0)
+    parser.add_argument("--cpus-per-run", type=int, default=None)
+    parser.add_argument("--time", type=int, default=240, help="minutes per job (Slurm: its time limit)")
+    parser.add_argument("--array-parallelism", type=int, default=16, help="Slurm: array tasks running at once")
+    parser.add_argument("--throughput", type=float, default=None,
+                        help="examples·views per second per run, for --dry-run's estimate")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; submit nothing")
+    args = parser.parse_args(argv)
+    try:
+        base = config_from_profile(args.profile, args.baseline, **dict(parse_assignment(a) for a in args.assignments))
+        configs = expand_grid(base, args.grid)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    from .paths import runs_dir as default_runs_dir
+    from .runs import find_records, record_path
+
+    runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(base.profile)
+    logs_dir = Path(args.logs_dir) if args.logs_dir else runs_dir / "sweep-logs"
+    with user_errors(prog):
+        planned = plan(configs, runs_dir)
+        counts = {s: sum(p.status == s for p in planned) for s in ("done", "resumable", "missing")}
+        for item in planned:
+            print(f"  {item.status:9s}  {record_path(item.config, runs_dir).name}")
+        todo = [p.config for p in planned if p.status != "done"]
+        print(f"{len(planned)} runs: {counts['done']} done (skipped), {counts['resumable']} resumable, "
+              f"{counts['missing']} missing; {len(todo)} to submit to {args.executor}")
+        hours, basis = estimate_hours(todo, args.throughput, find_records(base.profile, runs_dir))
+        print(f"estimate: {'unknown' if hours is None else f'{hours:.2g} device hours'} ({basis})")
+        if args.dry_run or not todo:
+            return 0
+        executor = make_executor(args.executor, logs_dir, partition=args.partition, gpus_per_run=args.gpus_per_run,
+                                 time_min=args.time, array_parallelism=args.array_parallelism,
+                                 cpus_per_run=args.cpus_per_run)
+        jobs = submit(executor, todo, runs_dir, concurrency=args.concurrency)
+        if args.executor == "slurm":
+            print(f"submitted array job {jobs[0].job_id.split('_')[0]} ({len(jobs)} tasks); logs in {logs_dir}; "
+                  f"follow with: {prog} status {runs_dir}")
+            return 0
+        failed = 0
+        for job in jobs:
+            try:
+                result = job.result()
+                print(f"  done  {Path(result['record']).name}: test accuracy {result['test_accuracy']:.3f}")
+            except Exception as err:  # noqa: BLE001 - one failed run must not hide the others
+                failed += 1
+                print(f"  failed  job {job.job_id}: {str(err).strip().splitlines()[-1]}")
+        print(f"{len(jobs) - failed} runs done, {failed} failed")
+        return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
