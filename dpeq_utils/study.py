@@ -194,9 +194,17 @@ class Study:
                 todo.append(item)
         return todo
 
-    def complete(self, parts=PARTS, progress: bool = False, max_runs: int | None = None, echo=print) -> int:
-        """Train the missing runs of ``parts`` one at a time, re-planning after each (as rates get
-        chosen). Returns the number of runs trained."""
+    def complete(self, parts=PARTS, progress: bool = False, max_runs: int | None = None, echo=print,
+                 executor: str = "inprocess", concurrency: int = 1, **executor_options) -> int:
+        """Train the missing runs of ``parts`` and return how many were trained.
+
+        ``executor="inprocess"``: one at a time in this process, re-planning after each (as rates get
+        chosen). ``"local"``, ``"slurm"`` or ``"debug"``: every run that can start now is handed to
+        that :mod:`dpeq_utils.sweep` executor at once (``concurrency`` at a time locally; Slurm
+        options such as ``partition``, ``gpus_per_run``, ``time_min`` as keywords), then the study
+        re-plans and submits the next wave, until nothing is missing."""
+        if executor != "inprocess":
+            return self._complete_in_waves(parts, executor, concurrency, echo, executor_options)
         from .data import load_splits
         from .runs import run
 
@@ -220,6 +228,21 @@ class Study:
                  f"test {record['test_accuracy']:.3f} (EMA {record['test_accuracy_ema']:.3f}), "
                  f"{time.perf_counter() - started:.0f} s, {len(todo) - 1} left")
         return done
+
+    def _complete_in_waves(self, parts, executor: str, concurrency: int, echo, options: dict) -> int:
+        from .paths import runs_dir as default_runs_dir
+        from .sweep import make_executor, submit
+
+        runs_dir = Path(self.runs_dir) if self.runs_dir is not None else default_runs_dir(self.profile)
+        trained = 0
+        while todo := self.missing(parts):
+            echo(f"[study {self.profile}] submitting {len(todo)} runs to {executor}")
+            jobs = submit(make_executor(executor, runs_dir / "sweep-logs", **options), [p.config for p in todo],
+                          runs_dir, concurrency=concurrency, echo=lambda _: None)
+            for job in jobs:
+                job.result()  # raises if a run failed: the next wave would wait for it forever
+            trained += len(jobs)
+        return trained
 
     def table(self, part: str, records: dict[str, dict] | None = None) -> "pd.DataFrame":
         """The named runs of one part that have records: one row per run (label, stage, config
@@ -254,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default=None,
                         help="where new records go (default: data/runs/<profile>; the shipped study: "
                              "data/reference/<profile>)")
-    parser.add_argument("--max-runs", type=int, default=None)
+    parser.add_argument("--max-runs", type=int, default=None, help="in-process only")
+    parser.add_argument("--executor", choices=("inprocess", "local", "slurm", "debug"), default="inprocess",
+                        help="where runs train (dpeq_utils.sweep); default: one at a time in this process")
+    parser.add_argument("--concurrency", type=int, default=1, help="local executor: runs at a time")
     args = parser.parse_args(argv)
     try:
         study = Study(args.profile, args.runs_dir)
@@ -271,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in sorted(set(waiting)):
             print(f"  waiting: {line}")
         return 0
-    study.complete(parts, max_runs=args.max_runs, echo=lambda m: print(m, flush=True))
+    study.complete(parts, max_runs=args.max_runs, echo=lambda m: print(m, flush=True), executor=args.executor,
+                   concurrency=args.concurrency)
     return 0
 
 

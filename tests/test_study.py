@@ -54,6 +54,20 @@ def test_study_chooses_rates_on_validation_and_completes_every_part(tiny_profile
     assert list(parts["E"]["label"]) == ["equivariant (this paper)", "modelmix"]
 
 
+def test_study_hands_its_waves_to_a_sweep_executor(tiny_profile, tmp_path):
+    """The same study through dpeq_utils.sweep (the debug executor runs the jobs in this process):
+    wave after wave as rates get chosen, the same records as training in-process."""
+    waves = []
+    study = Study(tiny_profile, runs_dir=tmp_path / "runs")
+    trained = study.complete(("A",), executor="debug", echo=waves.append)
+    records = study.records()
+    assert trained == len(records) == 6 and study.missing(("A",), records) == []  # 2 models × (2 rates + seed 1)
+    assert waves == ["[study tiny] submitting 4 runs to debug", "[study tiny] submitting 2 runs to debug"]
+    again = Study(tiny_profile, runs_dir=tmp_path / "in-process")
+    again.complete(("A",))
+    assert {k: r["test_accuracy"] for k, r in again.records().items()} == {k: r["test_accuracy"] for k, r in records.items()}
+
+
 def test_study_section_is_checked(tmp_path):
     content = yaml.safe_load((profiles_dir() / "smoke.yaml").read_text())
     del content["study"]["lengths"]
