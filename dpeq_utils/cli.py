@@ -53,6 +53,7 @@ def train_main(argv: list[str] | None = None) -> int:
     import argparse
 
     from .config import config_from_profile, parse_assignment
+    from .models import model_tag
     from .runs import find_record, load_or_run, record_path
 
     prog = "python -m dpeq_utils.train"
@@ -84,7 +85,7 @@ def train_main(argv: list[str] | None = None) -> int:
     eps = record["epsilon_spent"]
     origin = (f"read from {found} (trained {record.get('created', '?')} on {record['device']}, "
               f"{record['wall_time_s']:.0f} s then)" if found else f"{record['wall_time_s']:.1f} s on {record['device']}")
-    print(f"{config.model} {config.group if config.model != 'wrn16_4' else ''} on {config.dataset}: "
+    print(f"{model_tag(config.model, config.group)} on {config.dataset}: "
           f"test accuracy {record['test_accuracy']:.3f} (EMA {record['test_accuracy_ema']:.3f}), "
           f"ε = {'∞ (non-private)' if eps is None else f'{eps:.3f} ≤ {config.target_epsilon}'}, "
           f"σ = {record['noise_multiplier']:.4g}, q = {record['sample_rate']:.4g}, {record['steps']} steps, "

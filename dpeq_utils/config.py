@@ -16,8 +16,8 @@ import yaml
 
 from .data import DATASETS, MAX_SIZES
 from .equivariance import can_halve, parse_group
-from .models import MODELS
-from .models.equivariant import HEADS
+from .models import MODELS, takes_group
+from .models.layers import HEADS
 from .per_sample import ENGINES
 from .privacy import ACCOUNTANTS
 from .profiles import BUDGET_FIELDS, PROFILES, baseline_changes, baseline_entries, load_profile, profile_path  # noqa: F401 - re-exported
@@ -27,9 +27,68 @@ FLOAT_FIELDS = ("target_epsilon", "target_delta", "clip_norm", "epochs", "lr", "
                 "prune_rate", "drop_rate", "modelmix_gap_rate")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive_int(value) -> bool:
+    return _is_int(value) and value >= 1
+
+
+def _positive_number(value) -> bool:
+    return _is_number(value) and math.isfinite(value) and value > 0
+
+
+def _in_unit_interval(value) -> bool:
+    """In [0, 1)."""
+    return _is_number(value) and 0 <= value < 1
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+#: Each field checked alone: ``field: (check, what it must be)``; the message is
+#: "<field> must <what>, got <value>".
+FIELD_CHECKS = {
+    "widths": (lambda v: isinstance(v, tuple) and len(v) == 3 and all(_positive_int(w) for w in v),
+               "be three positive integers"),
+    **{name: (_positive_int, "be a positive integer") for name in ("num_groups", "batch_size", "physical_batch_size",
+                                                                  "aug_mult")},
+    **{name: (_optional(_positive_int), "be a positive integer or None") for name in ("train_size", "test_size",
+                                                                                      "update_steps")},
+    **{name: (_positive_number, "be a positive finite number") for name in ("target_epsilon", "target_delta",
+                                                                            "clip_norm", "lr")},
+    "epochs": (_optional(_positive_number), "be a positive finite number"),
+    "target_delta": (lambda v: _is_number(v) and 0 < v < 1, "lie in (0, 1)"),
+    **{name: (_in_unit_interval, "lie in [0, 1)") for name in ("momentum", "ema_decay", "prune_rate", "drop_rate")},
+    "ema_horizons": (lambda v: isinstance(v, tuple) and all(isinstance(d, float) and 0 <= d < 1 for d in v),
+                     "be a list of decays in [0, 1)"),
+    **{name: (lambda v: _is_int(v) and v >= 0, "be an integer >= 0") for name in ("eval_every", "validation_size", "seed")},
+    "checkpoint_every": (_optional(lambda v: _is_int(v) and v >= 0), "be an integer >= 0 or None"),
+    "modelmix_gap_rate": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "be a finite number >= 0"),
+    **{name: (lambda v: isinstance(v, bool), "be true or false") for name in ("restrict", "non_private", "modelmix")},
+}
+
+
+def _choices() -> dict[str, tuple]:
+    """Fields whose value comes from a registry."""
+    return {"dataset": DATASETS, "model": MODELS, "head": HEADS, "accountant": ACCOUNTANTS,
+            "per_sample_engine": ENGINES, "prune_method": SELECTION_METHODS, "drop_method": SELECTION_METHODS}
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """One DP-SGD (or non-private reference) training run. Field names are the ones parameters cells, records and figures use."""
+    """One DP-SGD (or non-private reference) training run. Field names are the ones parameters cells, records and figures use.
+
+    ``RunConfig()`` is the paper's model and privacy recipe (ε = 8, δ = 1e-5, clip 2, D4 restricted,
+    widths 16/32/64) at a size that trains in about a minute on a CPU: synthetic data, batch 256,
+    one view, 20 steps. The profiles (``notebooks/profiles``) set every field for real runs.
+    """
 
     profile: str = "custom"
     # data
@@ -53,13 +112,13 @@ class RunConfig:
     accountant: str = "rdp"
     clip_norm: float = 2.0
     # optimisation
-    batch_size: int = 8192  # logical batch: the *expected* size under Poisson sampling
+    batch_size: int = 256  # logical batch: the *expected* size under Poisson sampling (the paper: 8192)
     physical_batch_size: int = 64  # examples per forward/backward chunk (memory and speed only)
     per_sample_engine: str = "auto"  # per-example gradients: hooks, vmap, or auto (hooks where supported)
-    aug_mult: int = 4
-    update_steps: int | None = 2160
+    aug_mult: int = 1  # the paper: 4
+    update_steps: int | None = 20  # the paper: 2160
     epochs: float | None = None  # alternative to update_steps: steps = round(epochs * N / batch_size)
-    lr: float = 2.0
+    lr: float = 1.0  # the paper: 2.0 (at batch 8192)
     momentum: float = 0.0
     ema_decay: float = 0.999
     ema_horizons: tuple[float, ...] = ()  # further EMA decays scored at every evaluation (they never change training)
@@ -98,88 +157,36 @@ class RunConfig:
             raise ValueError("invalid run config:\n  - " + "\n  - ".join(problems))
 
     def _problems(self):
-        def positive_int(name, allow_none=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                yield f"{name} must be a positive integer{' or None' if allow_none else ''}, got {value!r}"
-
-        def positive_float(name, allow_none=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                yield f"{name} must be a positive finite number, got {value!r}"
-
-        def choice(name, options):
+        """Every problem of this config, one sentence each: first each field alone
+        (:data:`FIELD_CHECKS`, choices), then fields together."""
+        for name, (check, must) in FIELD_CHECKS.items():
+            if not check(getattr(self, name)):
+                yield f"{name} must {must}, got {getattr(self, name)!r}"
+        for name, options in _choices().items():
             if getattr(self, name) not in options:
                 yield f"{name} must be one of {tuple(options)}, got {getattr(self, name)!r}"
-
-        yield from choice("dataset", DATASETS)
-        yield from choice("model", MODELS)
-        yield from choice("head", HEADS)
-        yield from choice("accountant", ACCOUNTANTS)
-        yield from choice("per_sample_engine", ENGINES)
         try:
             parse_group(self.group)
         except ValueError as err:
             yield str(err)
-        if not isinstance(self.widths, tuple) or len(self.widths) != 3 or not all(
-                isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in self.widths):
-            yield f"widths must be three positive integers, got {self.widths!r}"
-        for name in ("num_groups", "batch_size", "physical_batch_size", "aug_mult"):
-            yield from positive_int(name)
-        for name in ("train_size", "test_size", "update_steps"):
-            yield from positive_int(name, allow_none=True)
-        for name in ("target_epsilon", "target_delta", "clip_norm", "lr"):
-            yield from positive_float(name)
-        yield from positive_float("epochs", allow_none=True)
+        yield from self._cross_field_problems()
+
+    def _cross_field_problems(self):
         if (self.update_steps is None) == (self.epochs is None):
             yield "set exactly one of update_steps and epochs (the other to None)"
-        if not isinstance(self.target_delta, (int, float)) or not 0 < self.target_delta < 1:
-            yield f"target_delta must lie in (0, 1), got {self.target_delta!r}"
-        if not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
-            yield f"momentum must lie in [0, 1), got {self.momentum!r}"
-        if not isinstance(self.ema_decay, (int, float)) or not 0 <= self.ema_decay < 1:
-            yield f"ema_decay must lie in [0, 1), got {self.ema_decay!r}"
-        if not isinstance(self.ema_horizons, tuple) or not all(
-                isinstance(d, float) and 0 <= d < 1 for d in self.ema_horizons):
-            yield f"ema_horizons must be a list of decays in [0, 1), got {self.ema_horizons!r}"
-        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
-            yield f"eval_every must be an integer >= 0, got {self.eval_every!r}"
-        every = self.checkpoint_every
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
-            yield f"checkpoint_every must be an integer >= 0 or None, got {every!r}"
-        if isinstance(self.validation_size, bool) or not isinstance(self.validation_size, int) or self.validation_size < 0:
-            yield f"validation_size must be an integer >= 0, got {self.validation_size!r}"
-        elif self.dataset in MAX_SIZES:
+        if _is_int(self.validation_size) and self.validation_size >= 0 and self.dataset in MAX_SIZES:
             max_train, max_test = MAX_SIZES[self.dataset]
-            sizes = [v for v in (self.train_size, self.validation_size) if isinstance(v, int) and not isinstance(v, bool)]
+            sizes = [v for v in (self.train_size, self.validation_size) if _is_int(v)]
             if sum(sizes) > max_train or (self.dataset == "cifar10" and self.train_size is None
                                            and self.validation_size >= max_train):
                 yield (f"train_size + validation_size must be at most {max_train:,} for {self.dataset}, got "
                        f"{self.train_size} + {self.validation_size}")
             if isinstance(self.test_size, int) and self.test_size > max_test:
                 yield f"test_size must be at most {max_test:,} for {self.dataset}, got {self.test_size:,}"
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            yield f"seed must be an integer >= 0, got {self.seed!r}"
-        for name in ("prune_rate", "drop_rate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                yield f"{name} must lie in [0, 1), got {value!r}"
-        yield from choice("prune_method", SELECTION_METHODS)
-        yield from choice("drop_method", SELECTION_METHODS)
-        gap = self.modelmix_gap_rate
-        if isinstance(gap, bool) or not isinstance(gap, (int, float)) or not math.isfinite(gap) or gap < 0:
-            yield f"modelmix_gap_rate must be a finite number >= 0, got {gap!r}"
-        if self.modelmix is True and isinstance(self.prune_rate, (int, float)) and isinstance(self.drop_rate, (int, float)) \
+        if self.modelmix is True and _is_number(self.prune_rate) and _is_number(self.drop_rate) \
                 and (self.prune_rate > 0 or self.drop_rate > 0):
             yield "modelmix cannot be combined with prune_rate/drop_rate (the mix would move pruned weights): choose one"
-        for name in ("restrict", "non_private", "modelmix"):
-            if not isinstance(getattr(self, name), bool):
-                yield f"{name} must be true or false, got {getattr(self, name)!r}"
-        if self.restrict is True and self.model != "wrn16_4" and not can_halve(self.group):
+        if self.restrict is True and self.model in MODELS and takes_group(self.model) and not can_halve(self.group):
             yield f"group {self.group} has no subgroup to restrict to: set restrict=False"
 
     def replace(self, **changes) -> "RunConfig":

@@ -32,6 +32,8 @@ from escnn import nn as enn
 from torch.func import functional_call, grad_and_value, vjp, vmap
 
 from . import equivariance  # noqa: F401  (applies the escnn fixes torch.func needs)
+from .models.equivariant import StandardizedR2Conv
+from .models.layers import WS_EPS, WSConv2d
 
 ENGINES = ("auto", "hooks", "vmap")
 
@@ -115,7 +117,7 @@ def _layer_grads(module, per_example_outputs: dict[str, torch.Tensor]) -> dict[s
     return grads
 
 
-def standardize_pull_back(weight: torch.Tensor, grad: torch.Tensor, leading_dims: int = 0, eps: float = 1e-5,
+def standardize_pull_back(weight: torch.Tensor, grad: torch.Tensor, leading_dims: int = 0, eps: float = WS_EPS,
                           inplace: bool = False) -> torch.Tensor:
     """Per-example gradients through :func:`~dpeq_utils.models.layers.standardize`.
 
@@ -163,29 +165,60 @@ def _basis_transpose(expansion, filter_grads: torch.Tensor) -> torch.Tensor | No
     return torch.einsum("bxoyis,nois->bxyn", grads, basis.reshape(n, o, i, -1)).reshape(batch, -1)
 
 
-def _fast_pull_back(module, per_example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """Closed-form pull-back for the layers dpeq builds, or None for the generic path."""
-    from .models.equivariant import StandardizedR2Conv
-    from .models.layers import WSConv2d
+#: Closed-form pull-backs from a layer's effective weight/bias to its parameters, by exact layer type
+#: (a subclass may expand its parameters differently): ``pull_back(module, per_example) -> grads | None``.
+PULL_BACKS: dict[type, Callable] = {}
 
-    if not hasattr(module, "expand_parameters"):  # nn.Linear, nn.GroupNorm, nn.Conv2d: used as they are
-        return dict(per_example)
-    if type(module) is WSConv2d:
-        grads = {"weight": standardize_pull_back(module.weight.detach(), per_example["weight"], leading_dims=1,
-                                                 inplace=True)}
-    elif type(module) is StandardizedR2Conv:
-        coefficients = _basis_transpose(module.basisexpansion, per_example["weight"])
-        if coefficients is None:
-            return None
-        grads = {"weights": standardize_pull_back(module.weights.detach(), coefficients, inplace=True)}
-    else:
-        return None
-    if module.bias is not None:  # escnn expands a bias per field: bias_expansion @ bias
-        bias = per_example["bias"]
-        grads["bias"] = bias @ module.bias_expansion if type(module) is StandardizedR2Conv else bias
+
+def register_pull_back(layer_type: type):
+    def register(function):
+        PULL_BACKS[layer_type] = function
+        return function
+    return register
+
+
+@register_pull_back(WSConv2d)
+def _ws_conv_pull_back(module, per_example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    grads = {"weight": standardize_pull_back(module.weight.detach(), per_example["weight"], leading_dims=1, inplace=True)}
+    if module.bias is not None:
+        grads["bias"] = per_example["bias"]
     return grads
 
 
+@register_pull_back(StandardizedR2Conv)
+def _steerable_pull_back(module, per_example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    coefficients = _basis_transpose(module.basisexpansion, per_example["weight"])
+    if coefficients is None:
+        return None
+    grads = {"weights": standardize_pull_back(module.weights.detach(), coefficients, inplace=True)}
+    if module.bias is not None:  # escnn expands a bias per field: bias_expansion @ bias
+        grads["bias"] = per_example["bias"] @ module.bias_expansion
+    return grads
+
+
+def _fast_pull_back(module, per_example: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Closed-form pull-back for the layers dpeq builds, or None for the generic path."""
+    if not hasattr(module, "expand_parameters"):  # nn.Linear, nn.GroupNorm, nn.Conv2d: used as they are
+        return dict(per_example)
+    pull_back = PULL_BACKS.get(type(module))
+    return None if pull_back is None else pull_back(module, per_example)
+
+
+#: The hooks engine's per-example gradient rules, by layer type (as Opacus's ``register_grad_sampler``):
+#: ``rule(module, layer_input, grad_output, batch) -> per-example gradients of the layer's effective
+#: weight and bias``. A subclass uses its nearest registered base's rule.
+GRAD_RULES: dict[type, Callable] = {}
+
+
+def register_grad_rule(*layer_types: type):
+    def register(rule):
+        for layer_type in layer_types:
+            GRAD_RULES[layer_type] = rule
+        return rule
+    return register
+
+
+@register_grad_rule(nn.Conv2d, enn.R2Conv)
 def _conv_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     """Per-example gradients of a 2-d convolution (plain, weight-standardised or steerable)."""
     if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros":
@@ -200,12 +233,14 @@ def _conv_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> d
     return {"weight": weight, "bias": grad_rows.sum((1, 3))}
 
 
+@register_grad_rule(nn.Linear)
 def _linear_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     x = x.reshape(batch, -1, x.shape[-1])
     grad_rows = grad_out.reshape(batch, -1, grad_out.shape[-1])
     return {"weight": torch.einsum("bko,bki->boi", grad_rows, x), "bias": grad_rows.sum(1)}
 
 
+@register_grad_rule(nn.GroupNorm)
 def _group_norm_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> dict[str, torch.Tensor]:
     normalized = F.group_norm(x, module.num_groups, eps=module.eps)
     grad_rows = grad_out.reshape(batch, -1, *grad_out.shape[1:])
@@ -215,13 +250,7 @@ def _group_norm_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int
 
 
 def _rule_for(module: nn.Module):
-    if isinstance(module, (nn.Conv2d, enn.R2Conv)):
-        return _conv_rule
-    if isinstance(module, nn.Linear):
-        return _linear_rule
-    if isinstance(module, nn.GroupNorm):
-        return _group_norm_rule
-    return None
+    return next((GRAD_RULES[t] for t in type(module).__mro__ if t in GRAD_RULES), None)
 
 
 def hooks_supported(model: nn.Module) -> bool:

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from opacus.accountants import PRVAccountant, RDPAccountant
-
-ACCOUNTANTS = ("rdp", "prv")
 
 
 class PrivacyBudgetError(RuntimeError):
@@ -57,19 +57,41 @@ def _check_common(sample_rate, steps, target_delta, dataset_size, accountant) ->
         raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
 
 
-def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, target_delta: float, accountant: str) -> float:
+def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, target_delta: float) -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus warns about the optimal RDP order at the grid's edge
         rdp = RDPAccountant()
         rdp.history = [(noise_multiplier, sample_rate, steps)]
-        eps_rdp = float(rdp.get_epsilon(target_delta))
-        if accountant == "rdp":
-            return eps_rdp
-        # PRV ε never exceeds RDP ε; its discretisation error is absolute, so tie it to that scale
-        # (0.1%), which keeps small budgets resolved and large ones cheap
+        return float(rdp.get_epsilon(target_delta))
+
+
+def _prv_epsilon(noise_multiplier: float, sample_rate: float, steps: int, target_delta: float) -> float:
+    # PRV ε never exceeds RDP ε; its discretisation error is absolute, so tie it to that scale
+    # (0.1%), which keeps small budgets resolved and large ones cheap
+    eps_rdp = _rdp_epsilon(noise_multiplier, sample_rate, steps, target_delta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         prv = PRVAccountant()
         prv.history = [(noise_multiplier, sample_rate, steps)]
         return float(prv.get_epsilon(target_delta, eps_error=max(1e-3 * eps_rdp, 1e-4)))
+
+
+@dataclass(frozen=True)
+class Accountant:
+    """An accountant: ``epsilon(σ, q, T, δ)``, and whether its ε never exceeds RDP's for the same σ
+    (then calibration starts from RDP's σ and walks down, and RDP's floor does not bind it)."""
+
+    epsilon: Callable[[float, float, int, float], float]
+    below_rdp: bool
+
+
+#: Accountants by name; add one here (and a test against an independent implementation).
+ACCOUNTANT_REGISTRY = {"rdp": Accountant(_rdp_epsilon, below_rdp=False), "prv": Accountant(_prv_epsilon, below_rdp=True)}
+ACCOUNTANTS = tuple(ACCOUNTANT_REGISTRY)
+
+
+def _epsilon(noise_multiplier: float, sample_rate: float, steps: int, target_delta: float, accountant: str) -> float:
+    return ACCOUNTANT_REGISTRY[accountant].epsilon(noise_multiplier, sample_rate, steps, target_delta)
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, target_delta: float,
@@ -103,11 +125,11 @@ def calibrate_noise(target_epsilon: float, target_delta: float, sample_rate: flo
             low, high = (low, middle) if eps(middle) <= target_epsilon else (middle, high)
         return high
 
-    def rdp(sigma: float) -> float:
-        return _epsilon(sigma, sample_rate, steps, target_delta, "rdp")
+    def eps(sigma: float) -> float:
+        return _epsilon(sigma, sample_rate, steps, target_delta, accountant)
 
-    def prv(sigma_: float) -> float:
-        return _epsilon(sigma_, sample_rate, steps, target_delta, "prv")
+    def rdp(sigma: float) -> float:
+        return _rdp_epsilon(sigma, sample_rate, steps, target_delta)
 
     def smallest_sufficient(eps) -> float:
         high = 1.0
@@ -121,26 +143,25 @@ def calibrate_noise(target_epsilon: float, target_delta: float, sample_rate: flo
             low, high = low / 2, low
         return bisect(eps, low, high)
 
+    below_rdp = ACCOUNTANT_REGISTRY[accountant].below_rdp
     floor = rdp_epsilon_floor(target_delta)
     if target_epsilon <= floor:
-        if accountant == "rdp":
+        if not below_rdp:
             raise PrivacyBudgetError(
-                f"the RDP accountant cannot certify ε={target_epsilon} at δ={target_delta}: converting Rényi DP to "
-                f"(ε, δ) adds at least {floor:.3f} whatever the noise, so no σ, q or T reaches it. Use accountant='prv' "
-                "(numerically tight; it reaches far smaller ε), or raise ε.")
-        # PRV alone: RDP gives no starting point here
-        return smallest_sufficient(prv)
-    sigma = smallest_sufficient(rdp)
-    if accountant == "rdp":
-        return sigma
+                f"the {accountant.upper()} accountant cannot certify ε={target_epsilon} at δ={target_delta}: converting "
+                f"Rényi DP to (ε, δ) adds at least {floor:.3f} whatever the noise, so no σ, q or T reaches it. Use "
+                "accountant='prv' (numerically tight; it reaches far smaller ε), or raise ε.")
+        return smallest_sufficient(eps)  # RDP gives no starting point here
+    if not below_rdp:
+        return smallest_sufficient(eps)
 
-    # PRV's ε is below RDP's for the same σ, so its σ is below the RDP one. Walk down in small steps
-    # rather than probing tiny σ: PRV's cost and memory explode for ε far above the target.
-    high = sigma
+    # this accountant's ε is below RDP's for the same σ, so its σ is below the RDP one. Walk down in
+    # small steps rather than probing tiny σ: PRV's cost and memory explode for ε far above the target.
+    high = smallest_sufficient(rdp)
     low = high * 0.9
-    while prv(low) <= target_epsilon:
+    while eps(low) <= target_epsilon:
         low, high = low * 0.9, low
-    return bisect(prv, low, high)
+    return bisect(eps, low, high)
 
 
 def rdp_epsilon_floor(target_delta: float) -> float:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import RunConfig
+from .models import model_tag
 from .paths import reference_dir
 from .paths import runs_dir as default_runs_dir
 from .runtime import device_name, git_commit, library_versions, pick_device
@@ -69,8 +70,7 @@ def _runs_dir(config: RunConfig, runs_dir) -> Path:
 
 
 def record_path(config: RunConfig, runs_dir: str | os.PathLike | None = None) -> Path:
-    tag = config.model if config.model == "wrn16_4" else f"{config.model}-{config.group}"
-    return _runs_dir(config, runs_dir) / f"{tag}-{config_key(config)}.json"
+    return _runs_dir(config, runs_dir) / f"{model_tag(config.model, config.group)}-{config_key(config)}.json"
 
 
 def _finite_or_null(value):

@@ -311,3 +311,13 @@ def test_views_do_not_depend_on_how_the_batch_is_split():
     parts = torch.cat([apply_views(images[i:i + 3], draws[i:i + 3]) for i in range(0, 10, 3)])
     assert torch.equal(whole, parts)
     assert torch.equal(whole, augment_views(images, 4, torch.Generator().manual_seed(3)))
+
+
+def test_default_config_describes_a_run_that_works():
+    """``RunConfig()`` passes every check the trainer makes before training, and takes a step."""
+    from dpeq_utils.train import setup, train_step
+
+    state = setup(RunConfig(device="cpu"))
+    assert state.sample_rate == 256 / 5000 and state.steps == 20 and 0 < state.budget.noise_multiplier < 10
+    losses = train_step(state)
+    assert len(losses) == state.batch_sizes[0] and state.budget.steps_taken == 1

@@ -12,13 +12,14 @@ name                what
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch.nn as nn
 
 from ..equivariance import group_order, halved_subgroup
 from .baselines import PlainResNet9, WideResNet
 from .equivariant import PAPER_WIDTHS, EquivariantResNet9, fields_for_width
-
-MODELS = ("eq_resnet9", "resnet9", "resnet9_matched", "wrn16_4")
 
 
 def count_params(model: nn.Module) -> int:
@@ -66,6 +67,54 @@ def matched_channels(target_params: int, reference: tuple[int, int, int, int], n
     return min((params_at(s) for s in (low, high)), key=lambda pc: abs(pc[0] - target_params))[1]
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model of the registry: ``build(group, restrict, widths, num_groups, head, num_classes)``, and
+    whether it takes a symmetry group (a model that does not ignores ``group`` and ``restrict``, and
+    its records are named without a group)."""
+
+    build: Callable[..., nn.Module]
+    takes_group: bool
+
+
+def _same_width(group, restrict, widths, num_groups, head, num_classes) -> nn.Module:
+    return PlainResNet9(same_width_channels(group, restrict, widths), num_groups, head, num_classes)
+
+
+def _matched(group, restrict, widths, num_groups, head, num_classes) -> nn.Module:
+    target = count_params(EquivariantResNet9(group, restrict, widths, num_groups, head, num_classes))
+    channels = matched_channels(target, same_width_channels(group, restrict, widths), num_groups, head, num_classes)
+    return PlainResNet9(channels, num_groups, head, num_classes)
+
+
+def _wrn16_4(group, restrict, widths, num_groups, head, num_classes) -> nn.Module:
+    return WideResNet(depth=16, width=4, num_groups=16, num_classes=num_classes, base_widths=widths)
+
+
+#: Models by name (the module docstring says what each is). Add one here; config validation, record
+#: names, the command line and the notebooks read this.
+MODEL_REGISTRY = {
+    "eq_resnet9": ModelSpec(EquivariantResNet9, takes_group=True),
+    "resnet9": ModelSpec(_same_width, takes_group=True),
+    "resnet9_matched": ModelSpec(_matched, takes_group=True),
+    "wrn16_4": ModelSpec(_wrn16_4, takes_group=False),
+}
+MODELS = tuple(MODEL_REGISTRY)
+
+
+def takes_group(name: str) -> bool:
+    return MODEL_REGISTRY[name].takes_group
+
+
+def model_tag(name: str, group: str) -> str:
+    """How records and messages name a model: with its group where it has one.
+
+    >>> model_tag("eq_resnet9", "D4"), model_tag("wrn16_4", "D4")
+    ('eq_resnet9-D4', 'wrn16_4')
+    """
+    return f"{name}-{group}" if takes_group(name) else name
+
+
 def build_model(name: str, *, group: str = "D4", restrict: bool = True, widths=PAPER_WIDTHS, num_groups: int = 8,
                 head: str = "pool2x2", num_classes: int = 10) -> nn.Module:
     """A model by name (see the module docstring). ``widths`` scale every model: ``wrn16_4`` has stage
@@ -75,19 +124,11 @@ def build_model(name: str, *, group: str = "D4", restrict: bool = True, widths=P
     >>> count_params(build_model("eq_resnet9", group="D4", restrict=True, widths=(4, 8, 16))) > 0
     True
     """
-    widths = tuple(widths)
-    if name == "eq_resnet9":
-        return EquivariantResNet9(group, restrict, widths, num_groups, head, num_classes)
-    if name == "resnet9":
-        return PlainResNet9(same_width_channels(group, restrict, widths), num_groups, head, num_classes)
-    if name == "resnet9_matched":
-        target = count_params(EquivariantResNet9(group, restrict, widths, num_groups, head, num_classes))
-        channels = matched_channels(target, same_width_channels(group, restrict, widths), num_groups, head, num_classes)
-        return PlainResNet9(channels, num_groups, head, num_classes)
-    if name == "wrn16_4":
-        return WideResNet(depth=16, width=4, num_groups=16, num_classes=num_classes, base_widths=widths)
-    raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    if name not in MODEL_REGISTRY:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    return MODEL_REGISTRY[name].build(group, restrict, tuple(widths), num_groups, head, num_classes)
 
 
-__all__ = ["MODELS", "build_model", "count_params", "scale_widths", "same_width_channels", "matched_channels",
-           "EquivariantResNet9", "PlainResNet9", "WideResNet", "fields_for_width"]
+__all__ = ["MODELS", "MODEL_REGISTRY", "ModelSpec", "model_tag", "takes_group", "build_model", "count_params",
+           "scale_widths", "same_width_channels", "matched_channels", "EquivariantResNet9", "PlainResNet9", "WideResNet",
+           "fields_for_width"]

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import WSConv2d, norm_groups
+from .layers import WSConv2d, check_head, head_features, norm_groups, pool_for_head
 
 
 class PlainBlock(nn.Module):
@@ -40,8 +40,7 @@ class PlainResNet9(nn.Module):
         c1, c2, c3, c4 = (int(c) for c in channels)
         if min(c1, c2, c3, c4) < 1:
             raise ValueError(f"channels must be positive, got {channels}")
-        if head not in ("pool2x2", "global"):
-            raise ValueError(f"head must be 'pool2x2' or 'global', got {head!r}")
+        check_head(head)
         self.channels, self.head_kind = (c1, c2, c3, c4), head
         self.conv1 = PlainBlock(in_channels, c1, num_groups, pool=False)
         self.conv2 = PlainBlock(c1, c2, num_groups, pool=True)
@@ -51,7 +50,7 @@ class PlainResNet9(nn.Module):
         self.conv4 = PlainBlock(c3, c4, num_groups, pool=True)
         self.res2 = nn.Sequential(PlainBlock(c4, c4, num_groups, False), PlainBlock(c4, c4, num_groups, False))
         self.norm2 = nn.GroupNorm(norm_groups(c4, num_groups), c4, affine=False)
-        self.classifier = nn.Linear(c4 * (4 if head == "pool2x2" else 1), num_classes)
+        self.classifier = nn.Linear(head_features(c4, head), num_classes)
 
     def _trunk(self, x: torch.Tensor, keep: dict | None = None) -> torch.Tensor:
         x = self.conv2(self.conv1(x))
@@ -68,9 +67,7 @@ class PlainResNet9(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._trunk(x)
-        x = F.adaptive_avg_pool2d(x, 2).flatten(1) if self.head_kind == "pool2x2" else x.mean((2, 3))
-        return self.classifier(x)
+        return self.classifier(pool_for_head(self._trunk(x), self.head_kind))
 
     def feature_maps(self, x: torch.Tensor) -> dict:
         """Feature maps after each stage (plain tensors: no group acts on them)."""

@@ -38,9 +38,8 @@ import torch.nn.functional as F
 from escnn import nn as enn
 
 from ..equivariance import group_order, group_pool, halved_subgroup, make_gspace
-from .layers import FieldGroupNorm
+from .layers import WS_EPS, FieldGroupNorm, check_head, head_features, pool_for_head
 
-HEADS = ("pool2x2", "global")
 PAPER_WIDTHS = (16, 32, 64)
 
 
@@ -59,7 +58,7 @@ class StandardizedR2Conv(enn.R2Conv):
 
     def expand_parameters(self):
         std, mean = torch.std_mean(self.weights, unbiased=False)
-        weights = (self.weights - mean) / (std + 1e-5)
+        weights = (self.weights - mean) / (std + WS_EPS)
         filter_ = self.basisexpansion(weights)
         filter_ = filter_.reshape(filter_.shape[0], filter_.shape[1], *(self.kernel_size,) * self.d)
         bias = None if self.bias is None else self.bias_expansion @ self.bias
@@ -121,8 +120,7 @@ class EquivariantResNet9(nn.Module):
         widths = tuple(int(w) for w in widths)
         if len(widths) != 3 or min(widths) < 1:
             raise ValueError(f"widths must be three positive integers, got {widths}")
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        check_head(head)
         if restrict and group == "C1":
             raise ValueError("C1 is the trivial group and has no subgroup to restrict to; use restrict=False")
         self.group, self.restrict, self.widths, self.head_kind = group, restrict, widths, head
@@ -148,7 +146,7 @@ class EquivariantResNet9(nn.Module):
         late_order = self.conv4.out_type.gspace.fibergroup.order()
         self.norm2 = FieldGroupNorm(n2, late_order, num_groups)
         self.late_field_size = late_order
-        self.classifier = nn.Linear(n2 * (4 if head == "pool2x2" else 1), num_classes)
+        self.classifier = nn.Linear(head_features(n2, head), num_classes)
 
     def _trunk(self, x: torch.Tensor, keep: dict | None = None) -> torch.Tensor:
         x = self.conv1(x)
@@ -166,12 +164,7 @@ class EquivariantResNet9(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = group_pool(self._trunk(x), self.late_field_size)
-        if self.head_kind == "pool2x2":
-            x = F.adaptive_avg_pool2d(x, 2).flatten(1)
-        else:
-            x = x.mean((2, 3))
-        return self.classifier(x)
+        return self.classifier(pool_for_head(group_pool(self._trunk(x), self.late_field_size), self.head_kind))
 
     def feature_maps(self, x: torch.Tensor) -> "OrderedDict[str, enn.GeometricTensor]":
         """Feature maps after each stage, typed (stage3 lives on the subgroup when restricted)."""

@@ -11,6 +11,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+#: Weight standardisation's epsilon, ŵ = (w − μ) / (σ + eps), wherever weights are standardised (the
+#: official code's value; the per-example pull-back uses the same).
+WS_EPS = 1e-5
+#: Classifier heads: ``pool2x2`` (the paper's: average to 2×2, flatten; keeps coarse layout, so not
+#: invariant) or ``global`` (average over all pixels: invariant when the features are).
+HEADS = ("pool2x2", "global")
+
+
+def check_head(head: str) -> str:
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    return head
+
+
+def head_features(channels: int, head: str) -> int:
+    """Inputs of the classifier after ``head`` pools a map of ``channels`` channels."""
+    return channels * (4 if check_head(head) == "pool2x2" else 1)
+
+
+def pool_for_head(x: torch.Tensor, head: str) -> torch.Tensor:
+    """``(B, C, H, W)`` → ``(B, head_features(C, head))``."""
+    return F.adaptive_avg_pool2d(x, 2).flatten(1) if head == "pool2x2" else x.mean((2, 3))
+
 
 def norm_groups(num_channels: int, num_groups: int) -> int:
     """GroupNorm's number of groups for ``num_channels`` channels (or fields), the official code's rule.
@@ -57,7 +80,7 @@ class FieldGroupNorm(nn.Module):
         return f"fields={self.num_fields}, field_size={self.field_size}, groups={self.groups}"
 
 
-def standardize(weight: torch.Tensor, dims=None, eps: float = 1e-5) -> torch.Tensor:
+def standardize(weight: torch.Tensor, dims=None, eps: float = WS_EPS) -> torch.Tensor:
     """Weight standardisation: zero mean, unit (biased) std over ``dims`` (all dims by default)."""
     dims = tuple(range(weight.ndim)) if dims is None else dims
     std, mean = torch.std_mean(weight, dim=dims, unbiased=False, keepdim=True)
