@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .paths import cache_dir
+from .runtime import derived_seeds
 
 DATASETS = ("synthetic", "cifar10")
 #: Full training-set size of each dataset (synthetic: the default generated size).
@@ -302,7 +303,7 @@ def make_synthetic(train_size: int = 5000, test_size: int = 1000, seed: int = 0,
     splits = []
     # distinct, reproducible streams for every (seed, split); split_index=2 makes a validation split
     for index, size in zip((split_index, split_index + 1) if split_index else (0, 1), (train_size, test_size)):
-        stream = int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0]) >> 1
+        stream = derived_seeds([seed, index], 1)[0]
         splits.append(_render_synthetic(size, torch.Generator().manual_seed(stream)))
     (train_x, train_y), (test_x, test_y) = splits
     mean, std = SYNTHETIC_MEAN, SYNTHETIC_STD  # fixed: never statistics of the (private) training split

@@ -154,8 +154,9 @@ def _rotation_angle(element) -> float:
     return float(value[1] if isinstance(value, tuple) else value)
 
 
-def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-12))
+def relative_error(actual: torch.Tensor, expected: torch.Tensor, floor: float = 1e-12) -> float:
+    """‖actual − expected‖ / ‖expected‖ (the denominator at least ``floor``)."""
+    return float((actual - expected).norm() / expected.norm().clamp_min(floor))
 
 
 @dataclass
@@ -183,7 +184,7 @@ def feature_equivariance_errors(model: torch.nn.Module, x: torch.Tensor) -> list
                 if element is None:
                     continue
                 expected = feature.transform(element).tensor
-                results.append(EquivarianceResult(stage, str(g), _relative_error(moved[stage].tensor, expected)))
+                results.append(EquivarianceResult(stage, str(g), relative_error(moved[stage].tensor, expected)))
         return results
 
 
@@ -208,7 +209,7 @@ def transform_images(x: torch.Tensor, rotation_quarter_turns: int = 0, flip: boo
 def invariance_error(model: torch.nn.Module, x: torch.Tensor, rotation_quarter_turns: int = 1, flip: bool = False) -> float:
     """``‖model(g·x) − model(x)‖ / ‖model(x)‖`` for a 90°-multiple rotation and/or a reflection."""
     with evaluation_mode(model):
-        return _relative_error(model(transform_images(x, rotation_quarter_turns, flip)), model(x))
+        return relative_error(model(transform_images(x, rotation_quarter_turns, flip)), model(x))
 
 
 def logit_invariance_errors(model: torch.nn.Module, x: torch.Tensor, gspace=None) -> list[tuple[str, float]]:
@@ -218,7 +219,7 @@ def logit_invariance_errors(model: torch.nn.Module, x: torch.Tensor, gspace=None
     input_type = gspace.type(*[gspace.trivial_repr] * x.shape[1])
     with evaluation_mode(model):
         base = model(x)
-        return [(str(g), _relative_error(model(GeometricTensor(x, input_type).transform(g).tensor), base))
+        return [(str(g), relative_error(model(GeometricTensor(x, input_type).transform(g).tensor), base))
                 for g in grid_elements(gspace) if g != gspace.fibergroup.identity]
 
 
@@ -246,4 +247,4 @@ def rotation_error_curve(model: torch.nn.Module, x: torch.Tensor, angles_deg=ran
     masked = x * disc_mask(x.shape[-2], x.shape[-1], x)
     with evaluation_mode(model):
         base = model(masked)
-        return [(float(a), _relative_error(model(rotate_images(masked, math.radians(a))), base)) for a in angles_deg]
+        return [(float(a), relative_error(model(rotate_images(masked, math.radians(a))), base)) for a in angles_deg]

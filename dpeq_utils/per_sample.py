@@ -69,7 +69,8 @@ def naive_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.
     for views_i, label_i in zip(views, labels):
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(views_i), label_i.expand(views_i.shape[0])).backward()
-        per_example.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        per_example.append({n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()  # unused: zero
+                            for n, p in model.named_parameters() if p.requires_grad})
     model.zero_grad(set_to_none=True)
     return {n: torch.stack([g[n] for g in per_example]) for n in names}
 
@@ -111,7 +112,7 @@ def _layer_grads(module, per_example_outputs: dict[str, torch.Tensor]) -> dict[s
     if fast is not None:
         return fast
     function, params = _conv_parameters(module)
-    outputs, pullback = vjp(function, params)
+    outputs, pullback = vjp(function, params)  # type: ignore[misc]  # (torch.func's overloads confuse mypy)
     cotangents = {key: per_example_outputs[key] for key in outputs}
     (grads,) = vmap(pullback)(cotangents)
     return grads

@@ -25,6 +25,19 @@ def set_theme() -> None:
                                 "axes.titleweight": "bold"})
 
 
+def notebook_header(profile: str, seed: int = 0) -> None:
+    """What every notebook's set-up cell does: the theme, the environment (versions, device, commit),
+    the seed (set) and the profile with its description."""
+    from .profiles import load_profile
+    from .runtime import environment_report, set_seed
+
+    set_theme()
+    for key, value in environment_report().items():
+        print(f"{key:>12}: {value}")
+    print(f"{'seed':>12}: {set_seed(seed)}")
+    print(f"{'profile':>12}: {profile} - {load_profile(profile).get('description', '')}")
+
+
 def savefig(fig, name: str, profile: str) -> list[Path]:
     """Write ``fig`` as PNG and PDF under ``figures/<profile>/``; returns the two paths. Each file is
     written beside its final name and renamed into place, so an interrupted save never leaves a

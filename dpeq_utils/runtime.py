@@ -18,6 +18,17 @@ from .paths import REPO_ROOT
 TRACKED_LIBRARIES = ("torch", "escnn", "opacus", "numpy", "dpeq")
 
 
+def derived_seeds(entropy, count: int) -> list[int]:
+    """``count`` independent 63-bit seeds derived from ``entropy`` (an int or a list of ints) by
+    NumPy's ``SeedSequence``: every random stream dpeq draws from (sampler, augmentation, noise,
+    variants, synthetic splits) gets its own. Asking for more never changes the first ones.
+
+    >>> derived_seeds(0, 3)[:2] == derived_seeds(0, 2)
+    True
+    """
+    return [int(s) >> 1 for s in np.random.SeedSequence(entropy).generate_state(count, np.uint64)]
+
+
 def set_seed(seed: int) -> int:
     """Seed Python, NumPy and torch (CPU and CUDA); return the seed so callers can record it.
 

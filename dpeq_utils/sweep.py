@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from submitit.helpers import Checkpointable
+
 from .config import RunConfig, config_from_profile, parse_assignment
 
 EXECUTORS = ("slurm", "local", "debug")
@@ -72,13 +74,7 @@ def plan(configs: list[RunConfig], runs_dir) -> list[PlannedRun]:
     return planned
 
 
-try:  # submitit is a dependency; the fallback keeps `import dpeq_utils.sweep` working without it
-    from submitit.helpers import Checkpointable as _Checkpointable
-except ImportError:  # pragma: no cover
-    _Checkpointable = object
-
-
-class RunJob(_Checkpointable):
+class RunJob(Checkpointable):
     """One run as a submitit job: train it (or resume it) and write its record. Checkpointable: on
     preemption or timeout submitit requeues the same job, which resumes from the run's checkpoint
     (the trainer wrote it before handing the signal on)."""
@@ -111,15 +107,15 @@ def make_executor(kind: str, logs_dir: Path, *, partition: str | None = None, gp
         # the local default time limit is 2 minutes; and without gpus_per_node a job sees no GPU
         executor.update_parameters(timeout_min=time_min, gpus_per_node=gpus_per_run)
         return executor
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
-    parameters = {"time": time_min, "gpus_per_node": gpus_per_run, "ntasks_per_node": 1, "nodes": 1,
+    slurm = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
+    parameters: dict = {"time": time_min, "gpus_per_node": gpus_per_run, "ntasks_per_node": 1, "nodes": 1,
                   "array_parallelism": array_parallelism, "signal_delay_s": 120, "job_name": "dpeq"}
     if partition:
         parameters["partition"] = partition
     if cpus_per_run:
         parameters["cpus_per_task"] = cpus_per_run
-    executor.update_parameters(**parameters, **(slurm_options or {}))
-    return executor
+    slurm.update_parameters(**parameters, **(slurm_options or {}))
+    return slurm
 
 
 def submit(executor, configs: list[RunConfig], runs_dir, concurrency: int = 1, echo=print) -> list:
@@ -137,7 +133,9 @@ def submit(executor, configs: list[RunConfig], runs_dir, concurrency: int = 1, e
 
 
 def _submit_throttled(executor, jobs: list[RunJob], concurrency: int, echo) -> list:
-    waiting, running, finished = list(jobs), [], []
+    waiting: list[RunJob] = list(jobs)
+    running: list = []  # submitit jobs
+    finished: list = []
     while waiting or running:
         while waiting and len(running) < concurrency:
             running.append(executor.submit(waiting.pop(0)))
@@ -152,7 +150,7 @@ def _submit_throttled(executor, jobs: list[RunJob], concurrency: int, echo) -> l
 def estimate_hours(configs: list[RunConfig], throughput: float | None, records: list[dict]) -> tuple[float | None, str]:
     """Device hours for ``configs``: their examples × views divided by a throughput (examples·views
     per second), given, or measured by existing records of the same model on any device."""
-    work = {}
+    work: dict[str, int] = {}
     for config in configs:
         steps = config.update_steps if config.update_steps is not None else None
         if steps is None:
@@ -160,7 +158,7 @@ def estimate_hours(configs: list[RunConfig], throughput: float | None, records: 
         work[config.model] = work.get(config.model, 0) + steps * config.batch_size * config.aug_mult
     if throughput:
         return sum(work.values()) / throughput / 3600, f"at the given {throughput:g} examples·views/s"
-    rates = {}
+    rates: dict[str, list[tuple[float, str]]] = {}
     for record in records:
         model = record["config"]["model"]
         views = record["steps"] * record["mean_batch_size"] * record["config"]["aug_mult"]

@@ -46,7 +46,7 @@ from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
 from .preflight import check_memory
 from .privacy import PrivacyBudget, PrivacyBudgetError
-from .runtime import pick_device, release_free_memory, set_seed, tune_cpu_allocator
+from .runtime import derived_seeds, pick_device, release_free_memory, set_seed, tune_cpu_allocator
 from .variants import Variant, build_variants
 
 
@@ -54,6 +54,7 @@ def planned_steps(config: RunConfig, dataset_size: int) -> int:
     """Logical steps of a run: ``update_steps``, or ``epochs`` worth of expected batches."""
     if config.update_steps is not None:
         return config.update_steps
+    assert config.epochs is not None  # RunConfig guarantees exactly one of the two
     return max(1, round(config.epochs * dataset_size / config.batch_size))
 
 
@@ -67,11 +68,6 @@ def sample_rate(config: RunConfig, dataset_size: int) -> float:
 def build_model_for(config: RunConfig) -> nn.Module:
     return build_model(config.model, group=config.group, restrict=config.restrict, widths=config.widths,
                        num_groups=config.num_groups, head=config.head)
-
-
-def _streams(seed: int, count: int) -> list[int]:
-    """Independent seeds for the sampler, the augmentations and the noise, derived from one seed."""
-    return [int(s) >> 1 for s in np.random.SeedSequence(seed).generate_state(count, np.uint64)]
 
 
 @contextlib.contextmanager
@@ -246,7 +242,7 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
     if device.type == "cpu":
         check_memory(config, model, sum(len(part) for part in splits if part is not None), force=force_memory)
     # a fourth stream for the variants; the first three are unchanged by asking for it (SeedSequence prefixes)
-    seeds = dict(zip(("sampler", "augment", "noise", "variants"), _streams(config.seed, 4)))
+    seeds = dict(zip(("sampler", "augment", "noise", "variants"), derived_seeds(config.seed, 4)))
     generators = {"sampler": torch.Generator().manual_seed(seeds["sampler"]),
                   "augment": torch.Generator().manual_seed(seeds["augment"]),  # CPU: the same views on every device
                   "noise": torch.Generator(device=device).manual_seed(seeds["noise"]),
@@ -390,8 +386,7 @@ def fit(config: RunConfig, *, progress: bool = True, data: Splits | None = None,
         evaluate_run(state)
     bar = tqdm(total=state.steps, initial=state.step, disable=not progress, leave=False,
                desc=f"{config.model} {'DP-SGD' if state.private else 'non-private'}")
-    with contextlib.ExitStack() as stack:
-        signals = stack.enter_context(deferred_signals()) if checkpoints is not None else None
+    with deferred_signals(active=checkpoints is not None) as signals:
         while state.step < state.steps:
             losses = train_step(state)
             bar.update()
@@ -413,12 +408,13 @@ class deferred_signals(contextlib.AbstractContextManager):
 
     SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
 
-    def __init__(self):
+    def __init__(self, active: bool = True):
+        self.active = active
         self.pending: int | None = None
         self.previous: dict[int, object] = {}
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        if self.active and threading.current_thread() is threading.main_thread():
             for number in self.SIGNALS:
                 if signal.getsignal(number) is not signal.SIG_IGN:
                     self.previous[number] = signal.signal(number, self._hold)
@@ -478,15 +474,16 @@ def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: t
     to the coordinates the variants keep this step (so the clipping norm counts only those)."""
     if len(views) == 0:  # an empty Poisson batch still gets its noise step
         for p in model.parameters():
-            p.grad_sample = p.new_zeros((0, *p.shape))
+            p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]  # Opacus's per-example slot
         return []
     grads, example_losses = per_sample_grads(model, views, labels, engine)
     for name, p in model.named_parameters():
-        p.grad_sample = grads[name]
+        grad = grads[name]
         for variant in variants:
             mask = variant.gradient_mask(name)
             if mask is not None:
-                p.grad_sample = p.grad_sample * mask
+                grad = grad * mask
+        p.grad_sample = grad  # type: ignore[attr-defined]
     return example_losses.detach().tolist()
 
 

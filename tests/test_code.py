@@ -8,6 +8,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "dpeq_utils"
 
 
+def test_mypy_passes_on_the_public_seams():
+    """The modules ``[tool.mypy]`` in pyproject.toml names type-check."""
+    result = subprocess.run([sys.executable, "-m", "mypy"], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_ruff_passes():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "dpeq_utils", "tests", "benchmarks"],
                             capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120)

@@ -6,35 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
-from opacus.optimizers import DPOptimizer
+from conftest import dp_optimizer, random_batch, relative_error, small_model
 
 from dpeq_utils.config import RunConfig, config_from_profile, parse_assignment
 from dpeq_utils.data import augment_views, make_synthetic
-from dpeq_utils.models import build_model
 from dpeq_utils.per_sample import vmap_per_sample_grads  # the reference engine
 from dpeq_utils.runs import REQUIRED_FIELDS, config_key, load_or_run, record_path, results_table
 from dpeq_utils.train import WeightEMA, _store_per_sample_gradients, evaluate, logical_step, swapped_parameters
 
-SMALL = (4, 8, 16)
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _model(name="eq_resnet9"):
-    torch.manual_seed(0)
-    return build_model(name, widths=SMALL).train()
-
-
-def _batch(batch=6, views=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, 32, 32, generator=generator)
-    return augment_views(images, views, generator), torch.randint(0, 10, (batch,), generator=generator)
-
-
-def _dp_optimizer(model, sigma, clip, expected_batch, lr=0.1, seed=0):
-    return DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, max_grad_norm=clip,
-                       expected_batch_size=expected_batch, loss_reduction="mean",
-                       generator=torch.Generator().manual_seed(seed))
 
 
 def _flat(model):
@@ -45,9 +25,9 @@ def _flat(model):
 
 
 def test_dp_step_without_noise_or_clipping_is_plain_sgd_on_the_mean_gradient():
-    views, labels = _batch()
-    dp_model, ref_model = _model(), _model()
-    optimizer = _dp_optimizer(dp_model, sigma=0.0, clip=1e6, expected_batch=6, lr=0.1)
+    views, labels = random_batch()
+    dp_model, ref_model = small_model(), small_model()
+    optimizer = dp_optimizer(dp_model, sigma=0.0, clip=1e6, expected_batch=6, lr=0.1)
     chunks = [(views[:4], labels[:4]), (views[4:], labels[4:])]  # two physical chunks, one logical step
     logical_step(dp_model, optimizer, chunks, num_chunks=2, private=True, batch_size=6)
 
@@ -55,30 +35,30 @@ def test_dp_step_without_noise_or_clipping_is_plain_sgd_on_the_mean_gradient():
     logits = ref_model(views.flatten(0, 1))
     F.cross_entropy(logits, labels.repeat_interleave(2)).backward()  # mean over examples and views
     ref_optimizer.step()
-    before = _flat(_model())
+    before = _flat(small_model())
     assert relative_error(_flat(dp_model) - before, _flat(ref_model) - before) < 1e-4
 
 
 def test_non_private_step_equals_the_same_plain_sgd():
-    views, labels = _batch()
-    model, ref_model = _model(), _model()
+    views, labels = random_batch()
+    model, ref_model = small_model(), small_model()
     logical_step(model, torch.optim.SGD(model.parameters(), lr=0.1), [(views[:4], labels[:4]), (views[4:], labels[4:])],
                  num_chunks=2, private=False, batch_size=6)
     F.cross_entropy(ref_model(views.flatten(0, 1)), labels.repeat_interleave(2)).backward()
     torch.optim.SGD(ref_model.parameters(), lr=0.1).step()
-    before = _flat(_model())
+    before = _flat(small_model())
     assert relative_error(_flat(model) - before, _flat(ref_model) - before) < 1e-4
 
 
 def test_every_clipped_per_example_gradient_has_norm_at_most_clip_norm():
     clip = 1e-3
-    views, labels = _batch(batch=5)
-    model = _model()
+    views, labels = random_batch(batch=5)
+    model = small_model()
     grads, _ = vmap_per_sample_grads(model, views, labels)
     norms = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
     assert (norms > 10 * clip).all(), "the check needs gradients that really get clipped"
 
-    optimizer = _dp_optimizer(model, sigma=0.0, clip=clip, expected_batch=5)
+    optimizer = dp_optimizer(model, sigma=0.0, clip=clip, expected_batch=5)
     params = list(model.parameters())
     previous = [torch.zeros_like(p) for p in params]
     chunks = [(views[i:i + 1], labels[i:i + 1]) for i in range(5)]  # one example per chunk
@@ -102,8 +82,8 @@ def test_every_clipped_per_example_gradient_has_norm_at_most_clip_norm():
 def test_added_noise_has_the_expected_standard_deviation():
     """An empty Poisson batch: the update is pure noise N(0, σ²C²) divided by the expected batch size."""
     sigma, clip, expected = 1.5, 0.5, 8
-    model = _model("resnet9")
-    optimizer = _dp_optimizer(model, sigma=sigma, clip=clip, expected_batch=expected, lr=1.0)
+    model = small_model("resnet9")
+    optimizer = dp_optimizer(model, sigma=sigma, clip=clip, expected_batch=expected, lr=1.0)
     before = _flat(model)
     empty = (torch.zeros(0, 1, 3, 32, 32), torch.zeros(0, dtype=torch.long))
     logical_step(model, optimizer, [empty], num_chunks=1, private=True, batch_size=0)
@@ -114,11 +94,11 @@ def test_added_noise_has_the_expected_standard_deviation():
 
 
 def test_same_noise_seed_gives_the_same_update():
-    views, labels = _batch()
+    views, labels = random_batch()
     results = []
     for _ in range(2):
-        model = _model()
-        logical_step(model, _dp_optimizer(model, 1.0, 1.0, 6, seed=7), [(views, labels)], 1, True, 6)
+        model = small_model()
+        logical_step(model, dp_optimizer(model, 1.0, 1.0, 6, seed=7), [(views, labels)], 1, True, 6)
         results.append(_flat(model))
     assert torch.equal(results[0], results[1])
 
@@ -127,12 +107,12 @@ def test_same_noise_seed_gives_the_same_update():
 def test_both_engines_give_the_same_dp_update_for_the_same_noise_seed(name):
     """Clipping really binds (clip 0.05) and the noise is real (σ = 1): the engines differ only in
     how the per-example gradients are computed, so the updates agree to float rounding."""
-    views, labels = _batch()
+    views, labels = random_batch()
     updates = {}
     for engine in ("hooks", "vmap"):
-        model = _model(name)
+        model = small_model(name)
         before = _flat(model)
-        optimizer = _dp_optimizer(model, 1.0, 0.05, 6, seed=7)
+        optimizer = dp_optimizer(model, 1.0, 0.05, 6, seed=7)
         logical_step(model, optimizer, [(views[:4], labels[:4]), (views[4:], labels[4:])], 2, True, 6, engine=engine)
         updates[engine] = _flat(model) - before
     assert updates["hooks"].norm() > 0
@@ -143,7 +123,7 @@ def test_both_engines_give_the_same_dp_update_for_the_same_noise_seed(name):
 
 
 def test_ema_and_parameter_swap():
-    model = _model("resnet9")
+    model = small_model("resnet9")
     ema = WeightEMA(model, decay=0.5)
     start = {k: v.clone() for k, v in ema.values.items()}
     with torch.no_grad():
@@ -161,7 +141,7 @@ def test_ema_and_parameter_swap():
 def test_evaluation_uses_current_escnn_filters():
     """escnn caches filters in eval mode; evaluate must see parameters changed after that."""
     _, test = make_synthetic(8, 32, seed=0)
-    model = _model().eval()
+    model = small_model().eval()
     first = evaluate(model, test, torch.device("cpu"))
     with torch.no_grad():
         model.classifier.weight.mul_(0)
@@ -176,7 +156,7 @@ def test_evaluation_uses_the_exported_filters_not_a_re_expansion_per_batch(monke
     from dpeq_utils.models.equivariant import StandardizedR2Conv
 
     _, test = make_synthetic(8, 64, seed=0)
-    model = _model().train()
+    model = small_model().train()
     calls = []
     original = StandardizedR2Conv.expand_parameters
     monkeypatch.setattr(StandardizedR2Conv, "expand_parameters", lambda self: calls.append(1) or original(self))

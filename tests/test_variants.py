@@ -3,11 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import relative_error
-from opacus.optimizers import DPOptimizer
+from conftest import SMALL, dp_optimizer, parameters_of, random_batch, relative_error, small_model
 
 from dpeq_utils.config import RunConfig, baseline_entries, config_from_profile
-from dpeq_utils.data import augment_views, make_synthetic
+from dpeq_utils.data import make_synthetic
 from dpeq_utils.models import build_model
 from dpeq_utils.per_sample import naive_per_sample_grads
 from dpeq_utils.privacy import calibrate_noise, epsilon_spent
@@ -15,38 +14,16 @@ from dpeq_utils.runs import REQUIRED_FIELDS, load_or_run
 from dpeq_utils.train import fit, logical_step
 from dpeq_utils.variants import CoordinateSelector, ModelMix, kept_count
 
-SMALL = (4, 8, 16)
 TINY = dict(train_size=96, test_size=32, batch_size=32, physical_batch_size=32, update_steps=3, eval_every=0,
             aug_mult=1)
-
-
-def _model(name="resnet9", seed=0):
-    torch.manual_seed(seed)
-    return build_model(name, widths=SMALL).train()
-
-
-def _batch(batch=6, views=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, 32, 32, generator=generator)
-    return augment_views(images, views, generator), torch.randint(0, 10, (batch,), generator=generator)
-
-
-def _optimizer(model, sigma, clip, expected, variants, lr=0.5):
-    """A DPOptimizer as the trainer builds it (``logical_step`` calls the variants' ``before_update``)."""
-    return DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=sigma, max_grad_norm=clip,
-                       expected_batch_size=expected, loss_reduction="mean", generator=torch.Generator().manual_seed(3))
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # ---------------------------------------------------------------------------------------------- pruning, dropping
 
 
 def test_magnitude_pruning_keeps_the_largest_initial_weights_and_zeroes_the_rest():
-    model = _model()
-    initial = _params(model)
+    model = small_model("resnet9")
+    initial = parameters_of(model)
     selector = CoordinateSelector(model, prune_rate=0.3, prune_method="magnitude", generator=torch.Generator().manual_seed(0))
     for name, p in model.named_parameters():
         mask = selector.prune_masks[name]
@@ -58,13 +35,13 @@ def test_magnitude_pruning_keeps_the_largest_initial_weights_and_zeroes_the_rest
 
 
 def test_one_step_touches_only_kept_coordinates_and_noise_lands_only_there():
-    model = _model()
+    model = small_model("resnet9")
     selector = CoordinateSelector(model, prune_rate=0.5, prune_method="random", drop_rate=0.5, drop_method="magnitude",
                                   generator=torch.Generator().manual_seed(0))
     mask = selector.select(model)
-    before = _params(model)
-    optimizer = _optimizer(model, sigma=5.0, clip=1.0, expected=6, variants=[selector])
-    logical_step(model, optimizer, [_batch()], 1, private=True, batch_size=6, variants=[selector])
+    before = parameters_of(model)
+    optimizer = dp_optimizer(model, sigma=5.0, clip=1.0, expected_batch=6, lr=0.5, seed=3)
+    logical_step(model, optimizer, [random_batch()], 1, private=True, batch_size=6, variants=[selector])
     for name, p in model.named_parameters():
         changed = p.detach() != before[name]
         assert torch.equal(changed, mask[name]), name  # every kept coordinate moved (noise), no other did
@@ -73,10 +50,10 @@ def test_one_step_touches_only_kept_coordinates_and_noise_lands_only_there():
 
 def test_gradients_are_restricted_before_clipping():
     """σ = 0: the update is lr/B · Σ clip(g_i ⊙ m) — the clipping norm counts kept coordinates only."""
-    model = _model().double()
+    model = small_model("resnet9").double()
     selector = CoordinateSelector(model, drop_rate=0.7, drop_method="random", generator=torch.Generator().manual_seed(1))
     mask = selector.select(model)
-    views, labels = _batch()
+    views, labels = random_batch()
     views = views.double()
     per_example = naive_per_sample_grads(model, views, labels)
     clip, lr = 1e-3, 0.5
@@ -84,8 +61,8 @@ def test_gradients_are_restricted_before_clipping():
     factors = (clip / (flat.norm(dim=1) + 1e-6)).clamp(max=1.0)
     assert (factors < 0.5).all(), "the check needs gradients that really get clipped"
     expected = {n: -lr / 6 * torch.einsum("b,b...->...", factors, per_example[n] * mask[n]) for n in per_example}
-    before = _params(model)
-    optimizer = _optimizer(model, sigma=0.0, clip=clip, expected=6, variants=[selector], lr=lr)
+    before = parameters_of(model)
+    optimizer = dp_optimizer(model, sigma=0.0, clip=clip, expected_batch=6, lr=lr, seed=3)
     logical_step(model, optimizer, [(views, labels)], 1, private=True, batch_size=6, variants=[selector])
     moved = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()])
     assert relative_error(moved, torch.cat([expected[n].flatten() for n in per_example])) < 1e-6
@@ -135,7 +112,7 @@ def test_modelmix_mix_matches_its_closed_form():
     plus (α - ½)·τ in the direction of θ - θ' (+ where equal)."""
     lr, gap_rate = 0.5, 0.2
     tau = lr * gap_rate
-    mixer = ModelMix(_model(), gap_rate=gap_rate, lr=lr, generator=torch.Generator().manual_seed(0))
+    mixer = ModelMix(small_model("resnet9"), gap_rate=gap_rate, lr=lr, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(1)
     current = torch.randn(10_000, generator=generator) * 0.1
     previous = current + torch.randn(10_000, generator=generator) * 0.1
@@ -152,22 +129,22 @@ def test_modelmix_mix_matches_its_closed_form():
 
 
 def test_modelmix_steps_from_the_mix_and_remembers_the_current_iterate():
-    model = _model()
+    model = small_model("resnet9")
     mixer = ModelMix(model, gap_rate=0.15, lr=0.5, generator=torch.Generator().manual_seed(0))
-    start = _params(model)
-    optimizer = _optimizer(model, sigma=0.0, clip=1e6, expected=6, variants=[mixer], lr=0.5)
-    logical_step(model, optimizer, [_batch()], 1, private=True, batch_size=6, variants=[mixer])
+    start = parameters_of(model)
+    optimizer = dp_optimizer(model, sigma=0.0, clip=1e6, expected_batch=6, lr=0.5, seed=3)
+    logical_step(model, optimizer, [random_batch()], 1, private=True, batch_size=6, variants=[mixer])
     assert all(torch.equal(mixer.previous[n], start[n]) for n in start)
-    first = _params(model)
+    first = parameters_of(model)
     # the first mix is between θ0 and θ0 pushed apart by τ: every coordinate moved by at most τ/2 + lr·|g|
     assert any(not torch.equal(first[n], start[n]) for n in start)
-    reference = _model()
-    views, labels = _batch()
+    reference = small_model("resnet9")
+    views, labels = random_batch()
     F.cross_entropy(reference(views.flatten(0, 1)), labels.repeat_interleave(views.shape[1])).backward()
     for n, p in reference.named_parameters():
         bound = mixer.tau / 2 + 0.5 * p.grad.abs() + 1e-6
         assert ((first[n] - start[n]).abs() <= bound).all(), n
-    logical_step(model, optimizer, [_batch(seed=1)], 1, private=True, batch_size=6, variants=[mixer])
+    logical_step(model, optimizer, [random_batch(seed=1)], 1, private=True, batch_size=6, variants=[mixer])
     assert all(torch.equal(mixer.previous[n], first[n]) for n in first)
 
 

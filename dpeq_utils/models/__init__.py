@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..equivariance import group_order, halved_subgroup
+from ..equivariance import group_order
 from .baselines import PlainResNet9, WideResNet
-from .equivariant import PAPER_WIDTHS, EquivariantResNet9, fields_for_width
+from .equivariant import PAPER_WIDTHS, EquivariantResNet9, fields_for_width, stage_fields
 
 
 def count_params(model: nn.Module) -> int:
@@ -42,9 +42,7 @@ def same_width_channels(group: str = "D4", restrict: bool = True, widths=PAPER_W
     >>> same_width_channels("D4", True, (16, 32, 64))
     (48, 104, 312, 156)
     """
-    late = halved_subgroup(group)[0] if restrict else group
-    n0, n1 = fields_for_width(widths[0], group), fields_for_width(widths[1], group)
-    n2 = fields_for_width(widths[2], late)
+    (n0, n1, n2), late = stage_fields(group, restrict, widths)
     order, late_order = group_order(group), group_order(late)
     return n0 * order, n1 * order, n2 * order, n2 * late_order
 

@@ -53,6 +53,18 @@ def fields_for_width(width: int, group: str) -> int:
     return max(1, int(width * math.sqrt(1.5 * order) / order))
 
 
+def stage_fields(group: str, restrict: bool, widths) -> tuple[tuple[int, int, int], str]:
+    """Regular fields of the three stages, and the group of the last one (the halved subgroup when
+    restricted): the width rule applied as the official code does (conv3 already gets the late count).
+
+    >>> stage_fields("D4", True, (16, 32, 64))
+    ((6, 13, 39), 'D2')
+    """
+    late_group = halved_subgroup(group)[0] if restrict else group
+    return (fields_for_width(widths[0], group), fields_for_width(widths[1], group),
+            fields_for_width(widths[2], late_group)), late_group
+
+
 class StandardizedR2Conv(enn.R2Conv):
     """escnn ``R2Conv`` whose basis coefficients are standardised (zero mean, unit std) before expansion."""
 
@@ -127,9 +139,7 @@ class EquivariantResNet9(nn.Module):
         gspace = make_gspace(group)
         self.input_type = enn.FieldType(gspace, in_channels * [gspace.trivial_repr])
 
-        late_group = halved_subgroup(group)[0] if restrict else group
-        n0, n1 = fields_for_width(widths[0], group), fields_for_width(widths[1], group)
-        n2 = fields_for_width(widths[2], late_group)  # as the official code: conv3 too gets the late count
+        (n0, n1, n2), late_group = stage_fields(group, restrict, widths)
         self.num_fields = (n0, n1, n2)
 
         self.conv1 = EquivariantBlock(self.input_type, n0, num_groups, pool=False)
