@@ -65,6 +65,18 @@ def sample_rate(config: RunConfig, dataset_size: int) -> float:
     return config.batch_size / dataset_size
 
 
+def poisson_batch(dataset_size: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
+    """Indices of one Poisson-sampled logical batch: every example joins independently with
+    probability ``sample_rate`` (the q the accountant is given); the batch size is random."""
+    return torch.nonzero(torch.rand(dataset_size, generator=generator) < sample_rate).squeeze(1)
+
+
+def noise_multiplier_for(config: RunConfig, dataset_size: int) -> float:
+    """The σ a run of ``config`` on ``dataset_size`` examples trains with (its q and step count)."""
+    return PrivacyBudget(config.target_epsilon, config.target_delta, sample_rate(config, dataset_size),
+                         planned_steps(config, dataset_size), config.accountant, dataset_size=dataset_size).noise_multiplier
+
+
 def build_model_for(config: RunConfig) -> nn.Module:
     return build_model(config.model, group=config.group, restrict=config.restrict, widths=config.widths,
                        num_groups=config.num_groups, head=config.head)
@@ -270,7 +282,7 @@ def train_step(state: RunState) -> list[float]:
     for variant in state.variants:
         variant.begin_step(state.model)
     n = len(train_data)
-    chosen = torch.nonzero(torch.rand(n, generator=state.generators["sampler"]) < state.sample_rate).squeeze(1)
+    chosen = poisson_batch(n, state.sample_rate, state.generators["sampler"])
     state.batch_sizes.append(len(chosen))
     draws = draw_views(len(chosen), config.aug_mult, state.generators["augment"])  # once per logical batch
     chunk = config.physical_batch_size
