@@ -420,7 +420,7 @@ def download_cifar10(destination: Path, url: str = CIFAR10_URL, md5: str = CIFAR
     The bytes go to a hidden temporary file beside the destination and are moved into place only
     after the MD5 matches, so an interrupted or corrupt download can never pass for a good archive.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text, not a widget: it renders in static notebooks too
 
     destination.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part", delete=False)

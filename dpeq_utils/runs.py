@@ -282,7 +282,7 @@ def sweep(base: RunConfig, variations: list[dict], runs_dir: str | os.PathLike |
 
     Only missing runs are trained; each dataset is loaded once for all the runs that share it.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text, not a widget: it renders in static notebooks too
 
     from .data import load_splits
 

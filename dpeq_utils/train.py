@@ -389,7 +389,7 @@ def fit(config: RunConfig, *, progress: bool = True, data: Splits | None = None,
     checkpoint, saves one as ``config.checkpoint_every`` asks, and on SIGINT, SIGTERM or SIGUSR2
     saves one at the end of the current step before the signal takes its usual course.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # text, not a widget: it renders in static notebooks too
 
     state = setup(config, data, force_memory)
     if checkpoints is not None:
