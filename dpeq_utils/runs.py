@@ -59,7 +59,7 @@ def config_key(config: RunConfig) -> str:
     True
     """
     values = {k: v for k, v in config.to_dict().items() if k not in NOT_IN_KEY}
-    for name in ("validation_size", "ema_horizons"):  # added later: runs that do not use them keep their keys
+    for name in ("validation_size", "ema_horizons", "secure_noise"):  # added later: runs without them keep their keys
         if not values[name]:
             del values[name]
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import secrets
 import signal
 import sys
 import threading
@@ -160,7 +161,6 @@ class RunState:
     step: int = 0
     history: list[dict] = field(default_factory=list)
     batch_sizes: list[int] = field(default_factory=list)
-    recent_losses: list[float] = field(default_factory=list)  # per-example training losses since the last evaluation
     train_time_s: float = 0.0  # the step loop alone (sampling, gradients, updates), over every process of the run
     earlier_wall_time_s: float = 0.0  # wall time of earlier processes of a resumed run
     resumes: list[int] = field(default_factory=list)  # the steps a resumed run continued from
@@ -183,10 +183,12 @@ class RunState:
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict(),
             "horizons": {decay: average.state_dict() for decay, average in self.horizons.items()},
-            "generators": {name: g.get_state() for name, g in self.generators.items()},
+            # secure noise: its generator's state stays in memory (from it the noise could be regenerated)
+            "generators": {name: g.get_state() for name, g in self.generators.items()
+                           if not (name == "noise" and self.config.secure_noise)},
             "global_generators": global_generator_states(),
             "variants": [variant.state_dict() for variant in self.variants],
-            "history": self.history, "batch_sizes": self.batch_sizes, "recent_losses": self.recent_losses,
+            "history": self.history, "batch_sizes": self.batch_sizes,
             "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s, "resumes": self.resumes,
         }
 
@@ -199,7 +201,9 @@ class RunState:
         for decay, average in self.horizons.items():
             average.load_state_dict(state["horizons"][decay])
         for name, generator in self.generators.items():
-            generator.set_state(state["generators"][name])
+            if name in state["generators"]:
+                generator.set_state(state["generators"][name])
+            # else: secure noise, freshly seeded from the OS by setup (a resumed secure run is not repeatable)
         set_global_generator_states(state["global_generators"])
         for variant, variant_state in zip(self.variants, state["variants"], strict=True):
             variant.load_state_dict(variant_state)
@@ -207,7 +211,6 @@ class RunState:
         if self.budget is not None:
             self.budget.steps_taken = state["steps_taken"]
         self.history, self.batch_sizes = list(state["history"]), list(state["batch_sizes"])
-        self.recent_losses = list(state["recent_losses"])
         self.train_time_s, self.earlier_wall_time_s = state["train_time_s"], state["wall_time_s"]
         self.resumes = list(state["resumes"])
         self.started = time.perf_counter()
@@ -257,7 +260,8 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
     seeds = dict(zip(("sampler", "augment", "noise", "variants"), derived_seeds(config.seed, 4)))
     generators = {"sampler": torch.Generator().manual_seed(seeds["sampler"]),
                   "augment": torch.Generator().manual_seed(seeds["augment"]),  # CPU: the same views on every device
-                  "noise": torch.Generator(device=device).manual_seed(seeds["noise"]),
+                  "noise": torch.Generator(device=device).manual_seed(
+                      secrets.randbits(63) if config.secure_noise else seeds["noise"]),
                   "variants": torch.Generator(device=device).manual_seed(seeds["variants"])}
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     if budget is not None:
@@ -291,7 +295,6 @@ def train_step(state: RunState) -> list[float]:
                 train_data.labels[chosen[i:i + chunk]].to(device)) for i in starts)
     losses = logical_step(state.model, state.optimizer, batches, len(starts), private=state.private,
                           batch_size=len(chosen), engine=state.engine, variants=state.variants)
-    state.recent_losses.extend(losses)
     state.ema.update(state.model)
     for average in state.horizons.values():
         average.update(state.model)
@@ -311,14 +314,12 @@ def evaluate_run(state: RunState) -> dict:
     for decay, average in state.horizons.items():
         with swapped_parameters(model, average.values):
             other_horizons[f"{decay:g}"] = evaluate(model, test_data, device)[0]
-    losses = state.recent_losses
+    # the training loss is not stored: a mean over private batches without noise is not a DP release
     entry = {"step": state.step, "epsilon": state.budget.epsilon() if state.budget else None,
-             "train_loss": math.fsum(losses) / len(losses) if losses else None,
              "test_accuracy": accuracy, "test_loss": loss, "test_accuracy_ema": accuracy_ema,
              "test_loss_ema": loss_ema, **({"test_accuracy_ema_horizons": other_horizons} if state.horizons else {}),
              "elapsed_s": state.wall_time_s, "eval_time_s": time.perf_counter() - eval_started}
     state.history.append(entry)
-    state.recent_losses = []
     return entry
 
 
