@@ -1,0 +1,79 @@
+"""The empirical privacy audit: the one-run bound is sound on a mechanism with a known ε and tightens
+with more canaries; on trained models it separates non-private from DP training and catches a
+DP-SGD that forgot its noise."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from dpeq_utils.audit import (
+    audited_run,
+    best_audit,
+    epsilon_lower_bound,
+    gaussian_epsilon,
+    one_run_audit,
+    p_value,
+    roc_summary,
+)
+from dpeq_utils.config import RunConfig
+from dpeq_utils.privacy import epsilon_spent
+
+
+def test_p_value_is_the_binomial_tail_when_delta_is_zero():
+    for m, r, v, eps in ((100, 40, 30, 0.5), (1000, 200, 200, 2.0), (50, 10, 0, 1.0)):
+        q = math.exp(eps) / (1 + math.exp(eps))
+        assert p_value(m, r, v, eps, 0.0) == pytest.approx(stats.binom.sf(v - 1, r, q), rel=1e-12)
+    assert p_value(10, 10, 10, 0.0, 0.0) == pytest.approx(0.5 ** 10)
+    assert p_value(1000, 200, 150, 1.0, 1e-5) > p_value(1000, 200, 150, 1.0, 0.0)  # δ only loosens
+
+
+def test_the_reference_gaussian_epsilon_agrees_with_the_prv_accountant():
+    for sigma in (1.0, 2.0):  # one step, q = 1: PRV is numerically tight there
+        assert gaussian_epsilon(sigma, 1e-5) == pytest.approx(epsilon_spent(sigma, 1.0, 1, 1e-5, "prv"), rel=5e-3)
+
+
+def test_the_bound_is_sound_and_tightens_with_more_canaries():
+    """Gaussian mechanism on scalars: canary i releases 1[included] + N(0, σ²), so each canary's
+    membership is protected with exactly ε(σ, δ). Over repeated trials the 95 % bound must exceed the
+    true ε in at most about 5 % of them, and more canaries must give a larger bound."""
+    sigma, delta = 1.0, 1e-5
+    true_epsilon = gaussian_epsilon(sigma, delta)
+    rng = np.random.default_rng(0)
+    bounds = {}
+    for m in (1000, 10_000):
+        bounds[m] = []
+        for _ in range(20):
+            included = rng.random(m) < 0.5
+            scores = included + rng.normal(0.0, sigma, m)
+            bounds[m].append(best_audit(scores, included, delta, 0.95).epsilon_lower_bound)
+    everything = bounds[1000] + bounds[10_000]
+    assert sum(b > true_epsilon for b in everything) <= 4, (true_epsilon, everything)  # ≈ 2 expected at 5 %
+    assert 0 < np.median(bounds[1000]) < np.median(bounds[10_000]) < true_epsilon
+
+
+def test_random_guessing_proves_nothing_and_perfect_guessing_is_capped_by_the_canary_count():
+    rng = np.random.default_rng(1)
+    included = rng.random(500) < 0.5
+    assert one_run_audit(rng.normal(size=500), included, 50, 50).epsilon_lower_bound < 0.5
+    perfect = best_audit(included.astype(float), included)
+    assert perfect.correct == perfect.guesses and 0 < perfect.epsilon_lower_bound < epsilon_lower_bound(1000, 1000, 1000, 1e-5)
+    summary = roc_summary(included[included].astype(float), included[~included].astype(float))
+    assert summary["auc"] == 1.0 and summary["tpr_at_fpr_0.001"] == 1.0
+
+
+AUDIT = RunConfig(dataset="synthetic", train_size=128, test_size=128, model="resnet9", widths=(4, 8, 16), batch_size=64,
+                  physical_batch_size=64, aug_mult=1, update_steps=100, lr=0.5, ema_decay=0.0, device="cpu",
+                  target_epsilon=1.0)
+
+
+@pytest.mark.slow
+def test_audits_separate_private_from_non_private_training_and_catch_missing_noise():
+    """64 mislabelled canaries, half of them trained on, 100 steps of a small ResNet-9."""
+    private = audited_run(AUDIT, 64)
+    leaky = audited_run(AUDIT.replace(non_private=True, lr=0.1), 64)
+    broken = audited_run(AUDIT, 64, breakage="no_noise")
+    assert private.audit.epsilon_lower_bound <= private.accountant_epsilon <= 1.0  # consistent with its guarantee
+    assert leaky.audit.epsilon_lower_bound > private.audit.epsilon_lower_bound and leaky.roc["auc"] > 0.9
+    assert broken.accountant_epsilon <= 1.0 < broken.audit.epsilon_lower_bound  # caught: more leakage than ε allows
