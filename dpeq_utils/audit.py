@@ -109,7 +109,7 @@ def roc_summary(member_scores, non_member_scores, fprs=(0.01, 0.001)) -> dict:
     thresholds = np.unique(np.concatenate([members, others]))[::-1]
     tpr = np.array([0.0] + [(members >= t).mean() for t in thresholds])
     fpr = np.array([0.0] + [(others >= t).mean() for t in thresholds])
-    auc = float(np.trapezoid(tpr, fpr)) if hasattr(np, "trapezoid") else float(np.trapz(tpr, fpr))
+    auc = float(np.trapz(tpr, fpr))  # numpy < 2 (pyproject)
     at = {f"tpr_at_fpr_{f:g}": float(tpr[fpr <= f].max()) for f in fprs}
     return {"fpr": fpr, "tpr": tpr, "auc": auc, **at}
 

@@ -30,13 +30,13 @@ import hashlib
 import io
 import os
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from .paths import write_atomic
 from .runtime import library_versions
 
 FORMAT = 1
@@ -65,15 +65,8 @@ def write_checkpoint(path: Path, content: dict) -> None:
     torch.save(content, buffer)
     payload = buffer.getvalue()
     header = f"{MAGIC} {FORMAT} {hashlib.sha256(payload).hexdigest()}\n".encode()
-    handle = tempfile.NamedTemporaryFile("wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            _write(handle, header + payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+    # owner-only, as the temporary file is created: it holds the run's generator states
+    write_atomic(path, lambda handle: _write(handle, header + payload), binary=True, user_readable=False)
 
 
 def _write(handle, data: bytes) -> None:  # one seam, so tests can simulate a full disk
@@ -107,14 +100,14 @@ class Checkpoints:
         self.path, self.key, self.resume_allowed = Path(path), key, resume
         self.every, self.interval_s = every, interval_s
         self.last_saved = time.monotonic()
-        self.resumed_from: int | None = None
+        versions = library_versions()  # read once per run, not at every save
+        self.versions = {name: versions.get(name) for name in ARITHMETIC_LIBRARIES}
 
     def identity(self, state) -> dict:
         """What must match for a checkpoint to continue ``state``'s run."""
-        versions = library_versions()
         budget = state.budget
         return {"key": self.key, "device_type": state.device.type,
-                "versions": {name: versions.get(name) for name in ARITHMETIC_LIBRARIES},
+                "versions": self.versions,
                 "budget": {"noise_multiplier": budget.noise_multiplier if budget else None,
                            "sample_rate": state.sample_rate, "steps": state.steps}}
 
@@ -140,7 +133,6 @@ class Checkpoints:
                     f"{ours}; rerun with --no-resume to start over (or delete the checkpoint)")
         state.load_state_dict(content["state"])
         state.resumes.append(state.step)
-        self.resumed_from = state.step
         spent = f", ε spent so far {state.budget.epsilon():.3f}" if state.budget and state.step else ""
         print(f"[dpeq] resuming {self.path.stem} from step {state.step} of {state.steps}{spent}", file=sys.stderr)
 

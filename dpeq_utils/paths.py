@@ -20,6 +20,8 @@ profiles               ``<repo>/notebooks/profiles``
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -59,3 +61,26 @@ def figures_dir(profile: str | None = None) -> Path:
 
 def profiles_dir() -> Path:
     return REPO_ROOT / "notebooks" / "profiles"
+
+
+def write_atomic(path: Path, write: Callable, binary: bool = False, user_readable: bool = True) -> None:
+    """Create ``path`` through ``write(handle)``: into a temporary file beside it, flushed to disk, then
+    renamed into place, so a crash never leaves a half-written file under the real name and a failed
+    ``write`` leaves nothing at all. ``user_readable``: give it the permissions the user's umask gives
+    any new file (the temporary file is created 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("wb" if binary else "w", dir=path.parent, prefix=f".{path.name}.",
+                                         suffix=".tmp", delete=False)
+    try:
+        with handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if user_readable:
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(handle.name, 0o666 & ~mask)
+        os.replace(handle.name, path)
+    finally:
+        Path(handle.name).unlink(missing_ok=True)

@@ -31,14 +31,13 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import RunConfig
 from .models import model_tag
-from .paths import reference_dir
+from .paths import reference_dir, write_atomic
 from .paths import runs_dir as default_runs_dir
 from .runtime import device_name, git_commit, library_versions, pick_device
 
@@ -86,23 +85,7 @@ def _finite_or_null(value):
 
 def write_json_atomic(path: Path, content: dict) -> None:
     content = _finite_or_null(content)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            json.dump(content, handle, indent=1, allow_nan=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(handle.name, 0o666 & ~_umask())  # readable like any file the user writes (the temp file is 0600)
-        os.replace(handle.name, path)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    write_atomic(path, lambda handle: json.dump(content, handle, indent=1, allow_nan=False))
 
 
 class RunLocked(RuntimeError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import random
@@ -76,14 +77,12 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+@functools.cache
 def git_commit() -> str | None:
     """The checkout's commit (with ``+dirty`` when it had uncommitted changes), or None outside git,
-    as it was when this process imported dpeq: the code a long process (a study, a kernel) runs is
-    the code it imported, not whatever the checkout holds when a record is written."""
-    return _COMMIT_AT_IMPORT
-
-
-def _read_git_commit() -> str | None:
+    as it was the first time this process asked — the trainer asks when a run starts, so a long
+    process (a study, a kernel) records the code it loaded, not whatever the checkout holds when a
+    record is written. (Read on first use: importing dpeq starts no subprocess.)"""
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
@@ -95,9 +94,6 @@ def _read_git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("+dirty" if dirty else "")
-
-
-_COMMIT_AT_IMPORT = _read_git_commit()
 
 
 def environment_report(device: str | torch.device = "auto") -> dict[str, str]:

@@ -47,7 +47,7 @@ from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
 from .preflight import check_memory
 from .privacy import PrivacyBudget, PrivacyBudgetError
-from .runtime import derived_seeds, pick_device, release_free_memory, set_seed, tune_cpu_allocator
+from .runtime import derived_seeds, git_commit, pick_device, release_free_memory, set_seed, tune_cpu_allocator
 from .variants import Variant, build_variants
 
 
@@ -72,10 +72,16 @@ def poisson_batch(dataset_size: int, sample_rate: float, generator: torch.Genera
     return torch.nonzero(torch.rand(dataset_size, generator=generator) < sample_rate).squeeze(1)
 
 
-def noise_multiplier_for(config: RunConfig, dataset_size: int) -> float:
-    """The σ a run of ``config`` on ``dataset_size`` examples trains with (its q and step count)."""
+def budget_for(config: RunConfig, dataset_size: int) -> PrivacyBudget:
+    """The privacy budget of a run of ``config`` on ``dataset_size`` examples: σ calibrated for its q
+    and step count, and the steps it may take."""
     return PrivacyBudget(config.target_epsilon, config.target_delta, sample_rate(config, dataset_size),
-                         planned_steps(config, dataset_size), config.accountant, dataset_size=dataset_size).noise_multiplier
+                         planned_steps(config, dataset_size), config.accountant, dataset_size=dataset_size)
+
+
+def noise_multiplier_for(config: RunConfig, dataset_size: int) -> float:
+    """The σ a run of ``config`` on ``dataset_size`` examples trains with."""
+    return budget_for(config, dataset_size).noise_multiplier
 
 
 def build_model_for(config: RunConfig) -> nn.Module:
@@ -238,6 +244,7 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
     a run at step 0. On a CPU the run's memory is estimated first and a run that would not fit is
     refused unless ``force_memory`` (:mod:`dpeq_utils.preflight`)."""
     started = time.perf_counter()
+    git_commit()  # fixes the commit the record will name: the code this process runs, read now
     set_seed(config.seed)
     device = pick_device(config.device)
     if device.type == "cpu":
@@ -250,8 +257,7 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
     n = len(splits.train)
     q = sample_rate(config, n)
     steps = planned_steps(config, n)
-    budget = None if config.non_private else PrivacyBudget(
-        config.target_epsilon, config.target_delta, q, steps, config.accountant, dataset_size=n)
+    budget = None if config.non_private else budget_for(config, n)
     model = build_model_for(config).to(device)
     model.train()
     if device.type == "cpu":
