@@ -33,7 +33,7 @@ from opacus.optimizers import DPOptimizer
 
 from .models import build_model, count_params
 from .per_sample import ENGINE_FUNCTIONS
-from .runtime import device_name, pick_device, release_free_memory, tune_cpu_allocator
+from .runtime import device_name, measure_phases, pick_device, release_free_memory, tune_cpu_allocator
 from .train import logical_step
 
 # name → (model, build_model keyword arguments): the models the README's speed table compares
@@ -132,20 +132,19 @@ def _time_interleaved(calls: dict, device: torch.device, repeats: int) -> dict[s
 ISOLATED_KINDS = ("vmap",)
 
 
-def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: int = 1, repeats: int = 3,
-                    device: str = "auto", model: nn.Module | None = None, seed: int = 0) -> list[Measurement]:
-    """Measure one model at one physical batch size; ``model`` overrides the named one (tests)."""
+def _step_calls(name: str, batch: int, *, engines, views: int, device: torch.device, model: nn.Module | None,
+                seed: int) -> tuple[dict, nn.Module]:
+    """The calls to time, by kind (see the module docstring), and the model they train."""
     torch.manual_seed(seed)
-    dev = pick_device(device)
-    if dev.type == "cpu":
+    if device.type == "cpu":
         tune_cpu_allocator()  # as the trainer does; applies to every kind alike
     if model is None:
         kind, kwargs = BENCHMARK_MODELS[name]
         model = build_model(kind, **kwargs)
-    model = model.to(dev).train()
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    images = torch.randn(batch, views, 3, 32, 32, generator=generator, device=dev)
-    labels = torch.randint(0, 10, (batch,), generator=generator, device=dev)
+    model = model.to(device).train()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images = torch.randn(batch, views, 3, 32, 32, generator=generator, device=device)
+    labels = torch.randint(0, 10, (batch,), generator=generator, device=device)
 
     plain_optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -154,7 +153,7 @@ def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: 
 
     optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0,
                             expected_batch_size=batch, loss_reduction="mean",
-                            generator=torch.Generator(device=dev).manual_seed(seed))
+                            generator=torch.Generator(device=device).manual_seed(seed))
 
     def dp_step():
         logical_step(model, optimizer, [(images, labels)], 1, private=True, batch_size=batch, engine="auto")
@@ -163,6 +162,14 @@ def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: 
     for engine in engines:
         calls[engine] = (lambda fn: (lambda: fn(model, images, labels)))(ENGINE_FUNCTIONS[engine])
     calls["dp_step"] = dp_step
+    return calls, model
+
+
+def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: int = 1, repeats: int = 3,
+                    device: str = "auto", model: nn.Module | None = None, seed: int = 0) -> list[Measurement]:
+    """Measure one model at one physical batch size; ``model`` overrides the named one (tests)."""
+    dev = pick_device(device)
+    calls, model = _step_calls(name, batch, engines=engines, views=views, device=dev, model=model, seed=seed)
     params, where = count_params(model), device_name(dev)
     timings = _time_interleaved({k: c for k, c in calls.items() if k not in ISOLATED_KINDS}, dev, repeats)
     for kind in calls:
@@ -172,6 +179,45 @@ def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: 
                for kind in calls]
     model.zero_grad(set_to_none=True)
     return results
+
+
+def phase_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, device: str = "auto",
+                    model: nn.Module | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Mean seconds per phase of the non-private step and of the DP step (``{kind: {phase: s}}``),
+    from ``repeats`` calls each after one warm-up; ``"total"`` is the whole call and ``"other"`` what
+    no phase covers (Python, hooks, variant masks). Phases: forward, backward (non-private) or
+    activation backward + per-example filter gradients + pull-back (DP), clip/sum/noise, update."""
+    dev = pick_device(device)
+    calls, model = _step_calls(name, batch, engines=(), views=views, device=dev, model=model, seed=seed)
+    breakdown = {}
+    for kind in ("non_private", "dp_step"):
+        calls[kind]()
+        with measure_phases(dev) as times:
+            start = time.perf_counter()
+            for _ in range(repeats):
+                calls[kind]()
+            times.sync()
+            total = time.perf_counter() - start
+        seconds = {key: value / repeats for key, value in times.seconds.items()}
+        seconds["other"] = total / repeats - sum(seconds.values())
+        seconds["total"] = total / repeats
+        breakdown[kind] = seconds
+    model.zero_grad(set_to_none=True)
+    return breakdown
+
+
+def phase_table(breakdown: dict[str, dict[str, float]], title: str) -> str:
+    """Markdown table of :func:`phase_breakdown`: seconds and share of the step per phase."""
+    phases = list(dict.fromkeys(key for kind in breakdown.values() for key in kind if key != "total"))
+    lines = [f"| {title} | non-private s | % | DP step s | % |", "|---|---|---|---|---|"]
+    for key in phases + ["total"]:
+        cells = []
+        for kind in ("non_private", "dp_step"):
+            value = breakdown[kind].get(key)
+            share = None if value is None else 100 * value / breakdown[kind]["total"]
+            cells += ["" if value is None else f"{value:.3f}", "" if share is None else f"{share:.0f}"]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def results_frame(measurements: list[Measurement]):
@@ -212,7 +258,7 @@ def epoch_ratio(measurements: list[Measurement], model: str, reference: str, bat
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .runtime import environment_report
+    from .runtime import environment_report, machine_description
 
     parser = argparse.ArgumentParser(prog="python benchmarks/per_sample_speed.py", description=(
         "Examples/s of a non-private step, each per-example gradient engine and the whole DP step."))
@@ -222,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--views", type=int, default=1, help="augmentation views per example")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure (median); one more warms up")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    parser.add_argument("--phases", action="store_true",
+                        help="also break the non-private and the DP step down into phases (forward, backward, ...)")
     parser.add_argument("--csv", default=None, help="also write the long table here")
     args = parser.parse_args(argv)
     if args.views < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
@@ -229,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = pick_device(args.device)
     print(f"device: {device_name(device)}; torch threads: {torch.get_num_threads()}")
+    print("machine: " + "; ".join(f"{key}: {value}" for key, value in machine_description(device).items()))
     print(environment_report())
     measurements = []
     for name in args.models:
@@ -245,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
             ratio = epoch_ratio(measurements, "eq_resnet9", "wrn16_4", batch)
             print(f"\nDP epoch wall-clock, eq_resnet9 / wrn16_4 at physical batch {batch}, {args.views} view(s): "
                   f"{ratio:.3f} ({100 * (1 - ratio):.0f}% less)")
+    if args.phases:
+        for name in args.models:
+            for batch in args.batch_sizes:
+                breakdown = phase_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)
+                print(f"\n{name}, B={batch}, {args.views} view(s): seconds per step by phase\n")
+                print(phase_table(breakdown, "phase"))
     if args.csv:
         results_frame(measurements).to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")

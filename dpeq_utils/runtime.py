@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import os
 import platform
 import random
 import subprocess
+import time
 from importlib import metadata
 
 import numpy as np
@@ -133,3 +136,90 @@ def _glibc():
     except OSError:
         return None
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+# ---------------------------------------------------------------------------------------------- phase clock
+
+
+class PhaseTimes:
+    """Seconds per phase of a training step, summed over calls (the benchmark's breakdown)."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.seconds: dict[str, float] = {}
+        # on a GPU every phase boundary synchronises, so phases are measured one after the other
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else None
+
+    def sync(self) -> None:
+        if self._sync is not None:
+            self._sync()
+
+
+_PHASE_TIMES: contextvars.ContextVar[PhaseTimes | None] = contextvars.ContextVar("dpeq_phase_times", default=None)
+
+
+@contextlib.contextmanager
+def measure_phases(device: torch.device | None = None):
+    """Collect the seconds spent in each :func:`phase` of the code run inside; yields the
+    :class:`PhaseTimes`. Outside it, :func:`phase` costs nothing."""
+    times = PhaseTimes(device)
+    token = _PHASE_TIMES.set(times)
+    try:
+        yield times
+    finally:
+        _PHASE_TIMES.reset(token)
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Count the time spent inside towards ``name`` while :func:`measure_phases` is active."""
+    times = _PHASE_TIMES.get()
+    if times is None:
+        yield
+        return
+    times.sync()
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times.sync()
+        times.seconds[name] = times.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+#: CPU features that decide which kernels oneDNN/MKL use for convolutions and matmuls.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def machine_description(device: torch.device | None = None) -> dict[str, str]:
+    """What a speed figure depends on: CPU model, cores, the ISA extensions that matter, torch's CPU
+    capability (the vector kernels it dispatched to) and threads; the GPU when ``device`` is one."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:  # not Linux: model from platform, flags unknown
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    description = {
+        "cpu": model,
+        "cores": f"{usable} usable of {os.cpu_count()}",
+        "isa": " ".join(f for f in ISA_FLAGS if f in flags) or "unknown",
+        "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "torch threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+    }
+    if device is not None and device.type == "cuda":
+        description["gpu"] = torch.cuda.get_device_name(device)
+    return description
+
+
+def conv_layout(images: torch.Tensor) -> torch.Tensor:
+    """A batch of images ``(N, C, H, W)`` in the memory layout convolutions are fastest with here:
+    channels-last on a CPU (oneDNN's native layout; NCHW input is reordered inside every
+    convolution), unchanged elsewhere. Measured on a 2-core AMD EPYC (AVX-512), batch 256: the paper
+    model's forward 0.93 → 0.70 s, its non-private step 2.3 → 2.0 s. Same values, other strides."""
+    return images.contiguous(memory_format=torch.channels_last) if images.device.type == "cpu" else images

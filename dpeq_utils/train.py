@@ -47,7 +47,7 @@ from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
 from .preflight import check_memory
 from .privacy import PrivacyBudget, PrivacyBudgetError
-from .runtime import derived_seeds, git_commit, pick_device, release_free_memory, set_seed, tune_cpu_allocator
+from .runtime import conv_layout, derived_seeds, git_commit, phase, pick_device, release_free_memory, set_seed, tune_cpu_allocator
 from .variants import Variant, build_variants
 
 
@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, data: ImageDataset, device: torch.device, batch_s
     with evaluation_mode(model):
         for start in range(0, len(data), batch_size):
             index = slice(start, start + batch_size)
-            logits = model(data.normalized(index, device))
+            logits = model(conv_layout(data.normalized(index, device)))
             labels = data.labels[index].to(device)
             loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
@@ -473,17 +473,19 @@ def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private:
     for i, (views, labels) in enumerate(batches):
         if private:
             losses += _store_per_sample_gradients(model, views, labels, engine, variants)
-            optimizer.signal_skip_step(do_skip=i < num_chunks - 1)
-            update_ready = optimizer.pre_step()  # clip and sum; on the last chunk also noise and scaling
-            if not update_ready:
-                optimizer.zero_grad(set_to_none=True)  # drops this chunk's per-example gradients, keeps the sum
+            with phase("clip, sum, noise"):
+                optimizer.signal_skip_step(do_skip=i < num_chunks - 1)
+                update_ready = optimizer.pre_step()  # clip and sum; on the last chunk also noise and scaling
+                if not update_ready:
+                    optimizer.zero_grad(set_to_none=True)  # drops this chunk's per-example gradients, keeps the sum
         else:
             losses += _accumulate_plain_gradient(model, views, labels, batch_size)
-    if update_ready:
-        for variant in variants:
-            variant.before_update(model)
-        getattr(optimizer, "original_optimizer", optimizer).step()
-    optimizer.zero_grad(set_to_none=True)
+    with phase("update"):
+        if update_ready:
+            for variant in variants:
+                variant.before_update(model)
+            getattr(optimizer, "original_optimizer", optimizer).step()
+        optimizer.zero_grad(set_to_none=True)
     return losses
 
 
@@ -510,9 +512,11 @@ def _accumulate_plain_gradient(model: nn.Module, views: torch.Tensor, labels: to
     if len(views) == 0:
         return []
     batch, k = views.shape[:2]
-    logits = model(views.flatten(0, 1))
-    per_example = F.cross_entropy(logits, labels.repeat_interleave(k), reduction="none").view(batch, k).mean(1)
-    (per_example.sum() / batch_size).backward()
+    with phase("forward"):
+        logits = model(conv_layout(views.flatten(0, 1)))
+        per_example = F.cross_entropy(logits, labels.repeat_interleave(k), reduction="none").view(batch, k).mean(1)
+    with phase("backward"):
+        (per_example.sum() / batch_size).backward()
     return per_example.detach().tolist()
 
 

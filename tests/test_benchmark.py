@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dpeq_utils.benchmark import benchmark_model, epoch_ratio, summary_table
+from dpeq_utils.benchmark import benchmark_model, epoch_ratio, phase_breakdown, phase_table, summary_table
 from dpeq_utils.models import build_model
-from dpeq_utils.runtime import tune_cpu_allocator
+from dpeq_utils.runtime import machine_description, measure_phases, phase, tune_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,10 +30,43 @@ def test_benchmark_measures_every_kind_and_tabulates():
 
 def test_benchmark_script_runs():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "per_sample_speed.py"), "--models",
-                             "eq_resnet9_small", "--batch-sizes", "2", "--repeats", "1", "--engines", "hooks"],
-                            capture_output=True, text=True, timeout=600)
+                             "eq_resnet9_small", "--batch-sizes", "2", "--repeats", "1", "--engines", "hooks",
+                             "--phases"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| eq_resnet9_small | 60,203 | 2 |" in result.stdout and "device: cpu" in result.stdout
+    assert "torch cpu capability: " in result.stdout and "| per-example filter gradients |" in result.stdout
+
+
+def test_phase_breakdown_covers_the_whole_step():
+    """Every second of a step is in one phase or in "other"; the DP step's phases are the engine's."""
+    model = build_model("eq_resnet9", widths=(4, 8, 8))
+    breakdown = phase_breakdown("eq_resnet9", 4, views=2, repeats=1, device="cpu", model=model)
+    assert set(breakdown["non_private"]) == {"forward", "backward", "update", "other", "total"}
+    assert {"forward", "activation backward", "per-example filter gradients", "pull-back (basis, standardisation)",
+            "clip, sum, noise", "update"} < set(breakdown["dp_step"])
+    for seconds in breakdown.values():
+        assert sum(v for k, v in seconds.items() if k != "total") == pytest.approx(seconds["total"])
+        assert all(v > 0 for k, v in seconds.items() if k not in ("other", "update"))
+    table = phase_table(breakdown, "phase").splitlines()
+    assert table[-1].startswith("| total |") and table[-1].count("| 100 |") == 2
+
+
+def test_phases_are_measured_only_inside_measure_phases():
+    with phase("outside"):
+        pass
+    with measure_phases() as times:
+        with phase("a"):
+            pass
+        with phase("a"):
+            pass
+    assert list(times.seconds) == ["a"] and times.seconds["a"] >= 0
+
+
+def test_machine_description_names_the_cpu_and_its_vector_units():
+    description = machine_description()
+    assert description["cpu"] and description["torch threads"].isdigit()
+    assert description["torch cpu capability"] == __import__("torch").backends.cpu.get_cpu_capability()
+    assert description["isa"] and "usable of" in description["cores"]
 
 
 def test_allocator_tuning_can_be_switched_off(monkeypatch):

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from conftest import relative_error
 
+from dpeq_utils import per_sample
 from dpeq_utils.data import augment_views
 from dpeq_utils.models import build_model
 from dpeq_utils.per_sample import (
@@ -71,6 +72,15 @@ def test_plain_resnet9_baselines(name, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_wrn16_4(engine):
     _check(build_model("wrn16_4"), engine)
+
+
+@pytest.mark.parametrize("min_pixels", [0, 10 ** 9], ids=["grouped", "unfold"])
+@pytest.mark.parametrize("name", ["eq_resnet9", "wrn16_4"])
+def test_both_convolution_methods_are_exact(name, min_pixels, monkeypatch):
+    """Every convolution through one method: the grouped backward (strided and 1x1 convolutions
+    included, in WRN-16-4) and unfold + matmul, with two views per example, against the naive loop."""
+    monkeypatch.setattr(per_sample, "GROUPED_MIN_PIXELS", min_pixels)
+    _check(build_model(name, widths=SMALL), "hooks")
 
 
 @pytest.mark.parametrize("name", ["eq_resnet9", "wrn16_4"])
