@@ -26,8 +26,11 @@ confidence and approaches it as m grows).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy import stats
@@ -139,13 +142,25 @@ BREAKAGES = ("noise_div_10", "no_noise")
 
 @dataclass
 class CanaryRun:
-    """One audited training run: the accountant's ε (None: non-private), the audit, the attack's ROC."""
+    """One audited training run: the accountant's ε (None: non-private), the audit, the attack's ROC,
+    and what they were computed from (each canary's score and whether it was a member)."""
 
     label: str
     accountant_epsilon: float | None
     audit: AuditResult
     roc: dict
     test_accuracy: float
+    scores: np.ndarray
+    included: np.ndarray
+    source: str | None = None  # the audit record it was read from, if any
+
+
+def canary_run(label: str, accountant_epsilon: float | None, scores, included, test_accuracy: float,
+               delta: float = 1e-5, confidence: float = 0.95, source: str | None = None) -> CanaryRun:
+    """Audit and attack computed from the canaries' scores (cheap: no training)."""
+    scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
+    return CanaryRun(label, accountant_epsilon, best_audit(scores, included, delta, confidence),
+                     roc_summary(scores[included], scores[~included]), test_accuracy, scores, included, source)
 
 
 def canaries_for(config, count: int, seed: int = 0):
@@ -170,14 +185,22 @@ def canaries_for(config, count: int, seed: int = 0):
 def audited_run(config, canary_count: int = 64, seed: int = 0, breakage: str | None = None, label: str = "",
                 delta: float = 1e-5, confidence: float = 0.95) -> CanaryRun:
     """Train ``config`` on its training set plus the included canaries, then audit it (one run)."""
+    return _from_record(_train_audited(config, canary_count, seed, breakage, label), delta, confidence)
+
+
+def _train_audited(config, canary_count: int, seed: int, breakage: str | None, label: str) -> dict:
+    """Train one audited run; its audit record (what :func:`_from_record` needs, and provenance)."""
+    import time
+
     import torch
     import torch.nn.functional as F
 
     from .data import ImageDataset
+    from .runtime import device_name, git_commit, library_versions
     from .train import evaluate, setup, train_step
 
-    if breakage not in (None, *BREAKAGES):
-        raise ValueError(f"breakage must be one of {BREAKAGES} or None, got {breakage!r}")
+    _check_breakage(breakage)
+    started = time.perf_counter()
     train, test, canaries, included = canaries_for(config, canary_count, seed)
     members = ImageDataset(torch.cat([train.images, canaries.images[included]]),
                            torch.cat([train.labels, canaries.labels[included]]), train.classes, train.mean, train.std,
@@ -193,8 +216,70 @@ def audited_run(config, canary_count: int = 64, seed: int = 0, breakage: str | N
     with torch.no_grad():
         losses = F.cross_entropy(model(canaries.normalized(None, state.device)),
                                  canaries.labels.to(state.device), reduction="none").cpu().numpy()
-    scores = -losses  # members were fitted: low loss, high score
-    flags = included.numpy()
-    return CanaryRun(label or config.model, state.budget.epsilon() if state.budget else None,
-                     best_audit(scores, flags, delta, confidence), roc_summary(scores[flags], scores[~flags]),
-                     evaluate(state.model, test, state.device)[0])
+    return {
+        "schema": AUDIT_SCHEMA, "key": audit_key(config, canary_count, seed, breakage),
+        "label": label or config.model, "config": config.to_dict(), "canaries": canary_count, "seed": seed,
+        "breakage": breakage, "accountant_epsilon": state.budget.epsilon() if state.budget else None,
+        "steps": state.step, "scores": (-losses).tolist(),  # members were fitted: low loss, high score
+        "included": included.tolist(), "test_accuracy": evaluate(state.model, test, state.device)[0],
+        "wall_time_s": time.perf_counter() - started, "device": device_name(state.device),
+        "versions": library_versions(), "git_commit": git_commit(),
+    }
+
+
+def _check_breakage(breakage: str | None) -> None:
+    if breakage not in (None, *BREAKAGES):
+        raise ValueError(f"breakage must be one of {BREAKAGES} or None, got {breakage!r}")
+
+
+def _from_record(record: dict, delta: float, confidence: float) -> CanaryRun:
+    return canary_run(record["label"], record["accountant_epsilon"], record["scores"], record["included"],
+                      record["test_accuracy"], delta, confidence, record.get("source"))
+
+
+# ---------------------------------------------------------------------------------------------- audit records
+
+#: Version of the audit record format (``data/reference/<profile>/audit/*.json``).
+AUDIT_SCHEMA = 1
+
+
+def audit_key(config, canary_count: int, seed: int, breakage: str | None) -> str:
+    """What decides an audited run's outcome: the run's config key, the canaries, their seed, the breakage."""
+    from .runs import config_key
+
+    values = {"config": config_key(config), "canaries": canary_count, "seed": seed, "breakage": breakage}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def audit_record_path(config, canary_count: int, seed: int, breakage: str | None, runs_dir=None):
+    """``<runs dir>/audit/<model>-<breakage or "correct">-<key>.json`` (runs dir: the profile's by default)."""
+    from .paths import runs_dir as default_runs_dir
+
+    folder = Path(runs_dir) if runs_dir is not None else default_runs_dir(config.profile)
+    return folder / "audit" / f"{config.model}-{breakage or 'correct'}-{audit_key(config, canary_count, seed, breakage)}.json"
+
+
+def load_or_audit(config, canary_count: int = 64, seed: int = 0, breakage: str | None = None, label: str = "",
+                  runs_dir=None, force: bool = False, delta: float = 1e-5, confidence: float = 0.95) -> CanaryRun:
+    """:func:`audited_run`, but read from its audit record when one exists: the ones shipped with the
+    project (``data/reference/<profile>/audit/``) first, then the user's runs folder; otherwise (or
+    with ``force``) trained and written to the user's folder. The audit itself is always recomputed
+    from the stored scores."""
+    from .paths import reference_dir, write_atomic
+
+    _check_breakage(breakage)
+    path = audit_record_path(config, canary_count, seed, breakage, runs_dir)
+    if not force:
+        for candidate in (reference_dir(config.profile) / "audit" / path.name, path):
+            if candidate.is_file():
+                record = json.loads(candidate.read_text())
+                if record.get("schema") != AUDIT_SCHEMA or record.get("key") != audit_key(config, canary_count, seed,
+                                                                                           breakage):
+                    raise ValueError(f"{candidate}: not an audit record of this run (schema or key differs); "
+                                     "delete it or rerun with force=True")
+                return _from_record({**record, "label": label or record["label"], "source": str(candidate)},
+                                    delta, confidence)
+    record = _train_audited(config, canary_count, seed, breakage, label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda handle: json.dump(record, handle, indent=1))
+    return _from_record({**record, "source": str(path)}, delta, confidence)

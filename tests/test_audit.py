@@ -2,6 +2,7 @@
 with more canaries; on trained models it separates non-private from DP training and catches a
 DP-SGD that forgot its noise."""
 
+import json
 import math
 
 import numpy as np
@@ -77,3 +78,36 @@ def test_audits_separate_private_from_non_private_training_and_catch_missing_noi
     assert private.audit.epsilon_lower_bound <= private.accountant_epsilon <= 1.0  # consistent with its guarantee
     assert leaky.audit.epsilon_lower_bound > private.audit.epsilon_lower_bound and leaky.roc["auc"] > 0.9
     assert broken.accountant_epsilon <= 1.0 < broken.audit.epsilon_lower_bound  # caught: more leakage than ε allows
+
+
+def test_audit_records_are_written_once_and_read_back_without_training(tmp_path, monkeypatch):
+    """A trained audit is stored with its scores; the next call reads it (shipped folder first) and
+    recomputes the same audit; a record of another run under that name is refused."""
+    from dpeq_utils import audit
+
+    config = AUDIT.replace(update_steps=3, profile="unit")
+    first = audit.load_or_audit(config, 16, runs_dir=tmp_path, label="DP")
+    path = audit.audit_record_path(config, 16, 0, None, tmp_path)
+    assert first.source == str(path) and path.is_file()
+    record = json.loads(path.read_text())
+    assert record["steps"] == 3 and len(record["scores"]) == 16 and record["accountant_epsilon"] <= 1.0
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(audit, "_train_audited", no_training)
+    again = audit.load_or_audit(config, 16, runs_dir=tmp_path, label="DP")
+    assert again.audit == first.audit and again.roc["auc"] == first.roc["auc"]
+    assert (again.scores == first.scores).all() and (again.included == first.included).all()
+
+    shipped = tmp_path / "reference"
+    monkeypatch.setenv("DPEQ_REFERENCE_DIR", str(shipped))
+    (shipped / "unit" / "audit").mkdir(parents=True)
+    (shipped / "unit" / "audit" / path.name).write_text(json.dumps({**record, "test_accuracy": 0.123}))
+    assert audit.load_or_audit(config, 16, runs_dir=tmp_path).test_accuracy == 0.123  # shipped first
+
+    (shipped / "unit" / "audit" / path.name).write_text(json.dumps({**record, "key": "another"}))
+    with pytest.raises(ValueError, match="not an audit record of this run"):
+        audit.load_or_audit(config, 16, runs_dir=tmp_path)
+    with pytest.raises(ValueError, match="breakage must be one of"):
+        audit.load_or_audit(config, 16, breakage="typo", runs_dir=tmp_path)

@@ -166,9 +166,10 @@ def test_smoke_reproduction_of_every_notebook(tmp_path, monkeypatch):
         "the verdict sentence is generated from the records"
 
 
-@pytest.mark.parametrize("stem", ["04_ablation_parameters", "05_ablation_epsilon", "06_baselines"])
+@pytest.mark.parametrize("stem", ["04_ablation_parameters", "05_ablation_epsilon", "06_baselines", "07_privacy_audit"])
 def test_teach_notebooks_render_the_shipped_records_without_training(stem, tmp_path, monkeypatch):
-    """Under teach, notebooks 04-06 read data/reference/teach/ and train nothing (no dataset needed)."""
+    """Under teach, notebooks 04-07 read data/reference/teach/ (07: its audit/ records) and train
+    nothing (no dataset needed)."""
     monkeypatch.delenv("DPEQ_REFERENCE_DIR")
     monkeypatch.setenv("DPEQ_RUNS_DIR", str(tmp_path / "runs"))
     path = REPO / "notebooks" / f"{stem}.ipynb"
@@ -176,3 +177,7 @@ def test_teach_notebooks_render_the_shipped_records_without_training(stem, tmp_p
                                parameters=reproduce.notebook_parameters(path, "teach"), cwd=str(REPO / "notebooks"))
     assert not (tmp_path / "runs").exists(), "nothing was trained"
     assert (tmp_path / "figures" / "teach").is_dir()
+    if stem == "07_privacy_audit":  # all four cases read from the shipped audit records
+        executed = nbformat.read(tmp_path / f"{stem}.ipynb", as_version=4)
+        text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
+        assert text.count("data/reference/teach/audit/") == 4 and "non-private:" in text and "broken" in text
