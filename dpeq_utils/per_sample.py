@@ -8,9 +8,10 @@
 * ``"hooks"`` — one ordinary batched backward pass for the activations only, then per-layer rules
   (:func:`hooks_per_sample_grads`). A steerable conv's filter is a function of its basis coefficients
   (linear, after the weight standardisation), so its per-example coefficient gradients are the
-  transposed Jacobian of that function applied to per-example *filter* gradients, which are what
-  Opacus computes for ``nn.Conv2d`` (unfold + batched matmul). This avoids the grouped convolution
-  that ``vmap`` makes of each weight gradient (one group per example), which is slow on CPU.
+  transposed Jacobian of that function applied to per-example *filter* gradients: on large maps one
+  grouped convolution backward whose groups are the examples, on small maps what Opacus computes
+  for ``nn.Conv2d`` (unfold + batched matmul); see :func:`_conv_rule`. ``vmap`` instead makes a
+  grouped convolution of every weight gradient over the whole batch of views, slow on a CPU.
 
 :data:`ENGINES` lists the engines, :func:`per_sample_grads` dispatches, ``"auto"`` picks ``hooks``
 when every trainable layer of the model has a rule and ``vmap`` otherwise.
@@ -322,7 +323,7 @@ def hooks_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.
     Forward hooks keep each trainable layer's input and catch the gradient of its output; the
     parameters are frozen during that pass, so autograd computes activation gradients only (no
     summed weight gradients nobody uses). Each layer then turns (input, output gradient) into
-    per-example gradients of its parameters: unfold + einsum for convolutions, an outer product for
+    per-example gradients of its parameters: :func:`_conv_rule` for convolutions, an outer product for
     linear layers, normalised-input × gradient for GroupNorm's affine, then the pull-back through
     ``expand_parameters`` (basis expansion, weight standardisation) where the layer has one.
     A layer must run once per forward pass (no weight sharing).
