@@ -131,8 +131,10 @@ def standardize_pull_back(weight: torch.Tensor, grad: torch.Tensor, leading_dims
 
         (g − mean g − ŵ · mean(g ŵ) · (s + eps) / s) / (s + eps).
 
-    ``inplace=True`` overwrites ``grad`` (three passes over it, no temporaries of its size: these
-    tensors are B × #parameters, gigabytes for WRN-16-4 at B = 256).
+    ``inplace=True`` overwrites ``grad``; no temporaries of its size are made (these tensors are
+    B × #parameters, gigabytes for WRN-16-4 at B = 256). The five passes over it run on slices of
+    examples of about :data:`CACHE_SLICE_BYTES`, so that the later passes read from the CPU's cache
+    instead of memory (same formulas; the sums may round differently than in one piece).
     """
     groups = weight.shape[:leading_dims]
     flat = weight.reshape(*groups, -1)
@@ -143,11 +145,20 @@ def standardize_pull_back(weight: torch.Tensor, grad: torch.Tensor, leading_dims
     if not inplace:
         out = out.clone()
     size = out.shape[-1]
-    projection = torch.einsum("b...r,...r->b...", out, normalized).unsqueeze(-1)  # Σ g ŵ per group, no temporary
-    projection *= (std + eps) / (std * size)
-    grad_mean = out.mean(-1, keepdim=True)
-    out.addcmul_(normalized.expand_as(out), projection, value=-1).sub_(grad_mean).div_(std + eps)
+    scale = (std + eps) / (std * size)
+    rows = max(1, CACHE_SLICE_BYTES // max(1, out[0].numel() * out.element_size()))
+    for start in range(0, batch, rows):
+        part = out[start:start + rows]
+        projection = torch.einsum("b...r,...r->b...", part, normalized).unsqueeze(-1)  # Σ g ŵ per group
+        projection *= scale
+        grad_mean = part.mean(-1, keepdim=True)
+        part.addcmul_(normalized.expand_as(part), projection, value=-1).sub_(grad_mean).div_(std + eps)
     return out.view(grad.shape)
+
+
+#: Size of the slices of examples that memory-bound passes over per-example gradients work on: small
+#: enough to stay in a CPU's last-level cache between passes (a few MB on any current CPU).
+CACHE_SLICE_BYTES = 4 * 2 ** 20
 
 
 def _basis_transpose(expansion, filter_grads: torch.Tensor) -> torch.Tensor | None:
@@ -363,15 +374,37 @@ def hooks_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.
     grads = {}
     for layer_name, module in layers.items():
         x, grad_out = captured.pop(module)  # released layer by layer
-        with phase("per-example filter gradients"):
-            per_example = _rule_for(module)(module, x, grad_out, batch)
+        rule, step = _rule_for(module), _examples_per_slice(module, batch)
+        pieces = []
+        for start in range(0, batch, step):  # filter gradients and their pull-back slice by slice
+            stop = min(batch, start + step)
+            with phase("per-example filter gradients"):
+                per_example = rule(module, x[start * k:stop * k], grad_out[start * k:stop * k], stop - start)
+            with phase("pull-back (basis, standardisation)"):
+                pieces.append(_layer_grads(module, per_example))
+            del per_example
         del x, grad_out
-        with phase("pull-back (basis, standardisation)"):
-            layer_grads = _layer_grads(module, per_example)
-        for name, grad in layer_grads.items():
+        for name in pieces[0]:
+            grad = pieces[0][name] if len(pieces) == 1 else torch.cat([piece[name] for piece in pieces])
             grads[f"{layer_name}.{name}" if layer_name else name] = grad
     order = [name for name, p in model.named_parameters() if p.requires_grad]
     return {name: grads[name] for name in order}, losses.detach()
+
+
+#: Per-example filter gradients are computed and pulled back in slices of examples whose filter
+#: gradients take about this much memory, so that the pull-back reads them from the CPU's cache and
+#: the whole batch's never exist at once (for a steerable layer they are several times the size of the
+#: coefficient gradients that come out).
+FILTER_SLICE_BYTES = 16 * 2 ** 20
+
+
+def _examples_per_slice(module: nn.Module, batch: int) -> int:
+    if isinstance(module, enn.R2Conv):  # its parameters are basis coefficients; the filter is larger
+        filter_numel = module.out_type.size * module.in_type.size * module.kernel_size ** 2
+    else:
+        filter_numel = sum(p.numel() for p in module.parameters(recurse=False))
+    per_example = filter_numel * next(module.parameters()).element_size()
+    return max(1, min(batch, FILTER_SLICE_BYTES // max(1, per_example)))
 
 
 def per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tensor,

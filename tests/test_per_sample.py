@@ -84,6 +84,14 @@ def test_both_convolution_methods_are_exact(name, min_pixels, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["eq_resnet9", "wrn16_4"])
+def test_hooks_engine_in_slices_of_one_example_is_exact(name, monkeypatch):
+    """Filter gradients and pull-backs computed one example at a time (the slices the engine uses
+    to stay in cache), two views each, against the naive loop."""
+    monkeypatch.setattr(per_sample, "FILTER_SLICE_BYTES", 1)
+    _check(build_model(name, widths=SMALL), "hooks")
+
+
+@pytest.mark.parametrize("name", ["eq_resnet9", "wrn16_4"])
 def test_closed_form_pull_back_equals_the_generic_one(name):
     """The closed-form chain rule through weight standardisation and the escnn basis expansion
     (:func:`_fast_pull_back`) equals ``vmap`` of ``torch.func.vjp`` through ``expand_parameters``."""
@@ -180,3 +188,18 @@ def test_rejects_unbatched_views(engine):
     model = build_model("resnet9", widths=SMALL)
     with pytest.raises(ValueError, match=r"\(B, K, C, H, W\)"):
         per_sample_grads(model, torch.randn(2, 3, 32, 32), torch.tensor([0, 1]), engine)
+
+
+@pytest.mark.parametrize("leading_dims", [0, 1])
+def test_standardisation_pull_back_in_slices_equals_one_piece(leading_dims, monkeypatch):
+    """The pull-back runs on slices of examples to stay in cache: one example per slice gives the
+    same numbers as the whole batch in one slice (up to the rounding of the matrix-vector products,
+    whose blocking depends on the slice)."""
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(6, 4, 3, 3, generator=generator, dtype=torch.float64)
+    grad = torch.randn(5, 6, 4, 3, 3, generator=generator, dtype=torch.float64)
+    monkeypatch.setattr(per_sample, "CACHE_SLICE_BYTES", 2 ** 30)
+    whole = per_sample.standardize_pull_back(weight, grad, leading_dims)
+    monkeypatch.setattr(per_sample, "CACHE_SLICE_BYTES", 1)
+    sliced = per_sample.standardize_pull_back(weight, grad.clone(), leading_dims, inplace=True)
+    assert relative_error(sliced, whole) <= 1e-14 and relative_error(whole, grad) > 0.1
