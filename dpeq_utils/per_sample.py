@@ -374,37 +374,15 @@ def hooks_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.
     grads = {}
     for layer_name, module in layers.items():
         x, grad_out = captured.pop(module)  # released layer by layer
-        rule, step = _rule_for(module), _examples_per_slice(module, batch)
-        pieces = []
-        for start in range(0, batch, step):  # filter gradients and their pull-back slice by slice
-            stop = min(batch, start + step)
-            with phase("per-example filter gradients"):
-                per_example = rule(module, x[start * k:stop * k], grad_out[start * k:stop * k], stop - start)
-            with phase("pull-back (basis, standardisation)"):
-                pieces.append(_layer_grads(module, per_example))
-            del per_example
+        with phase("per-example filter gradients"):
+            per_example = _rule_for(module)(module, x, grad_out, batch)
         del x, grad_out
-        for name in pieces[0]:
-            grad = pieces[0][name] if len(pieces) == 1 else torch.cat([piece[name] for piece in pieces])
+        with phase("pull-back (basis, standardisation)"):
+            layer_grads = _layer_grads(module, per_example)
+        for name, grad in layer_grads.items():
             grads[f"{layer_name}.{name}" if layer_name else name] = grad
     order = [name for name, p in model.named_parameters() if p.requires_grad]
     return {name: grads[name] for name in order}, losses.detach()
-
-
-#: Per-example filter gradients are computed and pulled back in slices of examples whose filter
-#: gradients take about this much memory, so that the pull-back reads them from the CPU's cache and
-#: the whole batch's never exist at once (for a steerable layer they are several times the size of the
-#: coefficient gradients that come out).
-FILTER_SLICE_BYTES = 16 * 2 ** 20
-
-
-def _examples_per_slice(module: nn.Module, batch: int) -> int:
-    if isinstance(module, enn.R2Conv):  # its parameters are basis coefficients; the filter is larger
-        filter_numel = module.out_type.size * module.in_type.size * module.kernel_size ** 2
-    else:
-        filter_numel = sum(p.numel() for p in module.parameters(recurse=False))
-    per_example = filter_numel * next(module.parameters()).element_size()
-    return max(1, min(batch, FILTER_SLICE_BYTES // max(1, per_example)))
 
 
 def per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tensor,

@@ -84,14 +84,6 @@ def test_both_convolution_methods_are_exact(name, min_pixels, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["eq_resnet9", "wrn16_4"])
-def test_hooks_engine_in_slices_of_one_example_is_exact(name, monkeypatch):
-    """Filter gradients and pull-backs computed one example at a time (the slices the engine uses
-    to stay in cache), two views each, against the naive loop."""
-    monkeypatch.setattr(per_sample, "FILTER_SLICE_BYTES", 1)
-    _check(build_model(name, widths=SMALL), "hooks")
-
-
-@pytest.mark.parametrize("name", ["eq_resnet9", "wrn16_4"])
 def test_closed_form_pull_back_equals_the_generic_one(name):
     """The closed-form chain rule through weight standardisation and the escnn basis expansion
     (:func:`_fast_pull_back`) equals ``vmap`` of ``torch.func.vjp`` through ``expand_parameters``."""
