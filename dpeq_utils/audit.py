@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,14 +156,6 @@ class CanaryRun:
     source: str | None = None  # the audit record it was read from, if any
 
 
-def canary_run(label: str, accountant_epsilon: float | None, scores, included, test_accuracy: float,
-               delta: float = 1e-5, confidence: float = 0.95, source: str | None = None) -> CanaryRun:
-    """Audit and attack computed from the canaries' scores (cheap: no training)."""
-    scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
-    return CanaryRun(label, accountant_epsilon, best_audit(scores, included, delta, confidence),
-                     roc_summary(scores[included], scores[~included]), test_accuracy, scores, included, source)
-
-
 def canaries_for(config, count: int, seed: int = 0):
     """``(train, test, canaries, included)``: the run's data, ``count`` canaries held out of it (the
     validation split, relabelled at random so that only a member can be fitted) and the coin flips
@@ -190,8 +183,6 @@ def audited_run(config, canary_count: int = 64, seed: int = 0, breakage: str | N
 
 def _train_audited(config, canary_count: int, seed: int, breakage: str | None, label: str) -> dict:
     """Train one audited run; its audit record (what :func:`_from_record` needs, and provenance)."""
-    import time
-
     import torch
     import torch.nn.functional as F
 
@@ -233,8 +224,11 @@ def _check_breakage(breakage: str | None) -> None:
 
 
 def _from_record(record: dict, delta: float, confidence: float) -> CanaryRun:
-    return canary_run(record["label"], record["accountant_epsilon"], record["scores"], record["included"],
-                      record["test_accuracy"], delta, confidence, record.get("source"))
+    """The audit and the attack computed from an audit record's scores (cheap: no training)."""
+    scores, included = np.asarray(record["scores"], dtype=float), np.asarray(record["included"], dtype=bool)
+    return CanaryRun(record["label"], record["accountant_epsilon"], best_audit(scores, included, delta, confidence),
+                     roc_summary(scores[included], scores[~included]), record["test_accuracy"], scores, included,
+                     record.get("source"))
 
 
 # ---------------------------------------------------------------------------------------------- audit records
@@ -251,7 +245,7 @@ def audit_key(config, canary_count: int, seed: int, breakage: str | None) -> str
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def audit_record_path(config, canary_count: int, seed: int, breakage: str | None, runs_dir=None):
+def audit_record_path(config, canary_count: int, seed: int, breakage: str | None, runs_dir=None) -> Path:
     """``<runs dir>/audit/<model>-<breakage or "correct">-<key>.json`` (runs dir: the profile's by default)."""
     from .paths import runs_dir as default_runs_dir
 
@@ -265,21 +259,17 @@ def load_or_audit(config, canary_count: int = 64, seed: int = 0, breakage: str |
     project (``data/reference/<profile>/audit/``) first, then the user's runs folder; otherwise (or
     with ``force``) trained and written to the user's folder. The audit itself is always recomputed
     from the stored scores."""
-    from .paths import reference_dir, write_atomic
+    from .runs import find_file, write_json_atomic
 
     _check_breakage(breakage)
     path = audit_record_path(config, canary_count, seed, breakage, runs_dir)
-    if not force:
-        for candidate in (reference_dir(config.profile) / "audit" / path.name, path):
-            if candidate.is_file():
-                record = json.loads(candidate.read_text())
-                if record.get("schema") != AUDIT_SCHEMA or record.get("key") != audit_key(config, canary_count, seed,
-                                                                                           breakage):
-                    raise ValueError(f"{candidate}: not an audit record of this run (schema or key differs); "
-                                     "delete it or rerun with force=True")
-                return _from_record({**record, "label": label or record["label"], "source": str(candidate)},
-                                    delta, confidence)
+    found = None if force else find_file(Path("audit") / path.name, config.profile, runs_dir)
+    if found is not None:
+        record = json.loads(found.read_text())
+        if record.get("schema") != AUDIT_SCHEMA or record.get("key") != audit_key(config, canary_count, seed, breakage):
+            raise ValueError(f"{found}: not an audit record of this run (schema or key differs); "
+                             "delete it or rerun with force=True")
+        return _from_record({**record, "label": label or record["label"], "source": str(found)}, delta, confidence)
     record = _train_audited(config, canary_count, seed, breakage, label)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, lambda handle: json.dump(record, handle, indent=1))
+    write_json_atomic(path, record)
     return _from_record({**record, "source": str(path)}, delta, confidence)

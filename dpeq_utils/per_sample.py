@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from escnn import nn as enn
 from torch.func import functional_call, grad_and_value, vjp, vmap
+from torch.nn.modules.utils import _pair
 
 from . import equivariance  # noqa: F401  (applies the escnn fixes torch.func needs)
 from .models.equivariant import StandardizedR2Conv
@@ -235,14 +236,10 @@ def register_grad_rule(*layer_types: type):
 #: Output maps with at least this many pixels get their per-example filter gradients from one grouped
 #: convolution backward (oneDNN on a CPU), smaller ones from unfold + batched matmul. Measured on the
 #: paper model at batch 256 (2-core AMD EPYC, AVX-512; ``benchmarks/per_sample_speed.py --phases``): the
-#: grouped backward is 1.1-1.7x faster on its 32x32 and 16x16 maps, and up to 250x *slower* on its
+#: grouped backward is 1.1-1.7x faster on its 32x32 and 16x16 maps, and 83x *slower* on its
 #: 8x8 map with 312 input channels (17.5 s against 0.21 s: a slow oneDNN kernel for 256 groups on a
 #: small map). At >= 256 pixels it won on every shape tried (3 to 312 channels). Both are exact.
 GROUPED_MIN_PIXELS = 256
-
-
-def _pair(value) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
 
 
 @register_grad_rule(nn.Conv2d, enn.R2Conv)

@@ -208,10 +208,16 @@ def find_record(config: RunConfig, runs_dir: str | os.PathLike | None = None) ->
     """Where the record of ``config`` is, if anywhere. Lookup order: the records shipped with the
     project (``data/reference/<profile>/``), then the user's runs folder (``runs_dir``, default
     ``data/runs/<profile>/``)."""
-    name = record_path(config, runs_dir).name
-    for folder in (reference_dir(config.profile), _runs_dir(config, runs_dir)):
-        if (folder / name).is_file():
-            return folder / name
+    return find_file(record_path(config, runs_dir).name, config.profile, runs_dir)
+
+
+def find_file(relative: str | os.PathLike, profile: str, runs_dir: str | os.PathLike | None = None) -> Path | None:
+    """``relative`` (a path inside a profile's records folder) in the shipped records first
+    (``data/reference/<profile>/``), then in the user's runs folder (default ``data/runs/<profile>/``)."""
+    user = Path(runs_dir) if runs_dir is not None else default_runs_dir(profile)
+    for folder in (reference_dir(profile), user):
+        if (folder / relative).is_file():
+            return folder / relative
     return None
 
 
