@@ -1,9 +1,10 @@
 """Throughput of one training step: non-private, each per-example gradient engine, the whole DP step.
 
 Used by ``benchmarks/per_sample_speed.py`` (the README's speed tables). Every figure comes from one
-process, after a warm-up call that is not timed, as the median of ``repeats`` timed calls; the kinds
-take turns call by call (CPU allocator state left by one kind measurably changed the next one's
-speed), except the memory-hungry ``vmap`` reference, measured on its own afterwards:
+process, as the median of ``repeats`` timed calls of one kind in a row, after untimed warm-up calls
+that stop once a call no longer makes the process touch new memory (:func:`_warm_up`): a training run
+repeats one kind of step thousands of times, and what it pays per step is that steady state. The
+kinds are measured one after the other, the memory-hungry ``vmap`` reference last:
 
 * ``non_private`` — the trainer's non-private step: forward + backward of the mean loss and the SGD
   update (the floor a DP step is compared with);
@@ -13,7 +14,8 @@ speed), except the memory-hungry ``vmap`` reference, measured on its own afterwa
 
 Throughput counts *examples* per second; with ``views > 1`` each example carries that many
 augmentation views (the work per example grows accordingly). On a CPU the allocator is tuned first,
-as the trainer does (:func:`dpeq_utils.runtime.tune_cpu_allocator`). Peak memory is CUDA's peak allocation
+as the trainer does (:func:`dpeq_utils.runtime.tune_cpu_allocator`), and every figure carries the
+minor page faults per timed call (0 in a steady state). Peak memory is CUDA's peak allocation
 on a GPU and, on a CPU, the peak resident set size above the level before the call (sampled
 every 2 ms by a thread, so short spikes can be missed), each from one extra untimed call; on a CPU
 glibc's ``malloc_trim`` first hands cached free memory back, otherwise earlier calls would hide it.
@@ -56,6 +58,7 @@ class Measurement:
     seconds: float  # median seconds per call
     peak_mb: float
     device: str
+    page_faults: float = 0.0  # minor page faults per timed call: new memory touched (0 when steady)
 
 
 class _PeakRSS:
@@ -91,44 +94,74 @@ class _PeakRSS:
         return (self.peak - self.start) / 2 ** 20
 
 
-def _time_interleaved(calls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float]]:
-    """``{kind: (median seconds, peak MB)}``. Every call warms up once, then the kinds take turns
-    (``repeats`` rounds), so no kind is favoured by the allocator state another one left behind.
-    Peak memory comes from one more, untimed call per kind (on a CPU it starts by handing cached
-    memory back to the OS, which would slow a timed call)."""
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (memory touched for the first time); 0 where unknown."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+#: A warm-up call that touched at most this many new pages (4 MB of 4 KB pages) ends the warm-up.
+WARM_PAGE_FAULTS = 1000
+#: Warm-up calls at most, per kind.
+MAX_WARM_UPS = 6
+
+
+def _warm_up(call, sync) -> int:
+    """Call until a call touches (almost) no new memory, at most :data:`MAX_WARM_UPS` times; returns
+    the number of calls. glibc serves the large tensors of a step from its heap and, with 64-byte
+    aligned requests (torch's), often cannot reuse the blocks the last step freed, so the heap grows
+    over the first calls and each of them pays page faults: measured on a 2-core AMD EPYC, the paper
+    model's DP step at batch 256 took 5.1, 3.1 and then 1.9-2.2 s (700k, 110k, then 0 faults), WRN-16-4's
+    13.8, 4.1 and then 3.0-3.2 s; each fault cost ~10 µs of system time there."""
+    for calls in range(1, MAX_WARM_UPS + 1):
+        before = _minor_faults()
+        call()
+        sync()
+        if _minor_faults() - before <= WARM_PAGE_FAULTS:
+            break
+    return calls
+
+
+def _time_kinds(calls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float, float]]:
+    """``{kind: (median seconds, peak MB, minor page faults per timed call)}``: each kind warms up
+    (:func:`_warm_up`), then runs ``repeats`` timed calls in a row; its peak memory comes from one more,
+    untimed call (on a CPU it starts by handing cached memory back to the OS, which would slow a
+    timed call; the next kind's warm-up absorbs that)."""
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for call in calls.values():
-        call()
-    sync()
-    seconds = {kind: [] for kind in calls}
-    for _ in range(repeats):
-        for kind, call in calls.items():
+    results = {}
+    for kind, call in calls.items():
+        _warm_up(call, sync)
+        seconds, faults = [], _minor_faults()
+        for _ in range(repeats):
             start = time.perf_counter()
             call()
             sync()
-            seconds[kind].append(time.perf_counter() - start)
-    peaks = {}
-    for kind, call in calls.items():
+            seconds.append(time.perf_counter() - start)
+        faults = (_minor_faults() - faults) / repeats
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             call()
             sync()
-            peaks[kind] = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+            peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
         else:
             with _PeakRSS() as rss:
                 call()
-            peaks[kind] = rss.megabytes
-    return {kind: (statistics.median(seconds[kind]), peaks[kind]) for kind in calls}
+            peak = rss.megabytes
+        results[kind] = (statistics.median(seconds), peak, faults)
+    return results
 
 
-#: Measured on their own, after the others: the whole-model vmap reference allocates 2-8x more
-#: memory, and interleaved with it the next kind ran up to 60% slower (the paper model's DP step at
-#: batch 256: 5.04 s right after vmap, 3.11 s in a process without it).
+#: Measured last: the whole-model vmap reference allocates 2-8x more memory, and when the kinds took
+#: turns call by call, a kind measured right after it ran up to 60% slower (the paper model's DP step
+#: at batch 256: 5.04 s right after vmap, 3.11 s in a process without it).
 ISOLATED_KINDS = ("vmap",)
 
 
@@ -171,12 +204,12 @@ def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: 
     dev = pick_device(device)
     calls, model = _step_calls(name, batch, engines=engines, views=views, device=dev, model=model, seed=seed)
     params, where = count_params(model), device_name(dev)
-    timings = _time_interleaved({k: c for k, c in calls.items() if k not in ISOLATED_KINDS}, dev, repeats)
+    order = [k for k in calls if k not in ISOLATED_KINDS] + [k for k in calls if k in ISOLATED_KINDS]
+    timings = _time_kinds({kind: calls[kind] for kind in order}, dev, repeats)
+    results = []
     for kind in calls:
-        if kind in ISOLATED_KINDS:
-            timings.update(_time_interleaved({kind: calls[kind]}, dev, repeats))
-    results = [Measurement(name, params, batch, views, kind, batch / timings[kind][0], *timings[kind], where)
-               for kind in calls]
+        seconds, peak, faults = timings[kind]
+        results.append(Measurement(name, params, batch, views, kind, batch / seconds, seconds, peak, where, faults))
     model.zero_grad(set_to_none=True)
     return results
 
@@ -184,14 +217,16 @@ def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: 
 def phase_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, device: str = "auto",
                     model: nn.Module | None = None, seed: int = 0) -> dict[str, dict[str, float]]:
     """Mean seconds per phase of the non-private step and of the DP step (``{kind: {phase: s}}``),
-    from ``repeats`` calls each after one warm-up; ``"total"`` is the whole call and ``"other"`` what
+    from ``repeats`` calls each after the warm-up of :func:`_warm_up`; ``"total"`` is the whole call and ``"other"`` what
     no phase covers (Python, hooks, variant masks). Phases: forward, backward (non-private) or
     activation backward + per-example filter gradients + pull-back (DP), clip/sum/noise, update."""
     dev = pick_device(device)
     calls, model = _step_calls(name, batch, engines=(), views=views, device=dev, model=model, seed=seed)
     breakdown = {}
-    for kind in ("non_private", "dp_step"):
-        calls[kind]()
+    # the DP step first: after a non-private step had shaped the heap, WRN-16-4's DP step still touched
+    # new memory after six warm-up calls; the other way round both became steady
+    for kind in ("dp_step", "non_private"):
+        _warm_up(calls[kind], lambda: torch.cuda.synchronize(dev) if dev.type == "cuda" else None)
         with measure_phases(dev) as times:
             start = time.perf_counter()
             for _ in range(repeats):
@@ -203,7 +238,7 @@ def phase_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, 
         seconds["total"] = total / repeats
         breakdown[kind] = seconds
     model.zero_grad(set_to_none=True)
-    return breakdown
+    return {kind: breakdown[kind] for kind in ("non_private", "dp_step")}
 
 
 def phase_table(breakdown: dict[str, dict[str, float]], title: str) -> str:
@@ -233,7 +268,8 @@ def summary_table(measurements: list[Measurement]) -> str:
     rows = []
     engines = [k for k in frame["kind"].unique() if k not in ("non_private", "dp_step")]
     header = (["model", "params", "batch", "non-private ex/s"] + [f"{e} ex/s" for e in engines]
-              + ["DP step ex/s", "DP step / non-private", "peak MB non-private", "peak MB DP step"])
+              + ["DP step ex/s", "DP step / non-private", "peak MB non-private", "peak MB DP step",
+                 "page faults / DP step"])
     for (model, batch), group in frame.groupby(["model", "batch"], sort=False):
         by_kind = group.set_index("kind")
         row = [model, f"{by_kind['params'].iloc[0]:,}", str(batch),
@@ -241,7 +277,8 @@ def summary_table(measurements: list[Measurement]) -> str:
         row += [f"{by_kind.loc[e, 'examples_per_s']:.0f}" for e in engines]
         ratio = by_kind.loc["dp_step", "seconds"] / by_kind.loc["non_private", "seconds"]
         row += [f"{by_kind.loc['dp_step', 'examples_per_s']:.0f}", f"{ratio:.2f}×",
-                f"{by_kind.loc['non_private', 'peak_mb']:.0f}", f"{by_kind.loc['dp_step', 'peak_mb']:.0f}"]
+                f"{by_kind.loc['non_private', 'peak_mb']:.0f}", f"{by_kind.loc['dp_step', 'peak_mb']:.0f}",
+                f"{by_kind.loc['dp_step', 'page_faults']:.0f}"]
         rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -285,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in benchmark_model(name, batch, engines=args.engines, views=args.views, repeats=args.repeats,
                                      device=args.device):
                 print(f"  {m.model:17s} B={m.batch:<4d} {m.kind:12s} {m.examples_per_s:9.1f} ex/s "
-                      f"{m.seconds:8.3f} s  peak {m.peak_mb:8.0f} MB", flush=True)
+                      f"{m.seconds:8.3f} s  peak {m.peak_mb:8.0f} MB  page faults/call {m.page_faults:9.0f}", flush=True)
                 measurements.append(m)
     print()
     print(summary_table(measurements))

@@ -162,12 +162,34 @@ def standardize_pull_back(weight: torch.Tensor, grad: torch.Tensor, leading_dims
 CACHE_SLICE_BYTES = 4 * 2 ** 20
 
 
+def rows_matmul(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``rows @ matrix`` for a row-major ``(M, K)`` and a ``(K, N)``; on a CPU in float32 through oneDNN.
+
+    ``torch.matmul`` on a CPU calls MKL, whose single-precision product runs its AVX2 code on AMD
+    processors; oneDNN, which torch's convolutions use, compiles kernels for the ISA at hand
+    (AVX-512 there). So the product is taken as oneDNN's 1×1 convolution of one image whose pixels
+    are the rows and whose channels are the ``K`` columns, channels-last (the memory of ``rows``
+    as it is; the output's memory is the ``(M, N)`` result). Measured on a 2-core AMD EPYC (family 26,
+    AVX-512), float32: ``(129792, 576) @ (576, 64)`` (the paper model's 16x16 basis product) at 47 G
+    multiply-adds/s through MKL and 204 through oneDNN, ``(4096, 1024) @ (1024, 1024)`` at 81 and 212; the
+    paper model's basis pull-back at batch 256 went from 0.50 to 0.21 s. Elsewhere (CUDA, float64)
+    plain ``rows @ matrix``.
+    """
+    if rows.device.type != "cpu" or rows.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return rows @ matrix
+    m, k = rows.shape
+    image = rows.contiguous().view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1), channels-last
+    kernel = matrix.t().contiguous().view(-1, k, 1, 1)
+    return F.conv2d(image, kernel).permute(0, 2, 3, 1).reshape(m, -1)
+
+
 def _basis_transpose(expansion, filter_grads: torch.Tensor) -> torch.Tensor | None:
     """escnn basis expansion transposed, for a batch of filter gradients ``(B, O, I, k, k)``.
 
     Only for an expansion with one block (one input and one output field type, as in every dpeq
     model): there, filter[x·o, y·i, s] = Σ_n basis[n, o, i, s] · coefficients[x, y, n]. Returns None
-    otherwise (the caller takes the generic path).
+    otherwise (the caller takes the generic path). The filter gradients are copied once into rows of
+    one field pair (x, y) each, ``(B·x·y, o·i·k²)``, then multiplied by the basis in one product.
     """
     if getattr(expansion, "_n_pairs", None) != 1:
         return None
@@ -176,8 +198,8 @@ def _basis_transpose(expansion, filter_grads: torch.Tensor) -> torch.Tensor | No
     n, o, i = basis.shape[:3]
     x, y = expansion._out_count[pair[1]], expansion._in_count[pair[0]]
     batch = filter_grads.shape[0]
-    grads = filter_grads.reshape(batch, x, o, y, i, -1)
-    return torch.einsum("bxoyis,nois->bxyn", grads, basis.reshape(n, o, i, -1)).reshape(batch, -1)
+    pairs = filter_grads.reshape(batch, x, o, y, -1).transpose(2, 3).reshape(batch * x * y, -1)
+    return rows_matmul(pairs, basis.reshape(n, -1).t()).view(batch, -1)
 
 
 #: Closed-form pull-backs from a layer's effective weight/bias to its parameters, by exact layer type

@@ -192,17 +192,19 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile",
 def machine_description(device: torch.device | None = None) -> dict[str, str]:
     """What a speed figure depends on: CPU model, cores, the ISA extensions that matter, torch's CPU
     capability (the vector kernels it dispatched to) and threads; the GPU when ``device`` is one."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model, info = platform.processor() or platform.machine(), {}
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
+                info.setdefault(key.strip(), value.strip())  # the first processor's entry
     except OSError:  # not Linux: model from platform, flags unknown
         pass
+    if "model name" in info:
+        model = info["model name"]
+        if "cpu family" in info:  # virtual machines often show a bare "AMD EPYC": the family tells generations apart
+            model += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    flags = set(info.get("flags", "").split())
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     description = {
         "cpu": model,

@@ -195,3 +195,29 @@ def test_standardisation_pull_back_in_slices_equals_one_piece(leading_dims, monk
     monkeypatch.setattr(per_sample, "CACHE_SLICE_BYTES", 1)
     sliced = per_sample.standardize_pull_back(weight, grad.clone(), leading_dims, inplace=True)
     assert relative_error(sliced, whole) <= 1e-14 and relative_error(whole, grad) > 0.1
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 3, 5), (300, 576, 64), (64, 2808, 17)])
+def test_rows_matmul_is_the_matrix_product(shape):
+    """In float32 on a CPU the product runs as oneDNN's 1x1 convolution; it must equal the product
+    computed in float64 up to float32 rounding, and keep its (M, N) row-major result."""
+    m, k, n = shape
+    generator = torch.Generator().manual_seed(3)
+    rows = torch.randn(m, k, generator=generator)
+    matrix = torch.randn(k, n, generator=generator)
+    product = per_sample.rows_matmul(rows, matrix)
+    assert product.shape == (m, n) and product.dtype == torch.float32 and product.is_contiguous()
+    assert relative_error(product.double(), rows.double() @ matrix.double()) <= 1e-5
+    transposed = per_sample.rows_matmul(rows.t().contiguous().t(), matrix)  # column-major input: copied first
+    assert relative_error(transposed, product) <= 1e-6
+
+
+def test_float32_coefficient_gradients_match_float64():
+    """The engine's float32 path (oneDNN basis products, grouped and unfold filter gradients) against
+    the same model's float64 per-example gradients (the exact path the other tests check)."""
+    model = build_model("eq_resnet9", widths=SMALL).train()
+    views, labels = _inputs(batch=4)
+    single, _ = hooks_per_sample_grads(model, views.float(), labels)
+    double, _ = hooks_per_sample_grads(model.double(), views, labels)
+    for name in double:
+        assert relative_error(single[name].double(), double[name]) <= 1e-4, name
