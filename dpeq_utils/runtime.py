@@ -113,7 +113,10 @@ def tune_cpu_allocator() -> bool:
     every step pays the page faults of touching that memory anew (millions per teach run, measured).
     Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` keeps it in the heap: measured on 2 cores,
     the paper model at batch 256 went from 89 to 110 examples/s non-private and from 53 to 72 with
-    per-example gradients. The cost: the process keeps its peak memory until it exits.
+    per-example gradients. The cost: the process keeps its peak memory until it exits. glibc cannot
+    always reuse a freed block for torch's 64-byte-aligned requests of the same size (a small live
+    block beside it is enough), so the heap can keep growing for several steps, each paying faults;
+    the benchmark reports them (``dpeq_utils.benchmark._warm_up``).
     Set ``DPEQ_MALLOC_TUNING=0`` to opt out. Returns whether the setting was applied (glibc only).
     """
     libc = _glibc()
