@@ -35,7 +35,19 @@ from opacus.optimizers import DPOptimizer
 
 from .models import build_model, count_params
 from .per_sample import ENGINE_FUNCTIONS
-from .runtime import device_name, measure_phases, pick_device, release_free_memory, tune_cpu_allocator
+from .runtime import (
+    device_name,
+    measure_phases,
+    pick_device,
+    release_free_memory,
+    synchronize,
+    tune_cpu_allocator,
+)
+
+try:
+    import resource
+except ImportError:  # not POSIX: page faults unknown
+    resource = None  # type: ignore[assignment]
 from .train import logical_step
 
 # name → (model, build_model keyword arguments): the models the README's speed table compares
@@ -96,11 +108,7 @@ class _PeakRSS:
 
 def _minor_faults() -> int:
     """Minor page faults of this process so far (memory touched for the first time); 0 where unknown."""
-    try:
-        import resource
-    except ImportError:  # not POSIX
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return 0 if resource is None else resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 #: A warm-up call that touched at most this many new pages (4 MB of 4 KB pages) ends the warm-up.
@@ -109,20 +117,20 @@ WARM_PAGE_FAULTS = 1000
 MAX_WARM_UPS = 6
 
 
-def _warm_up(call, sync) -> int:
-    """Call until a call touches (almost) no new memory, at most :data:`MAX_WARM_UPS` times; returns
-    the number of calls. glibc serves the large tensors of a step from its heap and, with 64-byte
-    aligned requests (torch's), often cannot reuse the blocks the last step freed, so the heap grows
-    over the first calls and each of them pays page faults: measured on a 2-core AMD EPYC, the paper
-    model's DP step at batch 256 took 5.1, 3.1 and then 1.9-2.2 s (700k, 110k, then 0 faults), WRN-16-4's
-    13.8, 4.1 and then 3.0-3.2 s; each fault cost ~10 µs of system time there."""
-    for calls in range(1, MAX_WARM_UPS + 1):
+def _warm_up(call, device: torch.device) -> None:
+    """Call until a call touches (almost) no new memory, at most :data:`MAX_WARM_UPS` times.
+
+    glibc serves the large tensors of a step from its heap and, with 64-byte aligned requests
+    (torch's), often cannot reuse the blocks the last step freed, so the heap grows over the first
+    calls and each of them pays page faults: measured on a 2-core AMD EPYC, the paper model's DP step
+    at batch 256 took 5.1, 3.1 and then 1.9-2.2 s (700k, 110k, then 0 faults), WRN-16-4's 13.8, 4.1 and
+    then 3.0-3.2 s; each fault cost ~10 µs of system time there."""
+    for _ in range(MAX_WARM_UPS):
         before = _minor_faults()
         call()
-        sync()
+        synchronize(device)
         if _minor_faults() - before <= WARM_PAGE_FAULTS:
             break
-    return calls
 
 
 def _time_kinds(calls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float, float]]:
@@ -130,26 +138,21 @@ def _time_kinds(calls: dict, device: torch.device, repeats: int) -> dict[str, tu
     (:func:`_warm_up`), then runs ``repeats`` timed calls in a row; its peak memory comes from one more,
     untimed call (on a CPU it starts by handing cached memory back to the OS, which would slow a
     timed call; the next kind's warm-up absorbs that)."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     results = {}
     for kind, call in calls.items():
-        _warm_up(call, sync)
+        _warm_up(call, device)
         seconds, faults = [], _minor_faults()
         for _ in range(repeats):
             start = time.perf_counter()
             call()
-            sync()
+            synchronize(device)
             seconds.append(time.perf_counter() - start)
         faults = (_minor_faults() - faults) / repeats
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
             call()
-            sync()
+            synchronize(device)
             peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
         else:
             with _PeakRSS() as rss:
@@ -226,7 +229,7 @@ def phase_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, 
     # the DP step first: after a non-private step had shaped the heap, WRN-16-4's DP step still touched
     # new memory after six warm-up calls; the other way round both became steady
     for kind in ("dp_step", "non_private"):
-        _warm_up(calls[kind], lambda: torch.cuda.synchronize(dev) if dev.type == "cuda" else None)
+        _warm_up(calls[kind], dev)
         with measure_phases(dev) as times:
             start = time.perf_counter()
             for _ in range(repeats):

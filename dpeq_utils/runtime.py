@@ -144,17 +144,22 @@ def _glibc():
 # ---------------------------------------------------------------------------------------------- phase clock
 
 
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the work queued on ``device`` (a GPU's queue; nothing to wait for on a CPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PhaseTimes:
     """Seconds per phase of a training step, summed over calls (the benchmark's breakdown)."""
 
     def __init__(self, device: torch.device | None = None):
         self.seconds: dict[str, float] = {}
         # on a GPU every phase boundary synchronises, so phases are measured one after the other
-        self._sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else None
+        self.device = device
 
     def sync(self) -> None:
-        if self._sync is not None:
-            self._sync()
+        synchronize(self.device)
 
 
 _PHASE_TIMES: contextvars.ContextVar[PhaseTimes | None] = contextvars.ContextVar("dpeq_phase_times", default=None)
