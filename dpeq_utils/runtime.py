@@ -106,24 +106,29 @@ def environment_report(device: str | torch.device = "auto") -> dict[str, str]:
 
 
 def tune_cpu_allocator() -> bool:
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS at once.
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS.
 
     DP-SGD on a CPU allocates and frees tensors of hundreds of MB every step (per-example
-    gradients, unfolded inputs). glibc serves each from a fresh ``mmap`` and unmaps it on free, so
-    every step pays the page faults of touching that memory anew (millions per teach run, measured).
-    Raising ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` keeps it in the heap: measured on 2 cores,
-    the paper model at batch 256 went from 89 to 110 examples/s non-private and from 53 to 72 with
-    per-example gradients. The cost: the process keeps its peak memory until it exits. glibc cannot
-    always reuse a freed block for torch's 64-byte-aligned requests of the same size (a small live
-    block beside it is enough), so the heap can keep growing for several steps, each paying faults;
-    the benchmark reports them (``dpeq_utils.benchmark._warm_up``).
+    gradients, unfolded inputs). By default glibc serves each from a fresh ``mmap`` and unmaps it on
+    free, so every step pays the page faults of touching that memory anew (millions per teach run,
+    measured). Raising ``M_MMAP_THRESHOLD`` keeps such blocks in the heap, and ``M_TRIM_THRESHOLD`` = -1
+    (mallopt(3): "disables trimming completely") keeps the heap from shrinking: with the trim
+    threshold at 2**31 - 1, as before, a ``free`` that left more than 2 GB free at the top of the heap
+    gave it back to the OS (glibc's ``systrim``, caught in gdb in WRN-16-4's per-example gradients at
+    batch 256: 2.9 GB at once) and the next step faulted it in again: 520,000-740,000 page faults and
+    2-3 s more per step on a 2-core AMD EPYC (family 25), 0 after the change.
+    Measured on 2 cores before either setting: the paper model at batch 256 went from 89 to 110
+    examples/s non-private and from 53 to 72 with per-example gradients. The cost: the process keeps
+    its peak memory until it exits (the trainer calls :func:`release_free_memory` after a run). The
+    heap still grows during the first steps until freed blocks fit the next requests; the benchmark
+    warms up until it stops and reports the faults (``dpeq_utils.benchmark._warm_up``).
     Set ``DPEQ_MALLOC_TUNING=0`` to opt out. Returns whether the setting was applied (glibc only).
     """
     libc = _glibc()
     if os.environ.get("DPEQ_MALLOC_TUNING", "1") == "0" or libc is None:
         return False
-    m_trim_threshold, m_mmap_threshold, largest = -1, -3, 2 ** 31 - 1
-    return bool(libc.mallopt(m_mmap_threshold, largest)) and bool(libc.mallopt(m_trim_threshold, largest))
+    m_trim_threshold, m_mmap_threshold, largest_int, never = -1, -3, 2 ** 31 - 1, -1
+    return bool(libc.mallopt(m_mmap_threshold, largest_int)) and bool(libc.mallopt(m_trim_threshold, never))
 
 
 def release_free_memory() -> None:
