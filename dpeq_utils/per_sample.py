@@ -162,25 +162,32 @@ def standardize_pull_back(weight: torch.Tensor, grad: torch.Tensor, leading_dims
 CACHE_SLICE_BYTES = 4 * 2 ** 20
 
 
-def rows_matmul(rows: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """``rows @ matrix`` for a row-major ``(M, K)`` and a ``(K, N)``; on a CPU in float32 through oneDNN.
+def basis_contraction(filter_grads: torch.Tensor, basis: torch.Tensor, out_fields: int) -> torch.Tensor:
+    """``Σ_{o, r} filter_grads[b, x, o, y, r] · basis[n, o, r]`` as ``(B, x, y, n)``, for filter gradients
+    ``(B, x·o, y·r)`` in row-major order (``r`` = one input field's channels × k × k).
 
-    ``torch.matmul`` on a CPU calls MKL, whose single-precision product runs its AVX2 code on AMD
-    processors; oneDNN, which torch's convolutions use, compiles kernels for the ISA at hand
-    (AVX-512 there). So the product is taken as oneDNN's 1×1 convolution of one image whose pixels
-    are the rows and whose channels are the ``K`` columns, channels-last (the memory of ``rows``
-    as it is; the output's memory is the ``(M, N)`` result). Measured on a 2-core AMD EPYC (family 26,
-    AVX-512), float32: ``(129792, 576) @ (576, 64)`` (the paper model's 16x16 basis product) at 47 G
-    multiply-adds/s through MKL and 204 through oneDNN, ``(4096, 1024) @ (1024, 1024)`` at 81 and 212; the
-    paper model's basis pull-back at batch 256 went from 0.50 to 0.21 s. Elsewhere (CUDA, float64)
-    plain ``rows @ matrix``.
+    On a CPU in float32 this runs as one oneDNN convolution, without copying the filter gradients:
+    their memory *is* a channels-last image with ``r`` channels, ``B·x·o`` rows and ``y`` columns, and a
+    kernel of ``o`` rows and one column taken with stride ``o`` sums each field pair's ``o`` rows
+    against every basis element; the output's memory is ``(B, x, y, n)``. Why oneDNN and not
+    ``torch.matmul``: torch's CPU build multiplies matrices with MKL, whose single-precision product
+    runs its AVX2 code on AMD processors, while oneDNN compiles kernels for the ISA at hand (AVX-512
+    there). Measured on a 2-core AMD EPYC (family 26, AVX-512), float32: ``(129792, 576) @ (576, 64)``
+    (the paper model's 16×16 basis product) at 47 G multiply-adds/s through MKL and 204 as oneDNN's
+    1×1 convolution; the paper model's basis pull-back at batch 256 went from 0.50 to 0.21 s (with a
+    transposing copy into rows of one field pair, which this strided kernel then made unnecessary:
+    0.36 → 0.31 s on a family-25 EPYC). Elsewhere (CUDA, float64) ``torch.einsum``.
     """
-    if rows.device.type != "cpu" or rows.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return rows @ matrix
-    m, k = rows.shape
-    image = rows.contiguous().view(1, m, 1, k).permute(0, 3, 1, 2)  # (1, K, M, 1), channels-last
-    kernel = matrix.t().contiguous().view(-1, k, 1, 1)
-    return F.conv2d(image, kernel).permute(0, 2, 3, 1).reshape(m, -1)
+    n, o = basis.shape[:2]
+    basis = basis.reshape(n, o, -1)
+    batch, rows = filter_grads.shape[0], out_fields * o
+    pairs = filter_grads.reshape(batch, out_fields, o, -1, basis.shape[2])  # (B, x, o, y, r)
+    if filter_grads.device.type != "cpu" or filter_grads.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return torch.einsum("bxoyr,nor->bxyn", pairs, basis)
+    image = pairs.contiguous().view(1, batch * rows, pairs.shape[3], -1).permute(0, 3, 1, 2)  # (1, r, B·x·o, y)
+    kernel = basis.permute(0, 2, 1).unsqueeze(-1).contiguous(memory_format=torch.channels_last)  # (n, r, o, 1)
+    out = F.conv2d(image, kernel, stride=(o, 1))  # (1, n, B·x, y), channels-last
+    return out.permute(0, 2, 3, 1).view(batch, out_fields, pairs.shape[3], n)
 
 
 def _basis_transpose(expansion, filter_grads: torch.Tensor) -> torch.Tensor | None:
@@ -188,18 +195,13 @@ def _basis_transpose(expansion, filter_grads: torch.Tensor) -> torch.Tensor | No
 
     Only for an expansion with one block (one input and one output field type, as in every dpeq
     model): there, filter[x·o, y·i, s] = Σ_n basis[n, o, i, s] · coefficients[x, y, n]. Returns None
-    otherwise (the caller takes the generic path). The filter gradients are copied once into rows of
-    one field pair (x, y) each, ``(B·x·y, o·i·k²)``, then multiplied by the basis in one product.
+    otherwise (the caller takes the generic path). See :func:`basis_contraction`.
     """
     if getattr(expansion, "_n_pairs", None) != 1:
         return None
     pair = expansion._representations_pairs[0]
     basis = getattr(expansion, f"block_expansion_{expansion._escape_pair(pair)}").sampled_basis  # (n, o, i, *k)
-    n, o, i = basis.shape[:3]
-    x, y = expansion._out_count[pair[1]], expansion._in_count[pair[0]]
-    batch = filter_grads.shape[0]
-    pairs = filter_grads.reshape(batch, x, o, y, -1).transpose(2, 3).reshape(batch * x * y, -1)
-    return rows_matmul(pairs, basis.reshape(n, -1).t()).view(batch, -1)
+    return basis_contraction(filter_grads, basis, expansion._out_count[pair[1]]).reshape(filter_grads.shape[0], -1)
 
 
 #: Closed-form pull-backs from a layer's effective weight/bias to its parameters, by exact layer type

@@ -8,6 +8,8 @@ from conftest import relative_error
 from dpeq_utils import per_sample
 from dpeq_utils.data import augment_views
 from dpeq_utils.models import build_model
+from dpeq_utils.models.equivariant import StandardizedR2Conv
+from dpeq_utils.runtime import conv_layout
 from dpeq_utils.per_sample import (
     ENGINE_FUNCTIONS,
     _conv_parameters,
@@ -197,27 +199,51 @@ def test_standardisation_pull_back_in_slices_equals_one_piece(leading_dims, monk
     assert relative_error(sliced, whole) <= 1e-14 and relative_error(whole, grad) > 0.1
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 3, 5), (300, 576, 64), (64, 2808, 17)])
-def test_rows_matmul_is_the_matrix_product(shape):
-    """In float32 on a CPU the product runs as oneDNN's 1x1 convolution; it must equal the product
-    computed in float64 up to float32 rounding, and keep its (M, N) row-major result."""
-    m, k, n = shape
+@pytest.mark.parametrize("batch, fields_out, o, fields_in, r, n", [
+    (1, 1, 1, 1, 1, 1), (3, 2, 4, 5, 7, 6), (16, 39, 4, 39, 72, 64), (8, 13, 8, 6, 72, 64)])
+def test_basis_contraction_sums_each_field_pair_against_the_basis(batch, fields_out, o, fields_in, r, n):
+    """In float32 on a CPU the contraction runs as a strided oneDNN convolution over the filter
+    gradients' memory; it must equal the sum written out in float64 up to float32 rounding, and
+    float64 (einsum) must equal it exactly up to summation order."""
     generator = torch.Generator().manual_seed(3)
-    rows = torch.randn(m, k, generator=generator)
-    matrix = torch.randn(k, n, generator=generator)
-    product = per_sample.rows_matmul(rows, matrix)
-    assert product.shape == (m, n) and product.dtype == torch.float32 and product.is_contiguous()
-    assert relative_error(product.double(), rows.double() @ matrix.double()) <= 1e-5
-    transposed = per_sample.rows_matmul(rows.t().contiguous().t(), matrix)  # column-major input: copied first
-    assert relative_error(transposed, product) <= 1e-6
+    grads = torch.randn(batch, fields_out * o, fields_in * r, generator=generator, dtype=torch.float64)
+    basis = torch.randn(n, o, r, generator=generator, dtype=torch.float64)
+    expected = (grads.view(batch, fields_out, o, fields_in, 1, r) * basis.permute(1, 2, 0).reshape(1, 1, o, 1, r, n)
+                .transpose(4, 5)).sum((2, 5))  # (B, x, y, n)
+    exact = per_sample.basis_contraction(grads, basis, fields_out)
+    single = per_sample.basis_contraction(grads.float(), basis.float(), fields_out)
+    assert exact.shape == single.shape == (batch, fields_out, fields_in, n)
+    assert relative_error(exact, expected) <= 1e-13
+    assert single.dtype == torch.float32 and relative_error(single.double(), expected) <= 1e-5
 
 
-def test_float32_coefficient_gradients_match_float64():
-    """The engine's float32 path (oneDNN basis products, grouped and unfold filter gradients) against
-    the same model's float64 per-example gradients (the exact path the other tests check)."""
+def test_float32_layer_gradients_match_float64():
+    """The engine's float32 arithmetic (grouped and unfold filter gradients, oneDNN basis contraction,
+    standardisation pull-back) against float64, layer by layer on the same inputs and output gradients.
+
+    Layer by layer, not through the whole model: the model's float32 activation gradients may differ
+    from float64 by ~1e-3 wherever a field's two largest channels are within rounding of each other
+    (the invariant max pool's gradient goes to the argmax; measured: 2 of 40 seeds, gap 8e-8), which
+    is a property of max, not of the engine."""
+    torch.manual_seed(5)
     model = build_model("eq_resnet9", widths=SMALL).train()
-    views, labels = _inputs(batch=4)
-    single, _ = hooks_per_sample_grads(model, views.float(), labels)
-    double, _ = hooks_per_sample_grads(model.double(), views, labels)
-    for name in double:
-        assert relative_error(single[name].double(), double[name]) <= 1e-4, name
+    shapes = {}
+    handles = [module.register_forward_hook(lambda module, inputs, output: shapes.__setitem__(
+        module, (inputs[0].tensor.shape, output.tensor.shape))) for module in model.modules() if isinstance(module, StandardizedR2Conv)]
+    model(torch.randn(2, 3, 32, 32))
+    for handle in handles:
+        handle.remove()
+    batch, views = 3, 2
+    checked_maps = set()
+    for module, (in_shape, out_shape) in shapes.items():
+        x = torch.randn(batch * views, *in_shape[1:], dtype=torch.float64)
+        grad_out = torch.randn(batch * views, *out_shape[1:], dtype=torch.float64)
+        single = per_sample._layer_grads(module, per_sample._conv_rule(
+            module, conv_layout(x.float()), conv_layout(grad_out.float()), batch))
+        double = per_sample._layer_grads(module.double(), per_sample._conv_rule(module, x, grad_out, batch))
+        module.float()
+        for name in double:
+            assert single[name].dtype == torch.float32
+            assert relative_error(single[name].double(), double[name]) <= 1e-5, (out_shape, name)
+        checked_maps.add(out_shape[-1] * out_shape[-2] >= per_sample.GROUPED_MIN_PIXELS)
+    assert checked_maps == {True, False}  # both filter-gradient methods
