@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -163,3 +165,71 @@ def test_paper_model_norm_groups_follow_the_official_code():
     assert groups == {"conv1.norm": 1, "conv2.norm": 1, "res1.0.norm": 1, "res1.1.norm": 1, "norm1": 1,
                       "conv3.norm": 3, "conv4.norm": 3, "res2.0.norm": 3, "res2.1.norm": 3, "norm2": 3}
     assert model.num_fields == (6, 13, 39)
+
+
+# ---------------------------------------------------------------------------------------------- Mish
+
+
+def test_one_exp_mish_is_mish_and_its_derivative_in_float64():
+    """The fused kernels' formulas, evaluated eagerly in float64, against F.mish and autograd through it,
+    from deep in the negative tail to far past the exp cap (x = 20)."""
+    from dpeq_utils.models.layers import _mish_backward, _mish_forward
+    x = torch.cat([torch.linspace(-60, 60, 20001, dtype=torch.float64), torch.tensor([-1e4, 1e4], dtype=torch.float64)])
+    x.requires_grad_(True)
+    reference = torch.nn.functional.mish(x)
+    (derivative,) = torch.autograd.grad(reference.sum(), x)
+    with torch.no_grad():
+        assert torch.allclose(_mish_forward(x), reference, rtol=1e-13, atol=1e-300)
+        assert torch.allclose(_mish_backward(x, torch.ones_like(x)), derivative, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "grad_in_other_layout"])
+def test_fused_mish_on_a_large_float32_map_matches_f_mish(layout, monkeypatch):
+    """A map over FUSED_MISH_MIN_NUMEL goes through the compiled kernels (asserted), forward and backward
+    equal F.mish's up to float32 rounding, in the input's memory layout."""
+    from dpeq_utils.models import layers
+    kernels = layers._FusedKernels()
+    monkeypatch.setattr(layers, "FUSED_MISH", kernels)
+    monkeypatch.setattr(layers, "FUSED_MISH_MIN_NUMEL", 1000)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 24, 16, 16, generator=generator) * 4
+    grad = torch.randn(4, 24, 16, 16, generator=generator)
+    if layout != "contiguous":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last":
+        grad = grad.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compiler failure must not pass silently here
+        y = layers.mish(x)
+        (dx,) = torch.autograd.grad(y, x, grad)
+    assert kernels.forward is not None and kernels.backward is not None and not kernels.failed
+    assert y.stride() == x.stride() and dx.shape == x.shape
+    x64 = x.detach().double().requires_grad_(True)
+    y64 = torch.nn.functional.mish(x64)
+    (dx64,) = torch.autograd.grad(y64, x64, grad.double())
+    assert (y.double() - y64).abs().max() <= 2e-6 * y64.abs().max()
+    assert (dx.double() - dx64).abs().max() <= 2e-6 * dx64.abs().max()
+
+
+def test_mish_falls_back_to_f_mish_with_one_warning_when_compiling_fails(monkeypatch):
+    from dpeq_utils.models import layers
+    kernels = layers._FusedKernels()
+    monkeypatch.setattr(layers, "FUSED_MISH", kernels)
+    monkeypatch.setattr(layers, "FUSED_MISH_MIN_NUMEL", 10)
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="fused Mish unavailable.*no C\\+\\+ compiler"):
+        y = layers.mish(x)
+    assert kernels.failed and torch.equal(y, torch.nn.functional.mish(x))
+    assert not kernels.usable(x)  # from then on F.mish, no second warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+    (expected,) = torch.autograd.grad(torch.nn.functional.mish(x).sum(), x)
+    assert torch.allclose(dx, expected, rtol=1e-5, atol=1e-6)
+

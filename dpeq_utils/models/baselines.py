@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import WSConv2d, check_head, head_features, norm_groups, pool_for_head
+from .layers import WSConv2d, check_head, head_features, mish, norm_groups, pool_for_head
 
 
 class PlainBlock(nn.Module):
@@ -27,7 +27,7 @@ class PlainBlock(nn.Module):
         self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(F.mish(self.conv(x)))
+        x = self.norm(mish(self.conv(x)))
         return F.max_pool2d(x, 2) if self.pool else x
 
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from escnn import nn as enn
 
 from ..equivariance import group_order, group_pool, halved_subgroup, make_gspace
-from .layers import WS_EPS, FieldGroupNorm, check_head, head_features, pool_for_head
+from .layers import WS_EPS, FieldGroupNorm, check_head, head_features, mish, pool_for_head
 
 PAPER_WIDTHS = (16, 32, 64)
 
@@ -111,7 +111,7 @@ class EquivariantBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv(enn.GeometricTensor(x, self.in_type)).tensor
-        x = self.norm(F.mish(x))
+        x = self.norm(mish(x))
         return F.max_pool2d(x, 2) if self.pool else x
 
 
