@@ -9,7 +9,6 @@ from dpeq_utils import per_sample
 from dpeq_utils.data import augment_views
 from dpeq_utils.models import build_model
 from dpeq_utils.models.equivariant import StandardizedR2Conv
-from dpeq_utils.runtime import conv_layout
 from dpeq_utils.per_sample import (
     ENGINE_FUNCTIONS,
     _conv_parameters,
@@ -20,6 +19,7 @@ from dpeq_utils.per_sample import (
     per_sample_grads,
     resolve_engine,
 )
+from dpeq_utils.runtime import conv_layout
 
 SMALL = (8, 16, 16)
 
@@ -223,7 +223,7 @@ def test_float32_layer_gradients_match_float64():
 
     Layer by layer, not through the whole model: the model's float32 activation gradients may differ
     from float64 by ~1e-3 wherever a field's two largest channels are within rounding of each other
-    (the invariant max pool's gradient goes to the argmax; measured: 2 of 40 seeds, gap 8e-8), which
+    (the invariant max pool's gradient goes to the argmax; measured: 3 of 40 inits, a gap of 8e-8), which
     is a property of max, not of the engine."""
     torch.manual_seed(5)
     model = build_model("eq_resnet9", widths=SMALL).train()
