@@ -43,12 +43,12 @@ from .runtime import (
     synchronize,
     tune_cpu_allocator,
 )
+from .train import logical_step
 
 try:
     import resource
 except ImportError:  # not POSIX: page faults unknown
     resource = None  # type: ignore[assignment]
-from .train import logical_step
 
 # name → (model, build_model keyword arguments): the models the README's speed table compares
 BENCHMARK_MODELS = {

@@ -116,8 +116,9 @@ def mish(x: torch.Tensor) -> torch.Tensor:
     On a CPU, torch's own kernel evaluates exp, log1p and tanh forward and again backward, and
     is a sixth of the paper model's step; a large float32 map instead goes through two compiled
     kernels of the one-exp form (:func:`_mish_forward`, :func:`_mish_backward`). Same function, other
-    rounding (forward and backward within 2e-6 of the largest value against float64, tested). Everything else (GPU, float64, small
-    maps, inside torch.func transforms, ``DPEQ_FUSED_MISH=0``) uses ``F.mish``.
+    rounding (forward and backward within 2e-6 of the largest value against float64, tested).
+    Everything else (GPU, float64, small maps, inside torch.func transforms, ``DPEQ_FUSED_MISH=0``)
+    uses ``F.mish``.
     """
     return _FusedMish.apply(x) if FUSED_MISH.usable(x) else F.mish(x)
 
