@@ -19,10 +19,17 @@ minor page faults per timed call (0 in a steady state). Peak memory is CUDA's pe
 on a GPU and, on a CPU, the peak resident set size above the level before the call (sampled
 every 2 ms by a thread, so short spikes can be missed), each from one extra untimed call; on a CPU
 glibc's ``malloc_trim`` first hands cached free memory back, otherwise earlier calls would hide it.
+
+The DP step's time over the non-private one comes twice: from the two kinds' medians, and from
+``pairs`` rounds in which the two steps run back to back (:func:`_alternating_ratios`). A CPU of a
+shared machine drifts in speed over minutes; timed minutes apart the two medians carry that drift
+into the ratio (the paper model's ratio read 1.34× and 1.26× in two runs of one commit on a 2-core
+AMD EPYC, family 25 model 1), while a pair's two calls share it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import threading
@@ -71,6 +78,10 @@ class Measurement:
     peak_mb: float
     device: str
     page_faults: float = 0.0  # minor page faults per timed call: new memory touched (0 when steady)
+    # dp_step only: DP step / non-private step from back-to-back pairs (median, lowest, highest); NaN if not run
+    paired_ratio: float = float("nan")
+    paired_low: float = float("nan")
+    paired_high: float = float("nan")
 
 
 class _PeakRSS:
@@ -162,6 +173,21 @@ def _time_kinds(calls: dict, device: torch.device, repeats: int) -> dict[str, tu
     return results
 
 
+def _alternating_ratios(reference, call, device: torch.device, rounds: int) -> list[float]:
+    """Seconds of ``call`` over seconds of ``reference``, from ``rounds`` pairs of one call each, back to
+    back (both warmed up already): each pair shares the machine's speed of that moment."""
+    ratios = []
+    for _ in range(rounds):
+        seconds = []
+        for function in (reference, call):
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        ratios.append(seconds[1] / seconds[0])
+    return ratios
+
+
 #: Measured last: the whole-model vmap reference allocates 2-8x more memory, and when the kinds took
 #: turns call by call, a kind measured right after it ran up to 60% slower (the paper model's DP step
 #: at batch 256: 5.04 s right after vmap, 3.11 s in a process without it).
@@ -202,17 +228,22 @@ def _step_calls(name: str, batch: int, *, engines, views: int, device: torch.dev
 
 
 def benchmark_model(name: str, batch: int, *, engines=("hooks", "vmap"), views: int = 1, repeats: int = 3,
-                    device: str = "auto", model: nn.Module | None = None, seed: int = 0) -> list[Measurement]:
-    """Measure one model at one physical batch size; ``model`` overrides the named one (tests)."""
+                    pairs: int = 0, device: str = "auto", model: nn.Module | None = None,
+                    seed: int = 0) -> list[Measurement]:
+    """Measure one model at one physical batch size; ``pairs`` rounds of a non-private and a DP step
+    back to back give the paired ratio (:func:`_alternating_ratios`); ``model`` overrides the named one (tests)."""
     dev = pick_device(device)
     calls, model = _step_calls(name, batch, engines=engines, views=views, device=dev, model=model, seed=seed)
     params, where = count_params(model), device_name(dev)
     order = [k for k in calls if k not in ISOLATED_KINDS] + [k for k in calls if k in ISOLATED_KINDS]
     timings = _time_kinds({kind: calls[kind] for kind in order}, dev, repeats)
+    ratios = _alternating_ratios(calls["non_private"], calls["dp_step"], dev, pairs)
     results = []
     for kind in calls:
         seconds, peak, faults = timings[kind]
-        results.append(Measurement(name, params, batch, views, kind, batch / seconds, seconds, peak, where, faults))
+        paired = (statistics.median(ratios), min(ratios), max(ratios)) if kind == "dp_step" and ratios else ()
+        results.append(Measurement(name, params, batch, views, kind, batch / seconds, seconds, peak, where, faults,
+                                   *paired))
     model.zero_grad(set_to_none=True)
     return results
 
@@ -271,15 +302,18 @@ def summary_table(measurements: list[Measurement]) -> str:
     rows = []
     engines = [k for k in frame["kind"].unique() if k not in ("non_private", "dp_step")]
     header = (["model", "params", "batch", "non-private ex/s"] + [f"{e} ex/s" for e in engines]
-              + ["DP step ex/s", "DP step / non-private", "peak MB non-private", "peak MB DP step",
-                 "page faults / DP step"])
+              + ["DP step ex/s", "DP step / non-private", "same, back-to-back pairs: median (range)",
+                 "peak MB non-private", "peak MB DP step", "page faults / DP step"])
     for (model, batch), group in frame.groupby(["model", "batch"], sort=False):
         by_kind = group.set_index("kind")
         row = [model, f"{by_kind['params'].iloc[0]:,}", str(batch),
                f"{by_kind.loc['non_private', 'examples_per_s']:.0f}"]
         row += [f"{by_kind.loc[e, 'examples_per_s']:.0f}" for e in engines]
         ratio = by_kind.loc["dp_step", "seconds"] / by_kind.loc["non_private", "seconds"]
-        row += [f"{by_kind.loc['dp_step', 'examples_per_s']:.0f}", f"{ratio:.2f}×",
+        dp = by_kind.loc["dp_step"]
+        paired = ("not run" if math.isnan(dp["paired_ratio"])
+                  else f"{dp['paired_ratio']:.2f}× ({dp['paired_low']:.2f}–{dp['paired_high']:.2f})")
+        row += [f"{by_kind.loc['dp_step', 'examples_per_s']:.0f}", f"{ratio:.2f}×", paired,
                 f"{by_kind.loc['non_private', 'peak_mb']:.0f}", f"{by_kind.loc['dp_step', 'peak_mb']:.0f}",
                 f"{by_kind.loc['dp_step', 'page_faults']:.0f}"]
         rows.append(row)
@@ -307,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", nargs="+", default=sorted(ENGINE_FUNCTIONS), choices=sorted(ENGINE_FUNCTIONS))
     parser.add_argument("--views", type=int, default=1, help="augmentation views per example")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure (median); one more warms up")
+    parser.add_argument("--pairs", type=int, default=5,
+                        help="rounds of a non-private and a DP step back to back for the paired ratio (0: none)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--phases", action="store_true",
                         help="also break the non-private and the DP step down into phases (forward, backward, ...)")
@@ -314,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.views < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
         parser.error("--views, --repeats and --batch-sizes must be positive")
+    if args.pairs < 0:
+        parser.error("--pairs must be 0 or more")
 
     device = pick_device(args.device)
     print(f"device: {device_name(device)}; torch threads: {torch.get_num_threads()}")
@@ -323,9 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models:
         for batch in args.batch_sizes:
             for m in benchmark_model(name, batch, engines=args.engines, views=args.views, repeats=args.repeats,
-                                     device=args.device):
+                                     pairs=args.pairs, device=args.device):
                 print(f"  {m.model:17s} B={m.batch:<4d} {m.kind:12s} {m.examples_per_s:9.1f} ex/s "
-                      f"{m.seconds:8.3f} s  peak {m.peak_mb:8.0f} MB  page faults/call {m.page_faults:9.0f}", flush=True)
+                      f"{m.seconds:8.3f} s  peak {m.peak_mb:8.0f} MB  page faults/call {m.page_faults:9.0f}"
+                      + ("" if math.isnan(m.paired_ratio) else f"  DP/non-private in pairs {m.paired_ratio:.2f}×"),
+                      flush=True)
                 measurements.append(m)
     print()
     print(summary_table(measurements))

@@ -167,27 +167,29 @@ def basis_contraction(filter_grads: torch.Tensor, basis: torch.Tensor, out_field
     ``(B, x·o, y·r)`` in row-major order (``r`` = one input field's channels × k × k).
 
     On a CPU in float32 this runs as one oneDNN convolution, without copying the filter gradients:
-    their memory *is* a channels-last image with ``r`` channels, ``B·x·o`` rows and ``y`` columns, and a
-    kernel of ``o`` rows and one column taken with stride ``o`` sums each field pair's ``o`` rows
-    against every basis element; the output's memory is ``(B, x, y, n)``. Why oneDNN and not
-    ``torch.matmul``: torch's CPU build multiplies matrices with MKL, whose single-precision product
-    runs its AVX2 code on AMD processors, while oneDNN compiles kernels for the ISA at hand (AVX-512
-    there). Measured on a 2-core AMD EPYC (family 26, AVX-512), float32: ``(129792, 576) @ (576, 64)``
-    (the paper model's 16×16 basis product) at 47 G multiply-adds/s through MKL and 204 as oneDNN's
-    1×1 convolution; the paper model's basis pull-back at batch 256 went from 0.50 to 0.21 s (with a
-    transposing copy into rows of one field pair, which this strided kernel then made unnecessary:
-    0.36 → 0.31 s on a family-25 EPYC). Elsewhere (CUDA, float64) ``torch.einsum``.
+    their memory *is* a batch of ``B·x`` channels-last images with ``r`` channels, ``o`` rows and ``y``
+    columns, and a kernel of ``o`` rows and one column sums each field pair's ``o`` rows against every
+    basis element; the output's memory is ``(B, x, y, n)``. Why oneDNN and not ``torch.matmul``: torch's
+    CPU build multiplies matrices with MKL, whose single-precision product runs its AVX2 code on AMD
+    processors, while oneDNN compiles kernels for the ISA at hand (AVX-512 there). Measured on a 2-core
+    AMD EPYC (family 26, AVX-512), float32: ``(129792, 576) @ (576, 64)`` (the paper model's 16×16 basis
+    product) at 47 G multiply-adds/s through MKL and 204 as oneDNN's 1×1 convolution; the paper model's
+    basis pull-back at batch 256 went from 0.50 to 0.21 s (with a transposing copy into rows of one
+    field pair). Without the copy, as one image of ``B·x·o`` rows and a kernel taken with stride ``o``,
+    0.36 → 0.31 s on a family-25 model-17 EPYC; as a batch of images, which oneDNN convolves with a
+    faster kernel, the paper model's 8×8 layer 224 → 151 ms on a family-25 model-1 EPYC (AVX2 only;
+    all layers 0.52 → 0.39 s). Elsewhere (CUDA, float64) ``torch.einsum``.
     """
     n, o = basis.shape[:2]
     basis = basis.reshape(n, o, -1)
-    batch, rows = filter_grads.shape[0], out_fields * o
+    batch = filter_grads.shape[0]
     pairs = filter_grads.reshape(batch, out_fields, o, -1, basis.shape[2])  # (B, x, o, y, r)
     if filter_grads.device.type != "cpu" or filter_grads.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return torch.einsum("bxoyr,nor->bxyn", pairs, basis)
-    image = pairs.contiguous().view(1, batch * rows, pairs.shape[3], -1).permute(0, 3, 1, 2)  # (1, r, B·x·o, y)
+    images = pairs.contiguous().view(batch * out_fields, o, pairs.shape[3], -1).permute(0, 3, 1, 2)  # (B·x, r, o, y)
     kernel = basis.permute(0, 2, 1).unsqueeze(-1).contiguous(memory_format=torch.channels_last)  # (n, r, o, 1)
-    out = F.conv2d(image, kernel, stride=(o, 1))  # (1, n, B·x, y), channels-last
-    return out.permute(0, 2, 3, 1).view(batch, out_fields, pairs.shape[3], n)
+    out = F.conv2d(images, kernel)  # (B·x, n, 1, y), channels-last
+    return out.permute(0, 2, 3, 1).reshape(batch, out_fields, pairs.shape[3], n)
 
 
 def _basis_transpose(expansion, filter_grads: torch.Tensor) -> torch.Tensor | None:

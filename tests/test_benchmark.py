@@ -1,5 +1,6 @@
 """The speed benchmark's machinery (tiny sizes; the figures themselves live in the README, not in tests)."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,12 +18,17 @@ def test_benchmark_measures_every_kind_and_tabulates():
     measurements = []
     for name, model in (("eq_resnet9", build_model("eq_resnet9", widths=(4, 8, 8))),
                         ("wrn16_4", build_model("resnet9", widths=(4, 8, 8)))):  # stand-in: small and fast
-        measurements += benchmark_model(name, 4, views=2, repeats=1, device="cpu", model=model)
+        measurements += benchmark_model(name, 4, views=2, repeats=1, pairs=3 if name == "eq_resnet9" else 0,
+                                        device="cpu", model=model)
     kinds = [m.kind for m in measurements[:4]]
     assert kinds == ["non_private", "hooks", "vmap", "dp_step"]
     assert all(m.examples_per_s > 0 and m.seconds > 0 and m.batch == 4 and m.views == 2 for m in measurements)
+    paired = measurements[3]
+    assert 0 < paired.paired_low <= paired.paired_ratio <= paired.paired_high
+    assert all(math.isnan(m.paired_ratio) for m in measurements if m is not paired)  # DP step with pairs only
     table = summary_table(measurements).splitlines()
     assert len(table) == 4 and table[0].startswith("| model | params | batch | non-private ex/s | hooks ex/s")
+    assert f"| {paired.paired_ratio:.2f}× ({paired.paired_low:.2f}–" in table[2] and "| not run |" in table[3]
     ratio = epoch_ratio(measurements, "eq_resnet9", "wrn16_4", 4)
     dp = {m.model: m.seconds for m in measurements if m.kind == "dp_step"}
     assert ratio == pytest.approx(dp["eq_resnet9"] / dp["wrn16_4"])

@@ -202,7 +202,7 @@ def test_standardisation_pull_back_in_slices_equals_one_piece(leading_dims, monk
 @pytest.mark.parametrize("batch, fields_out, o, fields_in, r, n", [
     (1, 1, 1, 1, 1, 1), (3, 2, 4, 5, 7, 6), (16, 39, 4, 39, 72, 64), (8, 13, 8, 6, 72, 64)])
 def test_basis_contraction_sums_each_field_pair_against_the_basis(batch, fields_out, o, fields_in, r, n):
-    """In float32 on a CPU the contraction runs as a strided oneDNN convolution over the filter
+    """In float32 on a CPU the contraction runs as a oneDNN convolution over the filter
     gradients' memory; it must equal the sum written out in float64 up to float32 rounding, and
     float64 (einsum) must equal it exactly up to summation order."""
     generator = torch.Generator().manual_seed(3)
