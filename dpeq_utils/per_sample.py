@@ -178,7 +178,7 @@ def basis_contraction(filter_grads: torch.Tensor, basis: torch.Tensor, out_field
     field pair). Without the copy, as one image of ``B·x·o`` rows and a kernel taken with stride ``o``,
     0.36 → 0.31 s on a family-25 model-17 EPYC; as a batch of images, which oneDNN convolves with a
     faster kernel, the paper model's 8×8 layer 224 → 151 ms on a family-25 model-1 EPYC (AVX2 only;
-    all layers 0.52 → 0.39 s). Elsewhere (CUDA, float64) ``torch.einsum``.
+    the whole pull-back 0.69 → 0.60 s). Elsewhere (CUDA, float64) ``torch.einsum``.
     """
     n, o = basis.shape[:2]
     basis = basis.reshape(n, o, -1)
