@@ -306,16 +306,13 @@ def summary_table(measurements: list[Measurement]) -> str:
                  "peak MB non-private", "peak MB DP step", "page faults / DP step"])
     for (model, batch), group in frame.groupby(["model", "batch"], sort=False):
         by_kind = group.set_index("kind")
-        row = [model, f"{by_kind['params'].iloc[0]:,}", str(batch),
-               f"{by_kind.loc['non_private', 'examples_per_s']:.0f}"]
+        dp, plain = by_kind.loc["dp_step"], by_kind.loc["non_private"]
+        row = [model, f"{by_kind['params'].iloc[0]:,}", str(batch), f"{plain['examples_per_s']:.0f}"]
         row += [f"{by_kind.loc[e, 'examples_per_s']:.0f}" for e in engines]
-        ratio = by_kind.loc["dp_step", "seconds"] / by_kind.loc["non_private", "seconds"]
-        dp = by_kind.loc["dp_step"]
         paired = ("not run" if math.isnan(dp["paired_ratio"])
                   else f"{dp['paired_ratio']:.2f}× ({dp['paired_low']:.2f}–{dp['paired_high']:.2f})")
-        row += [f"{by_kind.loc['dp_step', 'examples_per_s']:.0f}", f"{ratio:.2f}×", paired,
-                f"{by_kind.loc['non_private', 'peak_mb']:.0f}", f"{by_kind.loc['dp_step', 'peak_mb']:.0f}",
-                f"{by_kind.loc['dp_step', 'page_faults']:.0f}"]
+        row += [f"{dp['examples_per_s']:.0f}", f"{dp['seconds'] / plain['seconds']:.2f}×", paired,
+                f"{plain['peak_mb']:.0f}", f"{dp['peak_mb']:.0f}", f"{dp['page_faults']:.0f}"]
         rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
