@@ -144,6 +144,14 @@ def _warm_up(call, device: torch.device) -> None:
             break
 
 
+def _timed(call, device: torch.device) -> float:
+    """Wall-clock seconds of one call, the device's queued work included."""
+    start = time.perf_counter()
+    call()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def _time_kinds(calls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float, float]]:
     """``{kind: (median seconds, peak MB, minor page faults per timed call)}``: each kind warms up
     (:func:`_warm_up`), then runs ``repeats`` timed calls in a row; its peak memory comes from one more,
@@ -152,12 +160,8 @@ def _time_kinds(calls: dict, device: torch.device, repeats: int) -> dict[str, tu
     results = {}
     for kind, call in calls.items():
         _warm_up(call, device)
-        seconds, faults = [], _minor_faults()
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
+        faults = _minor_faults()
+        seconds = [_timed(call, device) for _ in range(repeats)]
         faults = (_minor_faults() - faults) / repeats
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -178,13 +182,8 @@ def _alternating_ratios(reference, call, device: torch.device, rounds: int) -> l
     back (both warmed up already): each pair shares the machine's speed of that moment."""
     ratios = []
     for _ in range(rounds):
-        seconds = []
-        for function in (reference, call):
-            start = time.perf_counter()
-            function()
-            synchronize(device)
-            seconds.append(time.perf_counter() - start)
-        ratios.append(seconds[1] / seconds[0])
+        plain = _timed(reference, device)
+        ratios.append(_timed(call, device) / plain)
     return ratios
 
 
