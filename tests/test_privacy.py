@@ -35,6 +35,23 @@ def test_rdp_agrees_with_google_dp_accounting():
     assert epsilon_spent(sigma, q, steps, 1e-5, "rdp") == pytest.approx(reference, rel=0.02)
 
 
+@pytest.mark.parametrize("sigma,q", [(0.6342, 256 / 50000), (4.93, 0.16384), (1.3, 64 / 384), (2.0, 1.0)])
+def test_rdp_epsilon_is_exactly_opacus_accountant_at_every_step_count(sigma, q):
+    """dpeq computes one step's RDP once per (σ, q) and composes it itself: the ε must be the very
+    float Opacus's RDPAccountant gives for the same history, at every step count, first call or not."""
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+
+    for steps in (1, 7, 2160, 5860, 1, 7):  # the second 1 and 7 come from the cached one-step RDP
+        accountant = RDPAccountant()
+        accountant.history = [(sigma, q, steps)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = float(accountant.get_epsilon(1e-5))
+        assert epsilon_spent(sigma, q, steps, 1e-5, "rdp") == expected
+
+
 def test_prv_is_tighter_than_rdp():
     sigma, q, steps = 0.6342, 256 / 50000, 5860
     rdp, prv = epsilon_spent(sigma, q, steps, 1e-5, "rdp"), epsilon_spent(sigma, q, steps, 1e-5, "prv")
