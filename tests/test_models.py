@@ -78,6 +78,21 @@ def test_models_share_no_tensors():
     assert not {t.data_ptr() for t in first.buffers()} & {t.data_ptr() for t in second.buffers()}
 
 
+def test_building_models_leaves_nothing_behind_in_escnn_caches():
+    """A study process builds a model per run: escnn's He-initialisation cache must not keep them."""
+    import gc
+    import weakref
+
+    from escnn.nn import init
+
+    before = len(init.cached_he_vars)
+    model = build_model("eq_resnet9", widths=SMALL)
+    gone = weakref.ref(model.conv2.conv.basisexpansion)
+    del model
+    gc.collect()
+    assert len(init.cached_he_vars) == before and gone() is None
+
+
 def test_group_names():
     assert parse_group("D8") == (True, 8) and group_order("C16") == 16
     for bad in ("E4", "D0", "C", "4"):
