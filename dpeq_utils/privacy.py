@@ -65,7 +65,7 @@ def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """Rényi DP of one sampled Gaussian step at each of Opacus's orders (read-only).
 
     The expensive part of RDP accounting (Opacus sums a series per fractional order in Python:
-    ~0.27 s per call on a 2-core EPYC), and the same for every step count, so it is computed once
+    0.15–0.3 s per σ at the smoke profile's σ ≈ 0.67 on a 2-core EPYC), and the same for every step count, so it is computed once
     per (σ, q) in a process: a run's ε at each evaluation, the check of a calibrated σ and repeated
     calibrations of the same budget reuse it.
     """
