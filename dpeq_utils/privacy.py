@@ -65,9 +65,9 @@ def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """Rényi DP of one sampled Gaussian step at each of Opacus's orders (read-only).
 
     The expensive part of RDP accounting (Opacus sums a series per fractional order in Python:
-    0.15–0.3 s per σ at the smoke profile's σ ≈ 0.67 on a 2-core EPYC), and the same for every step count, so it is computed once
-    per (σ, q) in a process: a run's ε at each evaluation, the check of a calibrated σ and repeated
-    calibrations of the same budget reuse it.
+    0.15–0.3 s per σ at the smoke profile's σ ≈ 0.67 on a 2-core EPYC), and the same for every
+    step count, so it is computed once per (σ, q) in a process: a run's ε at each evaluation, the
+    check of a calibrated σ and repeated calibrations of the same budget reuse it.
     """
     rdp = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                                    orders=RDPAccountant.DEFAULT_ALPHAS)
