@@ -160,9 +160,9 @@ def _time_kinds(calls: dict, device: torch.device, repeats: int) -> dict[str, tu
     results = {}
     for kind, call in calls.items():
         _warm_up(call, device)
-        faults = _minor_faults()
+        faults_before = _minor_faults()
         seconds = [_timed(call, device) for _ in range(repeats)]
-        faults = (_minor_faults() - faults) / repeats
+        faults = (_minor_faults() - faults_before) / repeats
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
