@@ -24,7 +24,9 @@ The DP step's time over the non-private one comes twice: from the two kinds' med
 ``pairs`` rounds in which the two steps run back to back (:func:`_alternating_ratios`). A CPU of a
 shared machine drifts in speed over minutes; timed minutes apart the two medians carry that drift
 into the ratio (the paper model's ratio read 1.34× and 1.26× in two runs of one commit on a 2-core
-AMD EPYC, family 25 model 1), while a pair's two calls share it.
+AMD EPYC, family 25 model 1), while a pair's two calls share it. The run starts and ends with the
+machine's speed on a few reference kernels (:func:`reference_speeds`), which says what kind of machine
+it was and whether its speed moved during the run.
 """
 
 from __future__ import annotations
@@ -150,6 +152,58 @@ def _timed(call, device: torch.device) -> float:
     call()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def reference_speeds(device: torch.device, rows: int = 4096, inner: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """This machine's speed on the kernels a step is made of, float32, to tell machines apart and to
+    read a table's figures against: a matrix product ``(rows, inner) @ (inner, inner)`` through
+    ``torch.matmul`` (MKL on a CPU) and the same multiply-adds as a 1×1 convolution (oneDNN on a CPU,
+    channels-last), a 3×3 convolution of 128 to 128 channels on 16×16 maps (the paper model's shapes),
+    each in G multiply-adds/s; and a copy of ``rows × inner`` floats in GB/s (read + written), the
+    bound of the memory passes over per-example gradients. Median of ``repeats`` calls after warm-up.
+
+    Why these: on AMD processors MKL runs its AVX2 code while oneDNN compiles for the ISA at hand, so
+    where a CPU has AVX-512 the convolutions of a plain step outrun the matrix products (measured on a
+    family-26 EPYC: 81 against 212 G/s) and the figures of one machine do not carry to another. With
+    more than one thread on a CPU, the matrix product once more on one thread: two virtual CPUs that are
+    one physical core's two hardware threads share its vector units and barely add up."""
+    if rows % 64:
+        raise ValueError(f"rows must be a multiple of 64 (8×8 maps), got {rows}")
+    generator = torch.Generator().manual_seed(0)
+
+    def tensor(*shape, channels_last=False):
+        t = torch.randn(*shape, generator=generator).to(device)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and device.type == "cpu" else t
+
+    a, b = tensor(rows, inner), tensor(inner, inner)
+    image, kernel = tensor(rows // 64, inner, 8, 8, channels_last=True), tensor(inner, inner, 1, 1, channels_last=True)
+    maps, filters = tensor(rows // 64, 128, 16, 16, channels_last=True), tensor(128, 128, 3, 3, channels_last=True)
+    kernels = {
+        "matmul": (lambda: torch.matmul(a, b), rows * inner * inner),
+        "1×1 conv": (lambda: torch.nn.functional.conv2d(image, kernel), rows * inner * inner),
+        "3×3 conv": (lambda: torch.nn.functional.conv2d(maps, filters, padding=1), (rows // 64) * 256 * 128 * 128 * 9),
+    }
+    speeds = {}
+    with torch.no_grad():
+        for name, (call, multiply_adds) in kernels.items():
+            for _ in range(3):  # the first calls of a process also start thread pools and fault memory in
+                _timed(call, device)
+            seconds = statistics.median(_timed(call, device) for _ in range(repeats))
+            speeds[f"{name} G multiply-adds/s"] = multiply_adds / seconds / 1e9
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and threads > 1:  # do the threads add up? (not where they share a core)
+            torch.set_num_threads(1)
+            try:
+                call, multiply_adds = kernels["matmul"]
+                _timed(call, device)
+                seconds = statistics.median(_timed(call, device) for _ in range(repeats))
+                speeds["matmul on 1 thread G multiply-adds/s"] = multiply_adds / seconds / 1e9
+            finally:
+                torch.set_num_threads(threads)
+        _timed(a.clone, device)
+        seconds = statistics.median(_timed(a.clone, device) for _ in range(repeats))
+        speeds["copy GB/s"] = 2 * a.numel() * a.element_size() / seconds / 1e9
+    return speeds
 
 
 def _time_kinds(calls: dict, device: torch.device, repeats: int) -> dict[str, tuple[float, float, float]]:
@@ -352,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     print(f"device: {device_name(device)}; torch threads: {torch.get_num_threads()}")
     print("machine: " + "; ".join(f"{key}: {value}" for key, value in machine_description(device).items()))
+    before = reference_speeds(device)
+    print("reference kernels at the start (float32): " + "; ".join(f"{key} {value:.0f}" for key, value in before.items()))
     print(environment_report())
     measurements = []
     for name in args.models:
@@ -376,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
                 breakdown = phase_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)
                 print(f"\n{name}, B={batch}, {args.views} view(s): seconds per step by phase\n")
                 print(phase_table(breakdown, "phase"))
+    after = reference_speeds(device)
+    print("\nreference kernels at the end (float32): " + "; ".join(f"{key} {value:.0f}" for key, value in after.items()))
+    drift = {key: after[key] / before[key] - 1 for key in before}
+    print("machine speed drift over the run: " + ", ".join(f"{key.split(' G')[0].split(' GB')[0]} {100 * value:+.0f}%"
+                                                         for key, value in drift.items())
+          + " (a shared machine's speed varies; compare figures of one run, and see whether it moved)")
     if args.csv:
         results_frame(measurements).to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")

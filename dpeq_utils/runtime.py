@@ -202,12 +202,35 @@ def phase(name: str):
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
+#: Where :func:`machine_description` reads the CPU (module-level so a test can point them elsewhere).
+CPUINFO = "/proc/cpuinfo"
+CPU_CACHES = "/sys/devices/system/cpu/cpu0/cache"
+
+
+def _last_level_cache() -> str | None:
+    """The size of the first CPU's last-level cache as the kernel names it (e.g. ``32768K``), or None."""
+    try:
+        levels = {}
+        for index in os.listdir(CPU_CACHES):
+            if not index.startswith("index"):
+                continue
+            path = os.path.join(CPU_CACHES, index)
+            with open(os.path.join(path, "level")) as level, open(os.path.join(path, "size")) as size:
+                levels[int(level.read())] = size.read().strip()
+        return levels[max(levels)] if levels else None
+    except (OSError, ValueError):
+        return None
+
+
 def machine_description(device: torch.device | None = None) -> dict[str, str]:
-    """What a speed figure depends on: CPU model, cores, the ISA extensions that matter, torch's CPU
-    capability (the vector kernels it dispatched to) and threads; the GPU when ``device`` is one."""
+    """What a speed figure depends on: CPU model, cores, clock, caches, the ISA extensions that matter,
+    torch's CPU capability (the vector kernels it dispatched to) and threads; the GPU when ``device`` is
+    one. Clock and caches are there because the CPU model is not enough: two virtual machines of this
+    project that both reported ``AMD EPYC (family 25, model 1)`` ran the paper model's non-private
+    step at 67 and 116 examples/s (same commit's benchmark, each idle)."""
     model, info = platform.processor() or platform.machine(), {}
     try:
-        with open("/proc/cpuinfo") as handle:
+        with open(CPUINFO) as handle:
             for line in handle:
                 key, _, value = line.partition(":")
                 info.setdefault(key.strip(), value.strip())  # the first processor's entry
@@ -216,17 +239,25 @@ def machine_description(device: torch.device | None = None) -> dict[str, str]:
     if "model name" in info:
         model = info["model name"]
         if "cpu family" in info:  # virtual machines often show a bare "AMD EPYC": the family tells generations apart
-            model += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+            model += f" (family {info['cpu family']}, model {info.get('model', '?')}, stepping {info.get('stepping', '?')})"
     flags = set(info.get("flags", "").split())
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     description = {
-        "cpu": model,
+        "cpu": model + (" in a virtual machine" if "hypervisor" in flags else ""),
         "cores": f"{usable} usable of {os.cpu_count()}",
+    }
+    if "cpu MHz" in info:  # in a virtual machine, usually the host's nominal clock, not the current one
+        description["clock"] = f"{float(info['cpu MHz']):.0f} MHz as reported"
+    last_level = _last_level_cache()
+    caches = ([f"{info['cache size']} per core"] if "cache size" in info else []) + ([f"last level {last_level}"] if last_level else [])
+    if caches:
+        description["caches"] = ", ".join(caches)
+    description.update({
         "isa": " ".join(f for f in ISA_FLAGS if f in flags) or "unknown",
         "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
         "torch threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
-    }
+    })
     if device is not None and device.type == "cuda":
         description["gpu"] = torch.cuda.get_device_name(device)
     return description

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dpeq_utils.benchmark import benchmark_model, epoch_ratio, phase_breakdown, phase_table, summary_table
+from dpeq_utils import runtime
+from dpeq_utils.benchmark import benchmark_model, epoch_ratio, phase_breakdown, phase_table, reference_speeds, summary_table
 from dpeq_utils.models import build_model
 from dpeq_utils.runtime import machine_description, measure_phases, phase, tune_cpu_allocator
 
@@ -41,6 +42,8 @@ def test_benchmark_script_runs():
     assert result.returncode == 0, result.stderr
     assert "| eq_resnet9_small | 60,203 | 2 |" in result.stdout and "device: cpu" in result.stdout
     assert "torch cpu capability: " in result.stdout and "| per-example filter gradients |" in result.stdout
+    assert "reference kernels at the start (float32): matmul G multiply-adds/s " in result.stdout
+    assert "machine speed drift over the run: matmul " in result.stdout
 
 
 def test_phase_breakdown_covers_the_whole_step():
@@ -73,6 +76,43 @@ def test_machine_description_names_the_cpu_and_its_vector_units():
     assert description["cpu"] and description["torch threads"].isdigit()
     assert description["torch cpu capability"] == __import__("torch").backends.cpu.get_cpu_capability()
     assert description["isa"] and "usable of" in description["cores"]
+
+
+def test_machine_description_tells_apart_machines_with_one_cpu_model(tmp_path, monkeypatch):
+    """Clock, caches and whether it is a virtual machine come from /proc/cpuinfo and sysfs (here fakes)."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 1\nstepping\t: 1\n"
+                       "cpu MHz\t\t: 2445.406\ncache size\t: 512 KB\nflags\t\t: fpu avx2 fma hypervisor\n\n"
+                       "processor\t: 1\nmodel name\t: other\n")
+    caches = tmp_path / "cache"
+    for index, level, size in (("index0", 1, "32K"), ("index2", 2, "512K"), ("index3", 3, "32768K")):
+        (caches / index).mkdir(parents=True)
+        (caches / index / "level").write_text(f"{level}\n")
+        (caches / index / "size").write_text(f"{size}\n")
+    (caches / "uevent").write_text("")
+    monkeypatch.setattr(runtime, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(runtime, "CPU_CACHES", str(caches))
+    description = machine_description()
+    assert description["cpu"] == "AMD EPYC (family 25, model 1, stepping 1) in a virtual machine"
+    assert description["clock"] == "2445 MHz as reported"
+    assert description["caches"] == "512 KB per core, last level 32768K"
+    assert description["isa"] == "avx2 fma"
+    monkeypatch.setattr(runtime, "CPU_CACHES", str(tmp_path / "absent"))
+    cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: sse2\n")
+    description = machine_description()
+    assert description["cpu"] == "Some CPU" and "clock" not in description and "caches" not in description
+    assert description["isa"] == "unknown"
+
+
+def test_reference_speeds_measure_each_kernel():
+    import torch
+
+    speeds = reference_speeds(torch.device("cpu"), rows=128, inner=32, repeats=1)
+    expected = {"matmul G multiply-adds/s", "1×1 conv G multiply-adds/s", "3×3 conv G multiply-adds/s", "copy GB/s"}
+    assert expected <= set(speeds) and all(math.isfinite(v) and v > 0 for v in speeds.values())
+    assert ("matmul on 1 thread G multiply-adds/s" in speeds) == (torch.get_num_threads() > 1)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        reference_speeds(torch.device("cpu"), rows=100)
 
 
 def test_allocator_tuning_can_be_switched_off(monkeypatch):
