@@ -38,6 +38,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
+import escnn.nn as enn
 import torch
 import torch.nn as nn
 from opacus.optimizers import DPOptimizer
@@ -328,6 +329,91 @@ def phase_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, 
     return {kind: breakdown[kind] for kind in ("non_private", "dp_step")}
 
 
+def layer_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, device: str = "auto",
+                    model: nn.Module | None = None, seed: int = 0) -> list[dict]:
+    """Per convolution of the DP step: milliseconds (median of ``repeats`` calls after one) of the summed
+    weight gradient the non-private step computes, of the per-example filter gradients by each of the
+    engine's two methods (:func:`~dpeq_utils.per_sample.grouped_filter_grads`, timed only on maps of at
+    least :data:`~dpeq_utils.per_sample.GROUPED_MIN_PIXELS` pixels, where the engine may use it: on
+    smaller maps with many channels oneDNN's grouped kernel took seconds), and of the pull-back of
+    the method the engine uses, with the layer's multiply-adds (the same for all three products)."""
+    from torch.nn.modules.utils import _pair
+
+    from .per_sample import (
+        GROUPED_MIN_PIXELS,
+        _kernel_size,
+        _layer_grads,
+        capture_layer_io,
+        grouped_filter_grads,
+        unfold_filter_grads,
+    )
+    dev = pick_device(device)
+    calls, model = _step_calls(name, batch, engines=(), views=views, device=dev, model=model, seed=seed)
+    del calls
+    generator = torch.Generator(device=dev).manual_seed(seed)
+    images = torch.randn(batch, views, 3, 32, 32, generator=generator, device=dev)
+    labels = torch.randint(0, 10, (batch,), generator=generator, device=dev)
+    layers, captured, _ = capture_layer_io(model, images, labels)
+
+    def median_ms(call, prepare=None) -> float:
+        times = []
+        for _ in range(repeats + 1):
+            argument = prepare() if prepare else None
+            start = time.perf_counter()
+            call(argument)
+            synchronize(dev)
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times[1:])
+
+    def row(layer_name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> dict:
+        out_channels, in_channels = grad_out.shape[1], x.shape[1]
+        pixels = grad_out.shape[2] * grad_out.shape[3]
+        kernel = _kernel_size(module)
+        shape_only = x.new_empty(()).expand(out_channels, in_channels, *kernel)
+        conv_args = (_pair(module.stride), _pair(module.padding), _pair(module.dilation), False, [0, 0], 1)
+        grouped = pixels >= GROUPED_MIN_PIXELS
+        method = grouped_filter_grads if grouped else unfold_filter_grads
+        per_example = {"weight": method(module, x, grad_out, batch),
+                       "bias": grad_out.reshape(batch, views, out_channels, -1).sum((1, 3))}
+        return {
+            "layer": layer_name,
+            "channels": f"{in_channels}→{out_channels}",
+            "map": f"{grad_out.shape[2]}×{grad_out.shape[3]}",
+            "G multiply-adds": grad_out.shape[0] * out_channels * in_channels * kernel[0] * kernel[1] * pixels / 1e9,
+            "summed ms": median_ms(lambda _: torch.ops.aten.convolution_backward(
+                grad_out, x, shape_only, None, *conv_args, [False, True, False])),
+            "grouped ms": median_ms(lambda _: grouped_filter_grads(module, x, grad_out, batch)) if grouped else math.nan,
+            "unfold ms": median_ms(lambda _: unfold_filter_grads(module, x, grad_out, batch)),
+            "engine uses": "grouped" if grouped else "unfold",
+            # the pull-back may work in place: each call gets its own copy, made outside the timing
+            "pull-back ms": median_ms(lambda fresh: _layer_grads(module, fresh),
+                                      lambda: {key: value.clone() for key, value in per_example.items()}),
+        }
+
+    rows = [row(layer_name, module, *captured.pop(module)) for layer_name, module in layers.items()
+            if module in captured and isinstance(module, (nn.Conv2d, enn.R2Conv))]
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
+def layer_table(rows: list[dict]) -> str:
+    """Markdown table of :func:`layer_breakdown`, with a total row (the engine's method per layer)."""
+    lines = ["| layer | channels | map | G multiply-adds | summed weight gradient ms | per-example grouped ms "
+             "| per-example unfold ms | engine uses | pull-back ms |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(value: float) -> str:
+        return "" if math.isnan(value) else f"{value:.1f}"
+
+    for row in rows:
+        lines.append(f"| {row['layer']} | {row['channels']} | {row['map']} | {row['G multiply-adds']:.2f} | "
+                     f"{ms(row['summed ms'])} | {ms(row['grouped ms'])} | {ms(row['unfold ms'])} | "
+                     f"{row['engine uses']} | {ms(row['pull-back ms'])} |")
+    used = sum(row[f"{row['engine uses']} ms"] for row in rows)
+    lines.append(f"| total | | | {sum(r['G multiply-adds'] for r in rows):.2f} | {sum(r['summed ms'] for r in rows):.1f} "
+                 f"| | | {used:.1f} | {sum(r['pull-back ms'] for r in rows):.1f} |")
+    return "\n".join(lines)
+
+
 def phase_table(breakdown: dict[str, dict[str, float]], title: str) -> str:
     """Markdown table of :func:`phase_breakdown`: seconds and share of the step per phase."""
     phases = list(dict.fromkeys(key for kind in breakdown.values() for key in kind if key != "total"))
@@ -396,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
     parser.add_argument("--phases", action="store_true",
                         help="also break the non-private and the DP step down into phases (forward, backward, ...)")
+    parser.add_argument("--layers", action="store_true",
+                        help="also time each convolution's summed and per-example filter gradients and pull-back")
     parser.add_argument("--csv", default=None, help="also write the long table here")
     args = parser.parse_args(argv)
     if args.views < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
@@ -432,6 +520,11 @@ def main(argv: list[str] | None = None) -> int:
                 breakdown = phase_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)
                 print(f"\n{name}, B={batch}, {args.views} view(s): seconds per step by phase\n")
                 print(phase_table(breakdown, "phase"))
+    if args.layers:
+        for name in args.models:
+            for batch in args.batch_sizes:
+                print(f"\n{name}, B={batch}, {args.views} view(s): filter gradients per convolution\n")
+                print(layer_table(layer_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)))
     after = reference_speeds(device)
     print("\nreference kernels at the end (float32): " + "; ".join(f"{key} {value:.0f}" for key, value in after.items()))
     drift = {key: after[key] / before[key] - 1 for key in before}

@@ -283,23 +283,40 @@ def _conv_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> d
     """
     if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros":
         raise NotImplementedError(f"hooks engine: grouped or non-zero-padded convolution {module}")
-    kernel = tuple(module.weight.shape[2:]) if isinstance(module, nn.Conv2d) else (module.kernel_size,) * 2
+    grad_rows = grad_out.reshape(batch, grad_out.shape[0] // batch, grad_out.shape[1], -1)
+    method = grouped_filter_grads if grad_rows.shape[-1] >= GROUPED_MIN_PIXELS else unfold_filter_grads
+    return {"weight": method(module, x, grad_out, batch), "bias": grad_rows.sum((1, 3))}
+
+
+def _kernel_size(module) -> tuple[int, ...]:
+    return tuple(module.weight.shape[2:]) if isinstance(module, nn.Conv2d) else (module.kernel_size,) * 2
+
+
+def grouped_filter_grads(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-example filter gradients ``(B, O, I, k, k)`` of a convolution by one grouped convolution
+    backward (see :func:`_conv_rule`); ``x`` and ``grad_out`` hold ``batch`` examples' views as rows."""
+    kernel = _kernel_size(module)
     rows, out_channels = grad_out.shape[:2]
     in_channels, views = x.shape[1], rows // batch
-    grad_rows = grad_out.reshape(batch, views, out_channels, -1)
-    if grad_rows.shape[-1] >= GROUPED_MIN_PIXELS:
-        by_view = x.reshape(batch, views, *x.shape[1:]).transpose(0, 1).reshape(views, batch * in_channels, *x.shape[2:])
-        grad_by_view = grad_rows.transpose(0, 1).reshape(views, batch * out_channels, *grad_out.shape[2:])
-        shape_only = x.new_empty(()).expand(batch * out_channels, in_channels, *kernel)  # read for its shape
-        weight = torch.ops.aten.convolution_backward(
-            grad_by_view, by_view, shape_only, None, _pair(module.stride), _pair(module.padding),
-            _pair(module.dilation), False, [0, 0], batch, [False, True, False])[1]
-        weight = weight.view(batch, out_channels, in_channels, *kernel)
-    else:
-        columns = F.unfold(x, kernel, dilation=module.dilation, padding=module.padding, stride=module.stride)
-        columns = columns.view(batch, views, columns.shape[1], -1)
-        weight = torch.einsum("bkol,bkil->boi", grad_rows, columns).reshape(batch, out_channels, in_channels, *kernel)
-    return {"weight": weight, "bias": grad_rows.sum((1, 3))}
+    by_view = x.reshape(batch, views, *x.shape[1:]).transpose(0, 1).reshape(views, batch * in_channels, *x.shape[2:])
+    grad_by_view = (grad_out.reshape(batch, views, *grad_out.shape[1:]).transpose(0, 1)
+                    .reshape(views, batch * out_channels, *grad_out.shape[2:]))
+    shape_only = x.new_empty(()).expand(batch * out_channels, in_channels, *kernel)  # read for its shape
+    weight = torch.ops.aten.convolution_backward(
+        grad_by_view, by_view, shape_only, None, _pair(module.stride), _pair(module.padding),
+        _pair(module.dilation), False, [0, 0], batch, [False, True, False])[1]
+    return weight.view(batch, out_channels, in_channels, *kernel)
+
+
+def unfold_filter_grads(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-example filter gradients ``(B, O, I, k, k)`` of a convolution by unfold + batched product
+    (see :func:`_conv_rule`)."""
+    kernel = _kernel_size(module)
+    rows, out_channels = grad_out.shape[:2]
+    grad_rows = grad_out.reshape(batch, rows // batch, out_channels, -1)
+    columns = F.unfold(x, kernel, dilation=module.dilation, padding=module.padding, stride=module.stride)
+    columns = columns.view(batch, rows // batch, columns.shape[1], -1)
+    return torch.einsum("bkol,bkil->boi", grad_rows, columns).reshape(batch, out_channels, x.shape[1], *kernel)
 
 
 @register_grad_rule(nn.Linear)
@@ -351,23 +368,15 @@ def _frozen(model: nn.Module):
             p.requires_grad_(True)
 
 
-def hooks_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Per-example gradients from one batched backward pass; same contract as :func:`vmap_per_sample_grads`.
+def capture_layer_io(model: nn.Module, views: torch.Tensor, labels: torch.Tensor
+                     ) -> tuple[dict[str, nn.Module], dict[nn.Module, list], torch.Tensor]:
+    """The hooks engine's batched pass: every trainable layer's input and output gradient.
 
-    Forward hooks keep each trainable layer's input and catch the gradient of its output; the
-    parameters are frozen during that pass, so autograd computes activation gradients only (no
-    summed weight gradients nobody uses). Each layer then turns (input, output gradient) into
-    per-example gradients of its parameters: :func:`_conv_rule` for convolutions, an outer product for
-    linear layers, normalised-input × gradient for GroupNorm's affine, then the pull-back through
-    ``expand_parameters`` (basis expansion, weight standardisation) where the layer has one.
-    A layer must run once per forward pass (no weight sharing).
+    Returns the trainable layers by name, ``{layer: [input, output gradient]}`` (rows are the views of
+    the examples in order) and the per-example losses. Forward hooks keep each layer's input and
+    catch the gradient of its output; the parameters are frozen during the pass, so autograd computes
+    activation gradients only (no summed weight gradients nobody uses).
     """
-    if views.ndim != 5:
-        raise ValueError(f"views must be (B, K, C, H, W), got shape {tuple(views.shape)}")
-    unsupported = _unsupported_layers(model)
-    if unsupported:
-        raise NotImplementedError("the hooks engine has no per-example rule for " + ", ".join(unsupported)
-                                  + "; use per_sample_engine='vmap'")
     batch, k = views.shape[:2]
     captured: dict[nn.Module, list] = {}
 
@@ -393,6 +402,27 @@ def hooks_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.
     finally:
         for handle in handles:
             handle.remove()
+    return layers, captured, losses
+
+
+def hooks_per_sample_grads(model: nn.Module, views: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-example gradients from one batched backward pass; same contract as :func:`vmap_per_sample_grads`.
+
+    One batched pass captures each trainable layer's input and output gradient
+    (:func:`capture_layer_io`). Each layer then turns (input, output gradient) into
+    per-example gradients of its parameters: :func:`_conv_rule` for convolutions, an outer product for
+    linear layers, normalised-input × gradient for GroupNorm's affine, then the pull-back through
+    ``expand_parameters`` (basis expansion, weight standardisation) where the layer has one.
+    A layer must run once per forward pass (no weight sharing).
+    """
+    if views.ndim != 5:
+        raise ValueError(f"views must be (B, K, C, H, W), got shape {tuple(views.shape)}")
+    unsupported = _unsupported_layers(model)
+    if unsupported:
+        raise NotImplementedError("the hooks engine has no per-example rule for " + ", ".join(unsupported)
+                                  + "; use per_sample_engine='vmap'")
+    layers, captured, losses = capture_layer_io(model, views, labels)
+    batch = views.shape[0]
 
     grads = {}
     for layer_name, module in layers.items():

@@ -8,8 +8,18 @@ from pathlib import Path
 import pytest
 
 from dpeq_utils import runtime
-from dpeq_utils.benchmark import benchmark_model, epoch_ratio, phase_breakdown, phase_table, reference_speeds, summary_table
+from dpeq_utils.benchmark import (
+    benchmark_model,
+    epoch_ratio,
+    layer_breakdown,
+    layer_table,
+    phase_breakdown,
+    phase_table,
+    reference_speeds,
+    summary_table,
+)
 from dpeq_utils.models import build_model
+from dpeq_utils.per_sample import GROUPED_MIN_PIXELS
 from dpeq_utils.runtime import machine_description, measure_phases, phase, tune_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,12 +48,31 @@ def test_benchmark_measures_every_kind_and_tabulates():
 def test_benchmark_script_runs():
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "per_sample_speed.py"), "--models",
                              "eq_resnet9_small", "--batch-sizes", "2", "--repeats", "1", "--engines", "hooks",
-                             "--phases"], capture_output=True, text=True, timeout=600)
+                             "--phases", "--layers"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "| eq_resnet9_small | 60,203 | 2 |" in result.stdout and "device: cpu" in result.stdout
     assert "torch cpu capability: " in result.stdout and "| per-example filter gradients |" in result.stdout
     assert "reference kernels at the start (float32): matmul G multiply-adds/s " in result.stdout
     assert "machine speed drift over the run: matmul " in result.stdout
+    assert "filter gradients per convolution" in result.stdout and "| conv1.conv | 3→24 | 32×32 |" in result.stdout
+
+
+def test_layer_breakdown_times_every_convolution_by_each_method():
+    """One row per convolution in model order; the grouped method only where the engine may use it."""
+    model = build_model("eq_resnet9", widths=(4, 8, 8))
+    rows = layer_breakdown("eq_resnet9", 3, views=2, repeats=1, device="cpu", model=model)
+    convolutions = [name for name, module in model.named_modules() if type(module).__name__ == "StandardizedR2Conv"]
+    assert [row["layer"] for row in rows] == convolutions
+    for row in rows:
+        pixels = math.prod(int(side) for side in row["map"].split("×"))
+        assert row["engine uses"] == ("grouped" if pixels >= GROUPED_MIN_PIXELS else "unfold")
+        assert math.isnan(row["grouped ms"]) == (pixels < GROUPED_MIN_PIXELS)
+        assert all(row[key] > 0 for key in ("summed ms", "unfold ms", "pull-back ms", "G multiply-adds"))
+    first = rows[0]  # 3 input channels to 8, 3×3 filters, 32×32 map, 3 examples × 2 views
+    assert first["channels"] == "3→8" and first["G multiply-adds"] == pytest.approx(6 * 8 * 3 * 9 * 1024 / 1e9)
+    table = layer_table(rows).splitlines()
+    assert len(table) == len(rows) + 3 and table[-1].startswith("| total |")
+    assert f"| {sum(row[row['engine uses'] + ' ms'] for row in rows):.1f} |" in table[-1]
 
 
 def test_phase_breakdown_covers_the_whole_step():
