@@ -160,9 +160,9 @@ def reference_speeds(device: torch.device, rows: int = 4096, inner: int = 1024, 
     read a table's figures against: a matrix product ``(rows, inner) @ (inner, inner)`` through
     ``torch.matmul`` (MKL on a CPU) and the same multiply-adds as a 1×1 convolution (oneDNN on a CPU,
     channels-last), a 3×3 convolution of 128 to 128 channels on 16×16 maps (the size of the paper
-    model's middle layers),
-    each in G multiply-adds/s; and a copy of ``rows × inner`` floats in GB/s (read + written), the
-    bound of the memory passes over per-example gradients. Median of ``repeats`` calls after warm-up.
+    model's middle layers), each in G multiply-adds/s; and a copy of ``rows × inner`` floats in GB/s
+    (read + written), the bound of the memory passes over per-example gradients. Median of
+    ``repeats`` calls after warm-up.
 
     Why these: on AMD processors MKL runs its AVX2 code while oneDNN compiles for the ISA at hand, so
     where a CPU has AVX-512 the convolutions of a plain step outrun the matrix products (measured on a

@@ -207,19 +207,22 @@ CPUINFO = "/proc/cpuinfo"
 CPU_CACHES = "/sys/devices/system/cpu/cpu0/cache"
 
 
-def _last_level_cache() -> str | None:
-    """The size of the first CPU's last-level cache as the kernel names it (e.g. ``32768K``), or None."""
+def _cache_sizes() -> dict[int, str]:
+    """The first CPU's data (or unified) cache size per level as the kernel names it, e.g. ``{1: "32K",
+    2: "512K", 3: "32768K"}``; empty where sysfs does not say."""
+    sizes: dict[int, str] = {}
     try:
-        levels = {}
-        for index in os.listdir(CPU_CACHES):
+        for index in sorted(os.listdir(CPU_CACHES)):
             if not index.startswith("index"):
                 continue
             path = os.path.join(CPU_CACHES, index)
-            with open(os.path.join(path, "level")) as level, open(os.path.join(path, "size")) as size:
-                levels[int(level.read())] = size.read().strip()
-        return levels[max(levels)] if levels else None
+            with open(os.path.join(path, "type")) as kind, open(os.path.join(path, "level")) as level, \
+                    open(os.path.join(path, "size")) as size:
+                if kind.read().strip() != "Instruction":
+                    sizes[int(level.read())] = size.read().strip()
     except (OSError, ValueError):
-        return None
+        return {}
+    return sizes
 
 
 def machine_description(device: torch.device | None = None) -> dict[str, str]:
@@ -227,7 +230,7 @@ def machine_description(device: torch.device | None = None) -> dict[str, str]:
     torch's CPU capability (the vector kernels it dispatched to) and threads; the GPU when ``device`` is
     one. Clock and caches are there because the CPU model is not enough: two virtual machines of this
     project that both reported ``AMD EPYC (family 25, model 1)`` ran the paper model's non-private
-    step at 67 and 116 examples/s (same commit's benchmark, each idle)."""
+    step at 64-68 and 86-116 examples/s (the same engine, each machine idle)."""
     model, info = platform.processor() or platform.machine(), {}
     try:
         with open(CPUINFO) as handle:
@@ -248,10 +251,11 @@ def machine_description(device: torch.device | None = None) -> dict[str, str]:
     }
     if "cpu MHz" in info:  # in a virtual machine, usually the host's nominal clock, not the current one
         description["clock"] = f"{float(info['cpu MHz']):.0f} MHz as reported"
-    last_level = _last_level_cache()
-    caches = ([f"{info['cache size']} per core"] if "cache size" in info else []) + ([f"last level {last_level}"] if last_level else [])
-    if caches:
-        description["caches"] = ", ".join(caches)
+    sizes = _cache_sizes()
+    if sizes:
+        description["caches"] = ", ".join(f"L{level} {size}" for level, size in sorted(sizes.items()))
+    elif "cache size" in info:  # what it counts differs by vendor (L2 per core on AMD, L3 on Intel)
+        description["caches"] = f"{info['cache size']} (/proc/cpuinfo's cache size)"
     description.update({
         "isa": " ".join(f for f in ISA_FLAGS if f in flags) or "unknown",
         "torch cpu capability": torch.backends.cpu.get_cpu_capability(),

@@ -114,8 +114,10 @@ def test_machine_description_tells_apart_machines_with_one_cpu_model(tmp_path, m
                        "cpu MHz\t\t: 2445.406\ncache size\t: 512 KB\nflags\t\t: fpu avx2 fma hypervisor\n\n"
                        "processor\t: 1\nmodel name\t: other\n")
     caches = tmp_path / "cache"
-    for index, level, size in (("index0", 1, "32K"), ("index2", 2, "512K"), ("index3", 3, "32768K")):
+    for index, kind, level, size in (("index0", "Data", 1, "32K"), ("index1", "Instruction", 1, "64K"),
+                                     ("index2", "Unified", 2, "512K"), ("index3", "Unified", 3, "32768K")):
         (caches / index).mkdir(parents=True)
+        (caches / index / "type").write_text(f"{kind}\n")
         (caches / index / "level").write_text(f"{level}\n")
         (caches / index / "size").write_text(f"{size}\n")
     (caches / "uevent").write_text("")
@@ -124,9 +126,11 @@ def test_machine_description_tells_apart_machines_with_one_cpu_model(tmp_path, m
     description = machine_description()
     assert description["cpu"] == "AMD EPYC (family 25, model 1, stepping 1) in a virtual machine"
     assert description["clock"] == "2445 MHz as reported"
-    assert description["caches"] == "512 KB per core, last level 32768K"
+    assert description["caches"] == "L1 32K, L2 512K, L3 32768K"
     assert description["isa"] == "avx2 fma"
     monkeypatch.setattr(runtime, "CPU_CACHES", str(tmp_path / "absent"))
+    description = machine_description()
+    assert description["caches"] == "512 KB (/proc/cpuinfo's cache size)"
     cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: sse2\n")
     description = machine_description()
     assert description["cpu"] == "Some CPU" and "clock" not in description and "caches" not in description
