@@ -185,26 +185,23 @@ def reference_speeds(device: torch.device, rows: int = 4096, inner: int = 1024, 
         "1×1 conv": (lambda: torch.nn.functional.conv2d(image, kernel), rows * inner * inner),
         "3×3 conv": (lambda: torch.nn.functional.conv2d(maps, filters, padding=1), (rows // 64) * 256 * 128 * 128 * 9),
     }
+    def per_second(call, work: float) -> float:
+        for _ in range(3):  # the first calls of a process also start thread pools and fault memory in
+            _timed(call, device)
+        return work / statistics.median(_timed(call, device) for _ in range(repeats)) / 1e9
+
     speeds = {}
     with torch.no_grad():
         for name, (call, multiply_adds) in kernels.items():
-            for _ in range(3):  # the first calls of a process also start thread pools and fault memory in
-                _timed(call, device)
-            seconds = statistics.median(_timed(call, device) for _ in range(repeats))
-            speeds[f"{name} G multiply-adds/s"] = multiply_adds / seconds / 1e9
+            speeds[f"{name} G multiply-adds/s"] = per_second(call, multiply_adds)
         threads = torch.get_num_threads()
         if device.type == "cpu" and threads > 1:  # do the threads add up? (not where they share a core)
             torch.set_num_threads(1)
             try:
-                call, multiply_adds = kernels["matmul"]
-                _timed(call, device)
-                seconds = statistics.median(_timed(call, device) for _ in range(repeats))
-                speeds["matmul on 1 thread G multiply-adds/s"] = multiply_adds / seconds / 1e9
+                speeds["matmul on 1 thread G multiply-adds/s"] = per_second(*kernels["matmul"])
             finally:
                 torch.set_num_threads(threads)
-        _timed(a.clone, device)
-        seconds = statistics.median(_timed(a.clone, device) for _ in range(repeats))
-        speeds["copy GB/s"] = 2 * a.numel() * a.element_size() / seconds / 1e9
+        speeds["copy GB/s"] = per_second(a.clone, 2 * a.numel() * a.element_size())
     return speeds
 
 
@@ -249,9 +246,10 @@ def _alternating_ratios(reference, call, device: torch.device, rounds: int) -> l
 ISOLATED_KINDS = ("vmap",)
 
 
-def _step_calls(name: str, batch: int, *, engines, views: int, device: torch.device, model: nn.Module | None,
-                seed: int) -> tuple[dict, nn.Module]:
-    """The calls to time, by kind (see the module docstring), and the model they train."""
+def _model_and_batch(name: str, batch: int, *, views: int, device: torch.device, model: nn.Module | None,
+                     seed: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The model to time (``model``, or the named one built) in training mode on ``device``, and a
+    random batch of ``views`` views per example with labels; on a CPU the allocator is tuned first."""
     torch.manual_seed(seed)
     if device.type == "cpu":
         tune_cpu_allocator()  # as the trainer does; applies to every kind alike
@@ -262,6 +260,13 @@ def _step_calls(name: str, batch: int, *, engines, views: int, device: torch.dev
     generator = torch.Generator(device=device).manual_seed(seed)
     images = torch.randn(batch, views, 3, 32, 32, generator=generator, device=device)
     labels = torch.randint(0, 10, (batch,), generator=generator, device=device)
+    return model, images, labels
+
+
+def _step_calls(name: str, batch: int, *, engines, views: int, device: torch.device, model: nn.Module | None,
+                seed: int) -> tuple[dict, nn.Module]:
+    """The calls to time, by kind (see the module docstring), and the model they train."""
+    model, images, labels = _model_and_batch(name, batch, views=views, device=device, model=model, seed=seed)
 
     plain_optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -341,19 +346,16 @@ def layer_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, 
     from torch.nn.modules.utils import _pair
 
     from .per_sample import (
-        GROUPED_MIN_PIXELS,
+        _conv_rule,
         _kernel_size,
         _layer_grads,
         capture_layer_io,
+        filter_grads_method,
         grouped_filter_grads,
         unfold_filter_grads,
     )
     dev = pick_device(device)
-    calls, model = _step_calls(name, batch, engines=(), views=views, device=dev, model=model, seed=seed)
-    del calls
-    generator = torch.Generator(device=dev).manual_seed(seed)
-    images = torch.randn(batch, views, 3, 32, 32, generator=generator, device=dev)
-    labels = torch.randint(0, 10, (batch,), generator=generator, device=dev)
+    model, images, labels = _model_and_batch(name, batch, views=views, device=dev, model=model, seed=seed)
     layers, captured, _ = capture_layer_io(model, images, labels)
 
     def median_ms(call, prepare=None) -> float:
@@ -372,10 +374,8 @@ def layer_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, 
         kernel = _kernel_size(module)
         shape_only = x.new_empty(()).expand(out_channels, in_channels, *kernel)
         conv_args = (_pair(module.stride), _pair(module.padding), _pair(module.dilation), False, [0, 0], 1)
-        grouped = pixels >= GROUPED_MIN_PIXELS
-        method = grouped_filter_grads if grouped else unfold_filter_grads
-        per_example = {"weight": method(module, x, grad_out, batch),
-                       "bias": grad_out.reshape(batch, views, out_channels, -1).sum((1, 3))}
+        grouped = filter_grads_method(pixels) is grouped_filter_grads
+        per_example = _conv_rule(module, x, grad_out, batch)
         return {
             "layer": layer_name,
             "channels": f"{in_channels}→{out_channels}",
@@ -529,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     after = reference_speeds(device)
     print("\nreference kernels at the end (float32): " + "; ".join(f"{key} {value:.0f}" for key, value in after.items()))
     drift = {key: after[key] / before[key] - 1 for key in before}
-    print("machine speed drift over the run: " + ", ".join(f"{key.split(' G')[0].split(' GB')[0]} {100 * value:+.0f}%"
+    print("machine speed drift over the run: " + ", ".join(f"{key.split(' G')[0]} {100 * value:+.0f}%"
                                                          for key, value in drift.items())
           + " (a shared machine's speed varies; compare figures of one run, and see whether it moved)")
     if args.csv:

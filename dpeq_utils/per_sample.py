@@ -284,8 +284,14 @@ def _conv_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> d
     if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros":
         raise NotImplementedError(f"hooks engine: grouped or non-zero-padded convolution {module}")
     grad_rows = grad_out.reshape(batch, grad_out.shape[0] // batch, grad_out.shape[1], -1)
-    method = grouped_filter_grads if grad_rows.shape[-1] >= GROUPED_MIN_PIXELS else unfold_filter_grads
+    method = filter_grads_method(grad_rows.shape[-1])
     return {"weight": method(module, x, grad_out, batch), "bias": grad_rows.sum((1, 3))}
+
+
+def filter_grads_method(pixels: int) -> Callable:
+    """The engine's method for per-example filter gradients on an output map of ``pixels`` pixels
+    (:data:`GROUPED_MIN_PIXELS`)."""
+    return grouped_filter_grads if pixels >= GROUPED_MIN_PIXELS else unfold_filter_grads
 
 
 def _kernel_size(module) -> tuple[int, ...]:
