@@ -5,3 +5,6 @@ records); the notebooks only narrate, set parameters and plot. See ``README.md``
 """
 
 __version__ = "0.1.0"
+
+# the code this process runs, read now, before anything can edit it (dpeq_utils.provenance)
+from . import provenance  # noqa: E402,F401

@@ -187,6 +187,7 @@ def _train_audited(config, canary_count: int, seed: int, breakage: str | None, l
     import torch.nn.functional as F
 
     from .data import ImageDataset
+    from .provenance import CODE
     from .runtime import device_name, git_commit, library_versions
     from .train import evaluate, setup, train_step
 
@@ -214,7 +215,7 @@ def _train_audited(config, canary_count: int, seed: int, breakage: str | None, l
         "steps": state.step, "scores": (-losses).tolist(),  # members were fitted: low loss, high score
         "included": included.tolist(), "test_accuracy": evaluate(state.model, test, state.device)[0],
         "wall_time_s": time.perf_counter() - started, "device": device_name(state.device),
-        "versions": library_versions(), "git_commit": git_commit(),
+        "versions": library_versions(), "git_commit": git_commit(), "source_sha256": CODE["source_sha256"],
     }
 
 

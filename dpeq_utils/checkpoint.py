@@ -17,8 +17,15 @@ checkpoint are recomputed with the same draws, never released. ε is computed on
 the restored budget has counted, so a resume neither resets nor double-counts it.
 
 **What is never trusted.** The file starts with a header line carrying the SHA-256 of the rest; a
-truncated or corrupt file fails that check. A checkpoint whose config key, budget (σ, q, steps),
-device type or arithmetic-relevant library versions differ from the run's is refused. Each refusal
+truncated or corrupt file fails that check. The SHA-256 only proves the file is whole, not who wrote
+it (anyone can recompute it), so the content is read with ``torch.load(weights_only=True)``: tensors,
+dicts, lists, tuples, numbers and strings, never an arbitrary pickled object, so a crafted checkpoint
+in a shared runs folder cannot run code (NumPy's generator state is stored as a tensor and numbers
+for that reason). A checkpoint whose config key, budget (σ, q, steps), device type or
+arithmetic-relevant library versions differ from the run's is refused. So is one written by other
+dpeq code (another :data:`dpeq_utils.provenance.CODE` source hash), unless the caller passes
+``other_code=True`` (``--resume-other-code``); the record then lists every code version the run
+was trained with (``code_history``). Each refusal
 is a :class:`CheckpointError` that says what to do (``--no-resume`` starts over). Writes are atomic
 (temporary file, fsync, rename), so a process killed while writing leaves the previous checkpoint
 intact; a failed periodic write (e.g. a full disk) is reported and training goes on.
@@ -37,9 +44,11 @@ from pathlib import Path
 import torch
 
 from .paths import write_atomic
+from .provenance import CODE
 from .runtime import library_versions
 
-FORMAT = 1
+#: 2: loadable with weights_only=True, carries the writing code's source hash (format 1 was neither)
+FORMAT = 2
 MAGIC = "dpeq-checkpoint"
 #: Seconds of training between two checkpoints when ``checkpoint_every`` is None.
 DEFAULT_INTERVAL_S = 300.0
@@ -85,7 +94,11 @@ def read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} has checkpoint format {parts[1]}, this dpeq reads {FORMAT}; {advice}")
     if hashlib.sha256(payload).hexdigest() != parts[2]:
         raise CheckpointError(f"{path} is truncated or corrupt (SHA-256 mismatch); {advice}")
-    return torch.load(io.BytesIO(payload), weights_only=False, map_location="cpu")
+    try:  # weights_only: plain containers and tensors, never code
+        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+    except Exception as err:  # torch raises UnpicklingError or RuntimeError for what it will not load
+        raise CheckpointError(f"{path} holds objects a dpeq checkpoint never contains (refused without loading "
+                              f"them: {str(err).splitlines()[0][:200]}); {advice}") from None
 
 
 class Checkpoints:
@@ -96,8 +109,8 @@ class Checkpoints:
     """
 
     def __init__(self, path: Path, key: str, resume: bool = True, every: int | None = None,
-                 interval_s: float = DEFAULT_INTERVAL_S):
-        self.path, self.key, self.resume_allowed = Path(path), key, resume
+                 interval_s: float = DEFAULT_INTERVAL_S, other_code: bool = False):
+        self.path, self.key, self.resume_allowed, self.other_code = Path(path), key, resume, other_code
         self.every, self.interval_s = every, interval_s
         self.last_saved = time.monotonic()
         versions = library_versions()  # read once per run, not at every save
@@ -107,7 +120,7 @@ class Checkpoints:
         """What must match for a checkpoint to continue ``state``'s run."""
         budget = state.budget
         return {"key": self.key, "device_type": state.device.type,
-                "versions": self.versions,
+                "versions": self.versions, "source_sha256": CODE["source_sha256"],
                 "budget": {"noise_multiplier": budget.noise_multiplier if budget else None,
                            "sample_rate": state.sample_rate, "steps": state.steps}}
 
@@ -124,6 +137,16 @@ class Checkpoints:
         content = read_checkpoint(self.path)
         saved = content.get("identity", {})
         for field, value in self.identity(state).items():
+            if field == "source_sha256" and saved.get(field) != value and self.other_code:
+                print(f"[dpeq] {self.path.name} was written by other dpeq code (source {str(saved.get(field))[:12]}, "
+                      f"this is {value[:12]}); continuing as asked: the record will list both", file=sys.stderr)
+                continue
+            if field == "source_sha256" and saved.get(field) != value:
+                raise CheckpointError(
+                    f"{self.path} was written by other dpeq code (source {str(saved.get(field))[:12]}, this checkout "
+                    f"is {value[:12]} at {CODE['git_commit']}): its steps may have been computed differently. "
+                    "Rerun with --resume-other-code to continue anyway (the record then lists every code version "
+                    "the run was trained with), or --no-resume to start over")
             if saved.get(field) != value:
                 theirs, ours = saved.get(field), value
                 if isinstance(theirs, dict) and isinstance(ours, dict):  # name only what differs

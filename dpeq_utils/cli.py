@@ -69,6 +69,9 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="train from step 0 even if a record or a checkpoint of this config exists")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue from this run's checkpoint if there is one (default); --no-resume starts over")
+    parser.add_argument("--resume-other-code", action="store_true",
+                        help="continue a checkpoint written by other dpeq code (the record then lists every code "
+                             "version the run was trained with); without it such a checkpoint is refused")
     parser.add_argument("--force-memory", action="store_true",
                         help="train even if the run's estimated memory exceeds what is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -81,7 +84,8 @@ def train_main(argv: list[str] | None = None) -> int:
     with user_errors(prog, args.debug):
         found = None if args.force else find_record(config, args.runs_dir)
         record = load_or_run(config, runs_dir=args.runs_dir, force=args.force, progress=not args.no_progress,
-                             force_memory=args.force_memory, resume=args.resume)
+                             force_memory=args.force_memory, resume=args.resume,
+                             resume_other_code=args.resume_other_code)
     eps = record["epsilon_spent"]
     origin = (f"read from {found} (trained {record.get('created', '?')} on {record['device']}, "
               f"{record['wall_time_s']:.0f} s then)" if found else f"{record['wall_time_s']:.1f} s on {record['device']}")

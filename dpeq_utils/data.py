@@ -325,13 +325,31 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+#: The only callables a CIFAR-10 batch pickle refers to: NumPy's array reconstruction (``numpy._core``
+#: in files written by NumPy 2) and, in protocol-2 pickles written by Python 3, ``_codecs.encode``
+#: (how they store bytes). Anything else in a batch file is refused before it is called.
+CIFAR_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles what the official batch files contain and nothing else: a crafted "batch" whose
+    pickle names any other callable (``os.system``, ...) is refused, never run."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch never contains it")
+        return super().find_class(module, name)
+
+
 def _parse_batch(raw: bytes | io.BufferedReader, where: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled CIFAR batch → (uint8 (n, 3, 32, 32), int64 (n,)), validated.
 
-    Accepts both the official Python-2 pickles (``bytes`` keys) and Python-3 ones (``str`` keys).
+    Accepts both the official Python-2 pickles (``bytes`` keys) and Python-3 ones (``str`` keys),
+    through :class:`_CifarUnpickler` (nothing but NumPy arrays, dicts, lists, strings and numbers).
     """
     try:
-        batch = pickle.load(raw, encoding="bytes") if not isinstance(raw, bytes) else pickle.loads(raw, encoding="bytes")
+        batch = _CifarUnpickler(io.BytesIO(raw) if isinstance(raw, bytes) else raw, encoding="bytes").load()
     except Exception as err:  # truncated or foreign files raise many different errors
         raise DatasetError(f"{where} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}); "
                            "the copy is corrupt or incomplete: replace it with a fresh download") from err

@@ -16,12 +16,15 @@ what produced it.
 
 Record fields (top level): ``key``, ``config``, ``noise_multiplier``, ``sample_rate``, ``steps``,
 ``epsilon_spent`` (null for a non-private run), ``test_accuracy``, ``test_accuracy_ema``,
-``test_loss``, ``num_params``, ``wall_time_s``, ``device``, ``versions``, ``git_commit``, ``seed``,
+``test_loss``, ``num_params``, ``wall_time_s``, ``device``, ``versions``, ``git_commit`` and
+``source_sha256`` (the code that ran, read when the package was imported: :mod:`dpeq_utils.provenance`;
+records before 2026-12-05 name the checkout at write time and carry no hash), ``seed``,
 ``dataset_size``, ``test_size``, ``mean_batch_size``, ``epochs``, ``train_time_s``, ``history``
 (one entry per evaluation), ``data`` (where the data came from, how it was verified, SHA-256 of the
 training and test splits used), ``val_*`` (with a validation split), ``created``, ``schema``,
 ``digest`` (:func:`record_digest`), ``resumed_at_steps`` (only for a run continued from a
-checkpoint). Values that are not finite (the losses of a diverged run) are stored as null.
+checkpoint), ``code_history`` (only for a run whose checkpoint the user let continue under other
+code: every code version it was trained with, from which step). Values that are not finite (the losses of a diverged run) are stored as null.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from .config import RunConfig
 from .models import model_tag
 from .paths import reference_dir, write_atomic
 from .paths import runs_dir as default_runs_dir
+from .provenance import CODE
 from .runtime import device_name, git_commit, library_versions, pick_device
 
 if TYPE_CHECKING:
@@ -123,11 +127,12 @@ def run_lock(path: Path):
 
 
 def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, progress: bool = True, data=None,
-        force_memory: bool = False, resume: bool = True) -> dict:
+        force_memory: bool = False, resume: bool = True, resume_other_code: bool = False) -> dict:
     """Train ``config`` and write its record; returns the record. The record's folder is checked
     (writable, room on disk) and the run locked (:func:`run_lock`) before anything is trained. The
-    run resumes from its checkpoint if one is there (``resume=False``: starts over) and writes
-    checkpoints as it goes (:mod:`dpeq_utils.checkpoint`)."""
+    run resumes from its checkpoint if one is there (``resume=False``: starts over; a checkpoint
+    written by other package code only with ``resume_other_code``) and writes checkpoints as it goes
+    (:mod:`dpeq_utils.checkpoint`)."""
     from .checkpoint import Checkpoints, checkpoint_path
     from .preflight import check_output_folder
 
@@ -135,7 +140,7 @@ def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, progress: 
     check_output_folder(path.parent)
     with run_lock(path):
         checkpoints = Checkpoints(checkpoint_path(path), config_key(config), resume=resume,
-                                  every=config.checkpoint_every)
+                                  every=config.checkpoint_every, other_code=resume_other_code)
         record = _train_and_write(config, path, progress, data, force_memory, checkpoints)
         checkpoints.remove()
         return record
@@ -153,6 +158,7 @@ def _train_and_write(config: RunConfig, path: Path, progress: bool, data, force_
         "device": device_name(pick_device(config.device)),
         "versions": library_versions(),
         "git_commit": git_commit(),
+        "source_sha256": CODE["source_sha256"],
         "seed": config.seed,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -222,15 +228,17 @@ def find_file(relative: str | os.PathLike, profile: str, runs_dir: str | os.Path
 
 
 def load_or_run(config: RunConfig, runs_dir: str | os.PathLike | None = None, force: bool = False,
-                progress: bool = True, data=None, force_memory: bool = False, resume: bool = True) -> dict:
+                progress: bool = True, data=None, force_memory: bool = False, resume: bool = True,
+                resume_other_code: bool = False) -> dict:
     """The record of ``config``: found by :func:`find_record` (unless ``force``), else trained and
     written to ``runs_dir``, resuming from the run's checkpoint if there is one (unless ``force`` or
     ``resume=False``, which start over). A record read from disk carries ``"source"``: the file it
-    came from."""
+    came from. ``resume_other_code``: see :func:`run`."""
     path = None if force else find_record(config, runs_dir)
     if path is not None:
         return {**read_record(path), "source": str(path)}
-    return run(config, runs_dir, progress, data, force_memory, resume=resume and not force)
+    return run(config, runs_dir, progress, data, force_memory, resume=resume and not force,
+               resume_other_code=resume_other_code)
 
 
 def load_records(runs_dir: str | os.PathLike) -> list[dict]:

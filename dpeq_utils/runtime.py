@@ -5,18 +5,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import functools
 import os
 import platform
 import random
-import subprocess
 import time
 from importlib import metadata
 
 import numpy as np
 import torch
 
-from .paths import REPO_ROOT
+from .provenance import CODE
 
 #: Libraries whose versions every run record carries.
 TRACKED_LIBRARIES = ("torch", "escnn", "opacus", "numpy", "dpeq")
@@ -80,23 +78,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-@functools.cache
 def git_commit() -> str | None:
     """The checkout's commit (with ``+dirty`` when it had uncommitted changes), or None outside git,
-    as it was the first time this process asked — the trainer asks when a run starts, so a long
-    process (a study, a kernel) records the code it loaded, not whatever the checkout holds when a
-    record is written. (Read on first use: importing dpeq starts no subprocess.)"""
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("+dirty" if dirty else "")
+    as it was when ``dpeq_utils`` was imported: the code this process runs
+    (:mod:`dpeq_utils.provenance`)."""
+    return CODE["git_commit"]
 
 
 def environment_report(device: str | torch.device = "auto") -> dict[str, str]:

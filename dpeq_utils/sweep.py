@@ -86,7 +86,12 @@ class RunJob(Checkpointable):
         from .runs import load_or_run, record_path
 
         config = RunConfig(**self.config)
-        record = load_or_run(config, self.runs_dir, progress=False)
+        try:
+            record = load_or_run(config, self.runs_dir, progress=False)
+        except Exception as err:  # the job's last error line (what `status` shows) names the run
+            message = str(err).splitlines()[0] if str(err) else ""
+            raise RuntimeError(f"run {record_path(config, self.runs_dir).stem} failed: {type(err).__name__}: "
+                               f"{message}") from err
         return {"record": str(record_path(config, self.runs_dir)), "test_accuracy": record["test_accuracy"],
                 "epsilon_spent": record["epsilon_spent"], "wall_time_s": record["wall_time_s"]}
 
@@ -172,34 +177,68 @@ def estimate_hours(configs: list[RunConfig], throughput: float | None, records: 
     return hours, f"at the fastest throughput records measured ({'; '.join(devices)})"
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Builtin values only (submitit's ``(outcome, detail)`` of a failed job is a tuple of strings):
+    a result file that names any class or function is refused, never loaded."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"names {module}.{name}")
+
+
+def _lock_state(lock: Path) -> str:
+    """"running" if a live process holds ``lock`` (tested by trying it: flock is released by the OS
+    when its holder dies, however it dies), else "stale"."""
+    import fcntl
+
+    try:
+        with open(lock, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    except BlockingIOError:
+        return "running"
+    except OSError:
+        return "running"  # cannot tell: say the cautious thing
+    return "stale"
+
+
 def status_table(runs_dir, logs_dir=None) -> list[dict]:
-    """Records, checkpoints, runs in progress (locked) and failed jobs found in a runs folder."""
+    """Records, checkpoints, runs in progress (locked) and failed jobs found in a runs folder. A file
+    that cannot be read is one row saying so; nothing read here is unpickled as code."""
     from .checkpoint import read_checkpoint
     from .runs import read_record
 
     runs_dir = Path(runs_dir)
     rows = []
     for path in sorted(runs_dir.glob("*.json")):
-        record = read_record(path)
+        try:
+            record = read_record(path)
+        except Exception as err:  # noqa: BLE001 - a status view reports whatever is wrong, it never stops
+            rows.append({"run": path.stem, "status": f"bad record ({str(err).splitlines()[0]})"})
+            continue
         rows.append({"run": path.stem, "status": "done", "step": record["steps"], "steps": record["steps"],
                      "test_accuracy": record["test_accuracy"], "epsilon": record["epsilon_spent"]})
+    locks = {path.name[: -len(".json.lock")]: _lock_state(path) for path in sorted(runs_dir.glob("*.json.lock"))}
+    stale = "stale lock: its process is gone, safe to delete (the next run of it removes it)"
     for path in sorted(runs_dir.glob("*.ckpt")):
         try:
-            state = read_checkpoint(path)["state"]
-            step = state["step"]
-        except Exception as err:  # noqa: BLE001 - a status view reports whatever is wrong, it never stops
-            rows.append({"run": path.stem, "status": f"bad checkpoint ({err})"})
+            step = read_checkpoint(path)["state"]["step"]
+        except Exception as err:  # noqa: BLE001
+            rows.append({"run": path.stem, "status": f"bad checkpoint ({str(err).splitlines()[0]})"})
             continue
-        locked = path.with_suffix(".json.lock").exists()
-        rows.append({"run": path.stem, "status": "running" if locked else "resumable", "step": step})
-    for path in sorted(runs_dir.glob("*.json.lock")):
-        stem = path.name[: -len(".json.lock")]
-        if not (runs_dir / f"{stem}.ckpt").exists():
-            rows.append({"run": stem, "status": "running (no checkpoint yet)"})
+        lock = locks.pop(path.stem, None)
+        status = {"running": "running", "stale": f"resumable; {stale}"}.get(lock, "resumable")
+        rows.append({"run": path.stem, "status": status, "step": step})
+    for stem, lock in locks.items():
+        rows.append({"run": stem, "status": "running (no checkpoint yet)" if lock == "running" else stale})
     logs = Path(logs_dir) if logs_dir is not None else runs_dir / "sweep-logs"
     for result in sorted(logs.glob("*/*_result.pkl")) if logs.is_dir() else []:
-        with open(result, "rb") as handle:
-            outcome, detail = pickle.load(handle)
+        try:
+            with open(result, "rb") as handle:
+                outcome, detail = _PlainUnpickler(handle).load()
+        except Exception as err:  # noqa: BLE001
+            rows.append({"run": f"job {result.parent.name}", "status": f"unreadable result {result} "
+                         f"(refused: {str(err).splitlines()[0] if str(err) else type(err).__name__})"})
+            continue
         if outcome == "error":
             last = str(detail).strip().splitlines()[-1] if str(detail).strip() else "error"
             rows.append({"run": f"job {result.parent.name}", "status": f"failed: {last}",

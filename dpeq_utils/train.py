@@ -47,7 +47,8 @@ from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
 from .preflight import check_memory
 from .privacy import PrivacyBudget, PrivacyBudgetError
-from .runtime import conv_layout, derived_seeds, git_commit, phase, pick_device, release_free_memory, set_seed, tune_cpu_allocator
+from .provenance import CODE
+from .runtime import conv_layout, derived_seeds, phase, pick_device, release_free_memory, set_seed, tune_cpu_allocator
 from .variants import Variant, build_variants
 
 
@@ -170,6 +171,9 @@ class RunState:
     train_time_s: float = 0.0  # the step loop alone (sampling, gradients, updates), over every process of the run
     earlier_wall_time_s: float = 0.0  # wall time of earlier processes of a resumed run
     resumes: list[int] = field(default_factory=list)  # the steps a resumed run continued from
+    # the code each stretch of the run was trained with (dpeq_utils.provenance): one entry, unless
+    # the user let a checkpoint written by other code continue
+    code_history: list[dict] = field(default_factory=lambda: [{"from_step": 0, **CODE}])
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -196,6 +200,7 @@ class RunState:
             "variants": [variant.state_dict() for variant in self.variants],
             "history": self.history, "batch_sizes": self.batch_sizes,
             "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s, "resumes": self.resumes,
+            "code_history": self.code_history,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -219,13 +224,21 @@ class RunState:
         self.history, self.batch_sizes = list(state["history"]), list(state["batch_sizes"])
         self.train_time_s, self.earlier_wall_time_s = state["train_time_s"], state["wall_time_s"]
         self.resumes = list(state["resumes"])
+        self.code_history = [dict(entry) for entry in state["code_history"]]
+        if self.code_history[-1]["source_sha256"] != CODE["source_sha256"]:  # allowed by the caller
+            self.code_history.append({"from_step": self.step, **CODE})
         self.started = time.perf_counter()
 
 
 def global_generator_states() -> dict:
     """Python's, NumPy's and torch's global generators (dpeq draws from its own streams, but a
     library may use these)."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    # NumPy's state as plain values and a tensor: checkpoints load with torch.load(weights_only=True),
+    # which admits no NumPy array (dpeq_utils.checkpoint)
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -233,7 +246,9 @@ def global_generator_states() -> dict:
 
 def set_global_generator_states(states: dict) -> None:
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    numpy_state = states["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -244,7 +259,6 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
     a run at step 0. On a CPU the run's memory is estimated first and a run that would not fit is
     refused unless ``force_memory`` (:mod:`dpeq_utils.preflight`)."""
     started = time.perf_counter()
-    git_commit()  # fixes the commit the record will name: the code this process runs, read now
     set_seed(config.seed)
     device = pick_device(config.device)
     if device.type == "cpu":
@@ -374,6 +388,7 @@ def summary(state: RunState) -> dict:
         "train_time_s": state.train_time_s,  # the step loop alone: sampling, gradients, updates (no evaluation)
         "wall_time_s": state.wall_time_s,  # over every process of a resumed run
         **({"resumed_at_steps": state.resumes} if state.resumes else {}),
+        **({"code_history": state.code_history} if len(state.code_history) > 1 else {}),
         "history": state.history,
     }
 

@@ -227,3 +227,52 @@ def test_checkpoint_state_round_trips(tmp_path):
         assert torch.equal(a, b)
     assert other.step == 2 and other.budget.steps_taken == 2
     assert torch.equal(other.generators["noise"].get_state(), state.generators["noise"].get_state())
+
+
+class _Payload:
+    """What an attacker pickles: unpickling it would run ``exec`` (here: create a marker file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_crafted_checkpoint_runs_no_code_and_is_named(tmp_path, monkeypatch):
+    """A checkpoint with a valid header and a recomputed SHA-256 whose payload would run code: the
+    SHA-256 proves nothing about the writer, so the loader must refuse the payload unread."""
+    path = _checkpointed(tmp_path, monkeypatch)
+    marker = tmp_path / "payload-ran"
+    content = read_checkpoint(path)
+    content["state"]["history"] = [_Payload(marker)]
+    checkpoint_module.write_checkpoint(path, content)  # header and SHA-256 as a real writer makes them
+    with pytest.raises(CheckpointError, match=re.escape(str(path))) as caught:
+        run(TINY, tmp_path, progress=False)
+    assert not marker.exists() and "--no-resume" in str(caught.value)
+    from dpeq_utils.sweep import status_table
+
+    rows = status_table(tmp_path)  # the status view reads checkpoints too
+    assert not marker.exists() and any("bad checkpoint" in row["status"] for row in rows)
+
+
+def test_a_checkpoint_of_other_code_needs_consent_and_the_record_names_both(tmp_path, monkeypatch):
+    path = _checkpointed(tmp_path, monkeypatch)
+    ours = dict(checkpoint_module.CODE)
+    edited = {"git_commit": "0" * 40 + "+dirty", "source_sha256": "f" * 64}
+    for module in (checkpoint_module, train_module):
+        monkeypatch.setattr(module, "CODE", edited)
+    with pytest.raises(CheckpointError, match="written by other dpeq code.*--resume-other-code"):
+        run(TINY, tmp_path, progress=False)
+    assert path.exists()  # refused, not deleted
+    record = run(TINY, tmp_path, progress=False, resume_other_code=True)
+    assert record["code_history"] == [{"from_step": 0, **ours}, {"from_step": 3, **edited}]
+    assert record["resumed_at_steps"] == [3]
+
+
+def test_a_record_names_the_code_that_was_imported(tmp_path):
+    from dpeq_utils.provenance import CODE, source_sha256
+
+    record = run(TINY.replace(update_steps=1), tmp_path, progress=False)
+    assert record["source_sha256"] == CODE["source_sha256"] == source_sha256()
+    assert record["git_commit"] == CODE["git_commit"] and "code_history" not in record

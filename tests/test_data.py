@@ -1,4 +1,5 @@
 import hashlib
+import re
 import io
 import os
 import pickle
@@ -257,3 +258,29 @@ def test_synthetic_normalisation_is_fixed_not_learned_from_the_training_split():
     a, _ = make_synthetic(64, 8, seed=1)
     b, _ = make_synthetic(256, 8, seed=2)
     assert a.mean == b.mean == data.SYNTHETIC_MEAN, "the same constants whatever the training split"
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_a_crafted_cifar_batch_runs_no_code_and_is_named(tmp_path):
+    """A CIFAR-10 folder whose first batch is a pickle that would run code: refused before anything
+    in it is called, and the message names the file."""
+    from dpeq_utils.data import read_cifar10_folder
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "payload-ran"
+    for name in data.CIFAR10_TRAIN_BATCHES + (data.CIFAR10_TEST_BATCH,):
+        batch = _batch(4, 0)
+        if name == data.CIFAR10_TRAIN_BATCHES[0]:
+            batch[b"labels"] = _Payload(marker)
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DatasetError, match=re.escape(str(folder / data.CIFAR10_TRAIN_BATCHES[0])) + ".*refused"):
+        read_cifar10_folder(folder, verify=False)
+    assert not marker.exists()

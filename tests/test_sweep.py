@@ -2,6 +2,7 @@
 sbatch/sacct (as submitit tests itself), and a preempted job that resumes to the same record."""
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -122,3 +123,61 @@ def test_the_cli_dry_run_plans_and_submits_nothing(tmp_path, capsys):
                  "--throughput", "1024"]) == 0
     smoke_views = 8 * 64 * 2  # steps × batch × views of the smoke profile, per run
     assert f"{2 * smoke_views / 1024 / 3600:.2g} device hours" in capsys.readouterr().out
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
+
+
+def test_status_reads_no_foreign_pickle_and_one_bad_file_is_one_row(tmp_path):
+    import pickle
+
+    run(TINY, tmp_path, progress=False)
+    (tmp_path / "resnet9-D4-0123456789abcdef.json").write_text('{"key": ')  # a truncated record
+    marker = tmp_path / "payload-ran"
+    job = tmp_path / "sweep-logs" / "123"
+    job.mkdir(parents=True)
+    (job / "123_0_result.pkl").write_bytes(pickle.dumps(("error", _Payload(marker))))
+    (tmp_path / "sweep-logs" / "124").mkdir()
+    (tmp_path / "sweep-logs" / "124" / "124_0_result.pkl").write_bytes(
+        pickle.dumps(("error", "Traceback ...\nRuntimeError: run resnet9-D4-abc failed: ValueError: bad")))
+    rows = {row["run"]: row["status"] for row in status_table(tmp_path)}
+    assert not marker.exists()
+    assert rows[record_path(TINY, tmp_path).stem] == "done"
+    assert rows["resnet9-D4-0123456789abcdef"].startswith("bad record")
+    assert "unreadable result" in rows["job 123"] and "123_0_result.pkl" in rows["job 123"]
+    assert rows["job 124"] == "failed: RuntimeError: run resnet9-D4-abc failed: ValueError: bad"
+
+
+def test_status_tells_a_live_lock_from_a_stale_one(tmp_path):
+    """A process killed with SIGKILL leaves its lock file; flock was released by the OS with it."""
+    import fcntl
+    import subprocess
+    import sys
+
+    stale = tmp_path / "resnet9-D4-aaaaaaaaaaaaaaaa.json.lock"
+    process = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time\n"
+        f"h = open({str(stale)!r}, 'a+'); fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    live = tmp_path / "resnet9-D4-bbbbbbbbbbbbbbbb.json.lock"
+    with open(live, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        process.kill()
+        process.wait()
+        rows = {row["run"]: row["status"] for row in status_table(tmp_path)}
+    assert rows["resnet9-D4-bbbbbbbbbbbbbbbb"] == "running (no checkpoint yet)"
+    assert rows["resnet9-D4-aaaaaaaaaaaaaaaa"].startswith("stale lock")
+
+
+def test_a_failed_job_names_its_run(tmp_path, monkeypatch):
+    bad = TINY.replace(dataset="cifar10")
+    job = RunJob(bad.to_dict(), str(tmp_path))
+    monkeypatch.setenv("DPEQ_CIFAR10", str(tmp_path / "nowhere"))  # a CIFAR-10 copy that is not there
+    with pytest.raises(RuntimeError, match=re.escape(f"run {record_path(bad, tmp_path).stem} failed")):
+        job()
