@@ -17,6 +17,16 @@ A profile's ``study`` section fixes a shared budget (``run``: data sizes, batch,
        points along the way, for ``epsilon_models`` at their part-A rates, seed 0.
 ``E``  the other ways of making DP-SGD work (``baselines``: entries of the profile's
        ``baselines`` section) at the same budget, beside the equivariant model's part-A run.
+``F``  the noise-limited regime (optional section ``noise_limited``): ``epsilon_models`` trained
+       ``steps`` logical steps at the run's ε (σ recalibrated), each with its own learning rate
+       chosen on the validation split from ``lr_grid`` at seed 0, then ``seeds`` at that rate; and
+       non-private at the same length (``lr_grid_non_private``, ``non_private_seeds``), so each
+       model's privacy cost (non-private minus private accuracy) is measured where training is long
+       enough for noise, not the number of steps, to limit it. Configured like part D's longer runs
+       (four evaluations, the same EMA horizons), so part D's run at that length counts here.
+``G``  one ingredient of the paper's recipe (optional section ``augmentation``): augmentation
+       multiplicity ``aug_mult`` against one view, for ``epsilon_models`` at ``steps`` logical steps
+       and part-A rates, ``seeds``; one view at seed 0 is part D's run of that length.
 
 The test set is never used to choose anything. :func:`plan` turns the records that exist into the
 runs that can be named now, so a study can be stopped and restarted at any time and trains only
@@ -39,10 +49,10 @@ from .equivariance import can_halve
 if TYPE_CHECKING:
     import pandas as pd
 
-PARTS = ("A", "B", "C", "D", "E")
+PARTS = ("A", "B", "C", "D", "E", "F", "G")
 #: The order parts are trained in: the training-length question (D) before the choice of group (C);
 #: part B's seeds after the first come after D.
-TRAINING_ORDER = ("A", "B", "D", "C", "E")
+TRAINING_ORDER = ("A", "B", "D", "C", "E", "F", "G")
 #: The protocol's fields and what each means (a profile's ``study`` section sets every one).
 FIELDS = {
     "run": "changes to the profile's run section shared by every study run (the budget)",
@@ -57,6 +67,21 @@ FIELDS = {
     "lengths": "logical steps of part D (besides the run's)",
     "ema_horizons": "further EMA decays scored along part D's longer runs (the EMA never changes training)",
     "baselines": "entries of the profile's baselines section compared in part E",
+}
+#: Optional sections (a profile without one has no such part) and the fields each must set.
+OPTIONAL_SECTIONS = {
+    "noise_limited": {
+        "steps": "logical steps of part F's runs",
+        "lr_grid": "learning rates tried under DP at that length (seed 0, chosen on the validation split)",
+        "seeds": "seeds of part F's private runs (seed 0 is the grid's run at the chosen rate)",
+        "lr_grid_non_private": "learning rates tried for the non-private runs at that length",
+        "non_private_seeds": "seeds of part F's non-private runs",
+    },
+    "augmentation": {
+        "steps": "logical steps of part G's runs",
+        "aug_mult": "views per example compared with one",
+        "seeds": "seeds of part G (both view counts)",
+    },
 }
 
 
@@ -79,9 +104,13 @@ class Study:
         if not isinstance(spec, dict):
             raise ValueError(f"profile {profile!r} has no 'study' section; the fields are: {', '.join(FIELDS)}")
         missing = [f for f in FIELDS if f not in spec]
-        unknown = [f for f in spec if f not in FIELDS]
+        unknown = [f for f in spec if f not in FIELDS and f not in OPTIONAL_SECTIONS]
         if missing or unknown:
             raise ValueError(f"profile {profile!r}: study section lacks {missing} / has unknown {unknown}")
+        for name, fields in OPTIONAL_SECTIONS.items():
+            section = spec.get(name)
+            if section is not None and (not isinstance(section, dict) or set(section) != set(fields)):
+                raise ValueError(f"profile {profile!r}: study.{name} must set exactly {', '.join(fields)}")
         self.source = profile  # a name or a path: where the profile is read from
         self.profile = Path(profile).stem  # the name records are filed under
         self.runs_dir = runs_dir
@@ -93,16 +122,28 @@ class Study:
 
     # ------------------------------------------------------------------------------------------ configs
 
-    def grid(self, model: str, non_private: bool = False) -> list[RunConfig]:
-        rates = self.spec["lr_grid_non_private" if non_private else "lr_grid"]
-        return [self.base.replace(model=model, lr=float(lr), non_private=non_private) for lr in rates]
+    def length_changes(self, steps: int) -> dict:
+        """How a run of ``steps`` logical steps differs from the budget's (parts D, F, G): four
+        evaluations along the way and the further EMA horizons scored."""
+        if steps == self.base.update_steps:
+            return {}
+        return {"update_steps": steps, "eval_every": max(1, steps // 4),
+                "ema_horizons": tuple(float(d) for d in self.spec["ema_horizons"])}
 
-    def chosen_lr(self, records: dict[str, dict], model: str, non_private: bool = False) -> float | None:
+    def grid(self, model: str, non_private: bool = False, steps: int | None = None) -> list[RunConfig]:
+        """The learning-rate candidates of ``model`` (seed 0); ``steps``: part F's grid at that length."""
+        spec = self.spec if steps is None else self.spec["noise_limited"]
+        rates = spec["lr_grid_non_private" if non_private else "lr_grid"]
+        changes = {} if steps is None else self.length_changes(steps)
+        return [self.base.replace(model=model, lr=float(lr), non_private=non_private, **changes) for lr in rates]
+
+    def chosen_lr(self, records: dict[str, dict], model: str, non_private: bool = False,
+                  steps: int | None = None) -> float | None:
         """The rate whose seed-0 run has the best EMA validation accuracy (ties: the smaller rate);
         None until every candidate has a record."""
         from .runs import config_key
 
-        candidates = self.grid(model, non_private)
+        candidates = self.grid(model, non_private, steps)
         if len(candidates) == 1:  # nothing to choose (e.g. the paper's fixed rate)
             return candidates[0].lr
         results = [records.get(config_key(c)) for c in candidates]
@@ -152,12 +193,39 @@ class Study:
         for model in s["epsilon_models"]:
             at_rate("D", f"{model} {base.update_steps} steps", model)  # the part-A run at seed 0
             for steps in s["lengths"]:  # longer runs, evaluated at four points along the way
-                at_rate("D", f"{model} {steps} steps", model, update_steps=steps, eval_every=max(1, steps // 4),
-                        ema_horizons=tuple(float(d) for d in s["ema_horizons"]))
+                at_rate("D", f"{model} {steps} steps", model, **self.length_changes(steps))
         at_rate("E", "equivariant (this paper)", eq_model)
         for name, change in baseline_changes(self.source, s["baselines"], equal_budget=True).items():
             planned.append(Planned("E", "", name, base.replace(**change)))
+        if s.get("noise_limited"):
+            self._plan_noise_limited(records, planned, waiting)
+        if s.get("augmentation"):
+            g = s["augmentation"]
+            for model in s["epsilon_models"]:
+                for views in (1, int(g["aug_mult"])):
+                    for seed in g["seeds"]:
+                        at_rate("G", f"{model} {views} view{'s' if views > 1 else ''} seed {seed}", model, seed=seed,
+                                aug_mult=views, **self.length_changes(int(g["steps"])))
         return planned, waiting
+
+    def _plan_noise_limited(self, records: dict[str, dict], planned: list, waiting: list) -> None:
+        """Part F: per model and privacy setting, a learning-rate grid at the longer length, then seeds."""
+        f = self.spec["noise_limited"]
+        steps = int(f["steps"])
+        for model in self.spec["epsilon_models"]:
+            for non_private in (False, True):
+                kind = "non-private" if non_private else f"ε {self.base.target_epsilon:g}"
+                planned.extend(Planned("F", "grid", f"{model} {kind} {steps} steps lr {c.lr:g}", c)
+                               for c in self.grid(model, non_private, steps))
+                rate = self.chosen_lr(records, model, non_private, steps)
+                seeds = f["non_private_seeds" if non_private else "seeds"]
+                for seed in seeds:
+                    label = f"{model} {kind} {steps} steps seed {seed}"
+                    if rate is None:
+                        waiting.append(f"part F: {label} (its learning rate at {steps} steps is not chosen yet)")
+                    else:
+                        planned.append(Planned("F", "seeds", label, self.base.replace(
+                            model=model, lr=rate, non_private=non_private, seed=seed, **self.length_changes(steps))))
 
     # ------------------------------------------------------------------------------------------ records
 
@@ -182,10 +250,13 @@ class Study:
 
         def order(p: Planned):
             steps = p.config.update_steps or 0
+            if p.part in ("F", "G"):  # after A-E; F's private runs, then its non-private ones, then G
+                return (True, True, p.part, p.config.non_private, p.stage != "grid", p.config.seed, 0)
             rank = TRAINING_ORDER.index(p.part)
             if p.part == "B" and p.config.seed != self.base.seed:
                 rank += 1.5  # B's further seeds after D: one seed of every question first
-            return (steps > 4 * (self.base.update_steps or 0), p.config.model not in main, p.stage != "grid", rank, steps)
+            return (False, steps > 4 * (self.base.update_steps or 0), p.config.model not in main, p.stage != "grid",
+                    rank, steps)
 
         for item in sorted(needed, key=order):
             key = config_key(item.config)
@@ -262,6 +333,8 @@ class Study:
 def _grid_needed(item: Planned, parts, spec) -> bool:
     """Is this learning-rate candidate needed by one of ``parts``?"""
     model = item.config.model
+    if item.part == "F":  # its own grids, at its own length
+        return "F" in parts
     if item.part == "B":  # the non-private grid
         return "B" in parts
     return ("A" in parts and model in spec["models"]) or (

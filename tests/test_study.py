@@ -8,7 +8,7 @@ import yaml
 from dpeq_utils.config import config_from_profile
 from dpeq_utils.paths import profiles_dir, reference_dir
 from dpeq_utils.runs import RecordError, config_key, find_record, load_or_run, read_record, record_path
-from dpeq_utils.study import FIELDS, Study
+from dpeq_utils.study import FIELDS, OPTIONAL_SECTIONS, Study
 
 
 @pytest.fixture
@@ -19,7 +19,10 @@ def tiny_profile(tmp_path):
         run={**content["study"]["run"], "train_size": 96, "test_size": 32, "validation_size": 32, "batch_size": 32,
              "physical_batch_size": 32, "update_steps": 2},
         models=["eq_resnet9", "resnet9_matched"], seeds=[0, 1], epsilon_seeds=[0], groups=["C4"], lengths=[4],
-        baselines=["modelmix"])
+        baselines=["modelmix"],
+        noise_limited={"steps": 4, "lr_grid": [0.2, 0.5], "seeds": [0, 1], "lr_grid_non_private": [0.05, 0.2],
+                       "non_private_seeds": [0]},
+        augmentation={"steps": 4, "aug_mult": 2, "seeds": [0]})
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(content))
     return str(path)
@@ -45,13 +48,26 @@ def test_study_chooses_rates_on_validation_and_completes_every_part(tiny_profile
     # the test set chooses nothing: changing a test accuracy does not change any choice
     altered = {k: {**r, "test_accuracy": 1.0 - r["test_accuracy"], "test_accuracy_ema": 0.0} for k, r in records.items()}
     assert study.plan(altered)[0] == study.plan(records)[0]
-    parts = {part: study.table(part, records) for part in "ABCDE"}
+    parts = {part: study.table(part, records) for part in "ABCDEFG"}
     assert set(parts["B"]["non_private"]) == {True, False}
     assert sorted(parts["D"]["update_steps"]) == [2, 2, 4, 4]
     longer = [records[key] for key in parts["D"].query("update_steps == 4")["key"]]
     assert [[h["step"] for h in r["history"]] for r in longer] == [[0, 1, 2, 3, 4]] * 2, "learning curves from step 0"
     assert all(set(r["history"][-1]["test_accuracy_ema_horizons"]) == {"0.9", "0.999"} for r in longer)
     assert list(parts["E"]["label"]) == ["equivariant (this paper)", "modelmix"]
+    # F: rates re-chosen at the longer length, on validation, for each model with and without privacy;
+    # part D's run at that length is F's grid candidate at the part-A rate when the rates coincide
+    for model in ("eq_resnet9", "resnet9_matched"):
+        for non_private in (False, True):
+            grid = [records[config_key(c)] for c in study.grid(model, non_private, steps=4)]
+            assert all(r["steps"] == 4 and r["config"]["non_private"] == non_private for r in grid)
+            best = max(grid, key=lambda r: (r["val_accuracy_ema"], -r["config"]["lr"]))
+            seeds = parts["F"].query("model == @model and non_private == @non_private and stage == 'seeds'")
+            assert set(seeds["lr"]) == {best["config"]["lr"]} and list(seeds["seed"]) == ([0] if non_private else [0, 1])
+    assert set(parts["D"]["key"]) & set(parts["F"]["key"]), "part D's 4-step run at the part-A rate is an F candidate"
+    # G: one view against two at the longer length, seed 0; one view at seed 0 is part D's run
+    assert sorted(parts["G"]["aug_mult"]) == [1, 1, 2, 2] and set(parts["G"]["update_steps"]) == {4}
+    assert len(set(parts["G"]["key"]) & set(parts["D"]["key"])) == 2
 
 
 def test_study_hands_its_waves_to_a_sweep_executor(tiny_profile, tmp_path):
@@ -75,7 +91,12 @@ def test_study_section_is_checked(tmp_path):
     path.write_text(yaml.safe_dump(content))
     with pytest.raises(ValueError, match="lacks \\['lengths'\\]"):
         Study(str(path))
-    assert set(yaml.safe_load((profiles_dir() / "teach.yaml").read_text())["study"]) == set(FIELDS)
+    assert set(yaml.safe_load((profiles_dir() / "teach.yaml").read_text())["study"]) == {*FIELDS, *OPTIONAL_SECTIONS}
+    content["study"]["lengths"] = [8]
+    content["study"]["augmentation"] = {"steps": 8, "aug_mult": 4}
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ValueError, match="study.augmentation must set exactly steps, aug_mult, seeds"):
+        Study(str(path))
 
 
 def test_shipped_records_are_found_first_and_verified(tmp_path):
