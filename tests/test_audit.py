@@ -54,6 +54,24 @@ def test_the_bound_is_sound_and_tightens_with_more_canaries():
     assert 0 < np.median(bounds[1000]) < np.median(bounds[10_000]) < true_epsilon
 
 
+def test_choosing_the_best_guess_size_is_paid_for():
+    """Scores that carry no information about membership (ε = 0): a sound 95 % lower bound is
+    positive in at most 5 % of trials, with the choice among guess sizes included. Keeping the best
+    of the six sizes without a correction (the same trials) overstates in far more: what this test
+    exists to catch."""
+    rng = np.random.default_rng(7)
+    trials, m, sizes = 1000, 1000, (10, 20, 50, 100, 200, 500)
+    corrected = uncorrected = 0
+    for _ in range(trials):
+        included, scores = rng.random(m) < 0.5, rng.normal(size=m)
+        audit = best_audit(scores, included, 1e-5, 0.95)
+        assert audit.sizes_tried == len(sizes) and audit.confidence == 0.95
+        corrected += audit.epsilon_lower_bound > 0
+        uncorrected += max(one_run_audit(scores, included, k, k).epsilon_lower_bound for k in sizes) > 0
+    assert corrected / trials <= 0.05, corrected
+    assert uncorrected / trials > 0.10, uncorrected  # ≈ 16 %: the selection alone breaks the guarantee
+
+
 def test_random_guessing_proves_nothing_and_perfect_guessing_is_capped_by_the_canary_count():
     rng = np.random.default_rng(1)
     included = rng.random(500) < 0.5
