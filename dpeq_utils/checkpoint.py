@@ -156,6 +156,9 @@ class Checkpoints:
                     f"{ours}; rerun with --no-resume to start over (or delete the checkpoint)")
         state.load_state_dict(content["state"])
         state.resumes.append(state.step)
+        if state.config.secure_noise:
+            print("[dpeq] secure run: sampling, augmentation and noise continue from fresh OS entropy (their states "
+                  "were never saved), so this run cannot be repeated bit for bit", file=sys.stderr)
         spent = f", ε spent so far {state.budget.epsilon():.3f}" if state.budget and state.step else ""
         print(f"[dpeq] resuming {self.path.stem} from step {state.step} of {state.steps}{spent}", file=sys.stderr)
 

@@ -193,9 +193,9 @@ class RunState:
             "optimizer": self.optimizer.state_dict(),
             "ema": self.ema.state_dict(),
             "horizons": {decay: average.state_dict() for decay, average in self.horizons.items()},
-            # secure noise: its generator's state stays in memory (from it the noise could be regenerated)
+            # a secure run's secret streams stay in memory: from their states its batches and noise could be rebuilt
             "generators": {name: g.get_state() for name, g in self.generators.items()
-                           if not (name == "noise" and self.config.secure_noise)},
+                           if not (self.config.secure_noise and name in SECRET_STREAMS)},
             "global_generators": global_generator_states(),
             "variants": [variant.state_dict() for variant in self.variants],
             "history": self.history, "batch_sizes": self.batch_sizes,
@@ -214,7 +214,7 @@ class RunState:
         for name, generator in self.generators.items():
             if name in state["generators"]:
                 generator.set_state(state["generators"][name])
-            # else: secure noise, freshly seeded from the OS by setup (a resumed secure run is not repeatable)
+            # else: a secure run's secret stream, freshly seeded from the OS by setup (not repeatable)
         set_global_generator_states(state["global_generators"])
         for variant, variant_state in zip(self.variants, state["variants"], strict=True):
             variant.load_state_dict(variant_state)
@@ -228,6 +228,15 @@ class RunState:
         if self.code_history[-1]["source_sha256"] != CODE["source_sha256"]:  # allowed by the caller
             self.code_history.append({"from_step": self.step, **CODE})
         self.started = time.perf_counter()
+
+
+#: The streams whose draws, if known, would undo the guarantee: the Poisson sampler (each example's
+#: membership of each batch: the amplification by subsampling that ε relies on assumes it is secret),
+#: the augmentation (which views were seen) and the noise (which could be regenerated and subtracted).
+#: In a secure run (``secure_noise``) they come from the OS's entropy and their states are never
+#: written to a checkpoint; the variants' stream (pruning masks drawn before training, coordinates
+#: dropped at random) does not depend on the data and stays seeded.
+SECRET_STREAMS = ("sampler", "augment", "noise")
 
 
 def global_generator_states() -> dict:
@@ -278,10 +287,11 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
         check_memory(config, model, sum(len(part) for part in splits if part is not None), force=force_memory)
     # a fourth stream for the variants; the first three are unchanged by asking for it (SeedSequence prefixes)
     seeds = dict(zip(("sampler", "augment", "noise", "variants"), derived_seeds(config.seed, 4)))
+    if config.secure_noise:  # every stream that touches private data from the OS (SECRET_STREAMS)
+        seeds.update({name: secrets.randbits(63) for name in SECRET_STREAMS})
     generators = {"sampler": torch.Generator().manual_seed(seeds["sampler"]),
                   "augment": torch.Generator().manual_seed(seeds["augment"]),  # CPU: the same views on every device
-                  "noise": torch.Generator(device=device).manual_seed(
-                      secrets.randbits(63) if config.secure_noise else seeds["noise"]),
+                  "noise": torch.Generator(device=device).manual_seed(seeds["noise"]),
                   "variants": torch.Generator(device=device).manual_seed(seeds["variants"])}
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     if budget is not None:
@@ -372,8 +382,10 @@ def summary(state: RunState) -> dict:
         "steps": state.steps,
         "epsilon_spent": epsilon,
         "dataset_size": len(train_data),
+        # a secure run publishes no fingerprint of its private training data
         "data": {"origin": train_data.meta.get("origin"), "verified": train_data.meta.get("verified"),
-                 "train_sha256": train_data.digest(), "test_sha256": test_data.digest()},
+                 **({} if config.secure_noise else {"train_sha256": train_data.digest()}),
+                 "test_sha256": test_data.digest()},
         "test_size": len(test_data),
         "mean_batch_size": float(np.mean(state.batch_sizes)),
         "test_accuracy": final["test_accuracy"],

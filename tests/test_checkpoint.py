@@ -276,3 +276,12 @@ def test_a_record_names_the_code_that_was_imported(tmp_path):
     record = run(TINY.replace(update_steps=1), tmp_path, progress=False)
     assert record["source_sha256"] == CODE["source_sha256"] == source_sha256()
     assert record["git_commit"] == CODE["git_commit"] and "code_history" not in record
+
+
+def test_a_secure_run_resumes_with_fresh_entropy_and_says_so(tmp_path, monkeypatch, capsys):
+    config = TINY.replace(secure_noise=True)
+    path = _checkpointed(tmp_path, monkeypatch, config)
+    assert not {"sampler", "augment", "noise"} & set(read_checkpoint(path)["state"]["generators"])
+    record = run(config, tmp_path, progress=False)
+    assert record["resumed_at_steps"] == [3] and record["epsilon_spent"] <= config.target_epsilon
+    assert "fresh OS entropy" in capsys.readouterr().err

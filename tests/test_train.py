@@ -11,7 +11,7 @@ from conftest import dp_optimizer, random_batch, relative_error, small_model
 from dpeq_utils.config import RunConfig, config_from_profile, parse_assignment
 from dpeq_utils.data import augment_views, make_synthetic
 from dpeq_utils.per_sample import vmap_per_sample_grads  # the reference engine
-from dpeq_utils.runs import REQUIRED_FIELDS, config_key, load_or_run, record_path, results_table
+from dpeq_utils.runs import REQUIRED_FIELDS, config_key, load_or_run, record_path, results_table, run
 from dpeq_utils.train import WeightEMA, _store_per_sample_gradients, evaluate, logical_step, swapped_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -304,17 +304,27 @@ def test_default_config_describes_a_run_that_works():
     assert len(losses) == state.batch_sizes[0] and state.budget.steps_taken == 1
 
 
-def test_secure_noise_is_drawn_from_the_os_and_never_written_down(tmp_path):
-    """Seeded noise can be regenerated from a record's seed; secure noise cannot: two secure runs of
-    one config differ, their checkpoints hold no noise state, and the mode is part of the key."""
-    from dpeq_utils.train import fit, setup, train_step
+def test_secure_mode_keeps_batches_views_and_noise_secret(tmp_path):
+    """Seeded streams can be rebuilt from a record's seed: every batch's members, every view, then the
+    noise. In secure mode the sampler, augmentation and noise come from the OS: two runs of one config
+    draw other batches and noise, no checkpoint holds their states, the record carries no fingerprint
+    of the training data, and the mode is part of the key."""
+    from dpeq_utils.train import SECRET_STREAMS, fit, poisson_batch, setup, train_step
 
     config = config_from_profile("smoke", **{**TINY, "update_steps": 2, "eval_every": 0, "secure_noise": True})
     first, second = fit(config, progress=False)[0], fit(config, progress=False)[0]
     assert not torch.equal(_flat(first), _flat(second))
-    state = setup(config)
-    train_step(state)
-    assert "noise" not in state.state_dict()["generators"] and "sampler" in state.state_dict()["generators"]
+    states = [setup(config) for _ in range(2)]
+    batches = [poisson_batch(1000, 0.5, s.generators["sampler"]) for s in states]
+    assert not torch.equal(batches[0], batches[1]), "the batch cannot be rebuilt from the seed"
+    seeded = [setup(config.replace(secure_noise=False)) for _ in range(2)]
+    assert torch.equal(*(poisson_batch(1000, 0.5, s.generators["sampler"]) for s in seeded))  # the contrast
+    train_step(states[0])
+    saved = states[0].state_dict()["generators"]
+    assert not set(SECRET_STREAMS) & set(saved) and set(saved) == {"variants"}
+    record = run(config, tmp_path, progress=False)
+    assert "train_sha256" not in record["data"] and "test_sha256" in record["data"]
+    assert "train_sha256" in run(config.replace(secure_noise=False), tmp_path, progress=False)["data"]
     assert config_key(config) != config_key(config.replace(secure_noise=False))
     assert config_key(config.replace(secure_noise=False)) == config_key(RunConfig(**{
         k: v for k, v in config.to_dict().items() if k != "secure_noise"}))  # old records keep their keys
