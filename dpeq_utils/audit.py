@@ -266,22 +266,33 @@ def audit_record_path(config, canary_count: int, seed: int, breakage: str | None
 
 
 def load_or_audit(config, canary_count: int = 64, seed: int = 0, breakage: str | None = None, label: str = "",
-                  runs_dir=None, force: bool = False, delta: float = 1e-5, confidence: float = 0.95) -> CanaryRun:
+                  runs_dir=None, force: bool = False, delta: float = 1e-5, confidence: float = 0.95,
+                  write_reference: bool = False) -> CanaryRun:
     """:func:`audited_run`, but read from its audit record when one exists: the ones shipped with the
     project (``data/reference/<profile>/audit/``) first, then the user's runs folder; otherwise (or
     with ``force``) trained and written to the user's folder. The audit itself is always recomputed
-    from the stored scores."""
-    from .runs import find_file, write_json_atomic
+    from the stored scores. Audit records are verified as run records are: a shipped one against the
+    manifest (:mod:`dpeq_utils.shipped`), any one against its ``digest``; a reference folder is
+    written only with ``write_reference``."""
+    from .runs import find_file, record_digest, write_json_atomic
+    from .shipped import guard_write, record_written, verify_shipped
 
     _check_breakage(breakage)
     path = audit_record_path(config, canary_count, seed, breakage, runs_dir)
     found = None if force else find_file(Path("audit") / path.name, config.profile, runs_dir)
     if found is not None:
+        verify_shipped(found)
         record = json.loads(found.read_text())
         if record.get("schema") != AUDIT_SCHEMA or record.get("key") != audit_key(config, canary_count, seed, breakage):
             raise ValueError(f"{found}: not an audit record of this run (schema or key differs); "
                              "delete it or rerun with force=True")
+        if "digest" in record and record_digest(record) != record["digest"]:
+            raise ValueError(f"{found}: its content was changed after it was written (digest mismatch); delete it "
+                             "or rerun with force=True")
         return _from_record({**record, "label": label or record["label"], "source": str(found)}, delta, confidence)
+    guard_write(path.parent, write_reference)
     record = _train_audited(config, canary_count, seed, breakage, label)
+    record["digest"] = record_digest(record)
     write_json_atomic(path, record)
+    record_written(path)
     return _from_record({**record, "source": str(path)}, delta, confidence)

@@ -19,8 +19,10 @@ def foreseen_errors() -> tuple[type[BaseException], ...]:
     from .preflight import PreflightError
     from .privacy import PrivacyBudgetError
     from .runs import RecordError, RunLocked
+    from .shipped import ShippedRecordError
 
-    return (CheckpointError, DatasetError, PreflightError, PrivacyBudgetError, RecordError, RunLocked) + FORESEEN
+    return (CheckpointError, DatasetError, PreflightError, PrivacyBudgetError, RecordError, RunLocked,
+            ShippedRecordError) + FORESEEN
 
 
 def debugging(flag: bool = False) -> bool:
@@ -69,6 +71,9 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="train from step 0 even if a record or a checkpoint of this config exists")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue from this run's checkpoint if there is one (default); --no-resume starts over")
+    parser.add_argument("--write-reference", action="store_true",
+                        help="allow writing into a folder of shipped records (data/reference/): only to extend "
+                             "the shipped study on purpose; the manifest is updated")
     parser.add_argument("--resume-other-code", action="store_true",
                         help="continue a checkpoint written by other dpeq code (the record then lists every code "
                              "version the run was trained with); without it such a checkpoint is refused")
@@ -85,7 +90,7 @@ def train_main(argv: list[str] | None = None) -> int:
         found = None if args.force else find_record(config, args.runs_dir)
         record = load_or_run(config, runs_dir=args.runs_dir, force=args.force, progress=not args.no_progress,
                              force_memory=args.force_memory, resume=args.resume,
-                             resume_other_code=args.resume_other_code)
+                             resume_other_code=args.resume_other_code, write_reference=args.write_reference)
     eps = record["epsilon_spent"]
     origin = (f"read from {found} (trained {record.get('created', '?')} on {record['device']}, "
               f"{record['wall_time_s']:.0f} s then)" if found else f"{record['wall_time_s']:.1f} s on {record['device']}")

@@ -44,6 +44,7 @@ from .paths import reference_dir, write_atomic
 from .paths import runs_dir as default_runs_dir
 from .provenance import CODE
 from .runtime import device_name, git_commit, library_versions, pick_device
+from .shipped import guard_write, record_written, verify_shipped
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -127,16 +128,19 @@ def run_lock(path: Path):
 
 
 def run(config: RunConfig, runs_dir: str | os.PathLike | None = None, progress: bool = True, data=None,
-        force_memory: bool = False, resume: bool = True, resume_other_code: bool = False) -> dict:
+        force_memory: bool = False, resume: bool = True, resume_other_code: bool = False,
+        write_reference: bool = False) -> dict:
     """Train ``config`` and write its record; returns the record. The record's folder is checked
     (writable, room on disk) and the run locked (:func:`run_lock`) before anything is trained. The
     run resumes from its checkpoint if one is there (``resume=False``: starts over; a checkpoint
     written by other package code only with ``resume_other_code``) and writes checkpoints as it goes
-    (:mod:`dpeq_utils.checkpoint`)."""
+    (:mod:`dpeq_utils.checkpoint`). A folder of shipped records is written only with
+    ``write_reference`` (:mod:`dpeq_utils.shipped`)."""
     from .checkpoint import Checkpoints, checkpoint_path
     from .preflight import check_output_folder
 
     path = record_path(config, runs_dir)
+    guard_write(path.parent, write_reference)
     check_output_folder(path.parent)
     with run_lock(path):
         checkpoints = Checkpoints(checkpoint_path(path), config_key(config), resume=resume,
@@ -164,6 +168,7 @@ def _train_and_write(config: RunConfig, path: Path, progress: bool, data, force_
     }
     record["digest"] = record_digest(record)
     write_json_atomic(path, record)
+    record_written(path)  # in a reference folder (allowed by the caller): the manifest lists it
     return record
 
 
@@ -184,6 +189,7 @@ def read_record(path: str | os.PathLike) -> dict:
     """A record, verified: valid JSON with the required fields, a config whose key is the record's key
     and the file name's, and (private runs) ε spent within the target."""
     path = Path(path)
+    verify_shipped(path)
     try:
         with open(path) as handle:
             record = json.load(handle)
@@ -229,16 +235,16 @@ def find_file(relative: str | os.PathLike, profile: str, runs_dir: str | os.Path
 
 def load_or_run(config: RunConfig, runs_dir: str | os.PathLike | None = None, force: bool = False,
                 progress: bool = True, data=None, force_memory: bool = False, resume: bool = True,
-                resume_other_code: bool = False) -> dict:
+                resume_other_code: bool = False, write_reference: bool = False) -> dict:
     """The record of ``config``: found by :func:`find_record` (unless ``force``), else trained and
     written to ``runs_dir``, resuming from the run's checkpoint if there is one (unless ``force`` or
     ``resume=False``, which start over). A record read from disk carries ``"source"``: the file it
-    came from. ``resume_other_code``: see :func:`run`."""
+    came from. ``resume_other_code``, ``write_reference``: see :func:`run`."""
     path = None if force else find_record(config, runs_dir)
     if path is not None:
         return {**read_record(path), "source": str(path)}
     return run(config, runs_dir, progress, data, force_memory, resume=resume and not force,
-               resume_other_code=resume_other_code)
+               resume_other_code=resume_other_code, write_reference=write_reference)
 
 
 def load_records(runs_dir: str | os.PathLike) -> list[dict]:

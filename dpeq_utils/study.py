@@ -96,9 +96,10 @@ class Planned:
 class Study:
     """The study of one profile: its configs, its records, its tables."""
 
-    def __init__(self, profile: str = "teach", runs_dir=None):
+    def __init__(self, profile: str = "teach", runs_dir=None, write_reference: bool = False):
         """``runs_dir``: the user's records of this profile, read after the shipped ones and where
-        new runs are written (default ``data/runs/<profile>``)."""
+        new runs are written (default ``data/runs/<profile>``). ``write_reference``: ``runs_dir`` may
+        be a folder of shipped records (extending the shipped study on purpose; :mod:`dpeq_utils.shipped`)."""
         content = load_profile(profile)
         spec = content.get("study")
         if not isinstance(spec, dict):
@@ -114,6 +115,7 @@ class Study:
         self.source = profile  # a name or a path: where the profile is read from
         self.profile = Path(profile).stem  # the name records are filed under
         self.runs_dir = runs_dir
+        self.write_reference = write_reference
         self.spec = spec
         self.base = config_from_profile(profile, **spec["run"]).replace(profile=self.profile)
         if self.base.validation_size == 0 and max(len(spec["lr_grid"]), len(spec["lr_grid_non_private"])) > 1:
@@ -293,7 +295,8 @@ class Study:
                 cache[data_key] = load_splits(c.dataset, train_size=c.train_size, test_size=c.test_size,
                                               validation_size=c.validation_size, seed=c.seed)
             started = time.perf_counter()
-            record = run(c, runs_dir=self.runs_dir, progress=progress, data=cache[data_key])
+            record = run(c, runs_dir=self.runs_dir, progress=progress, data=cache[data_key],
+                         write_reference=self.write_reference)
             done += 1
             echo(f"[study {self.profile}] {item.part} {item.label:42s} val {record.get('val_accuracy_ema', float('nan')):.3f} "
                  f"test {record['test_accuracy']:.3f} (EMA {record['test_accuracy_ema']:.3f}), "
@@ -309,7 +312,7 @@ class Study:
         while todo := self.missing(parts):
             echo(f"[study {self.profile}] submitting {len(todo)} runs to {executor}")
             jobs = submit(make_executor(executor, runs_dir / "sweep-logs", **options), [p.config for p in todo],
-                          runs_dir, concurrency=concurrency, echo=lambda _: None)
+                          runs_dir, concurrency=concurrency, echo=lambda _: None, write_reference=self.write_reference)
             for job in jobs:
                 job.result()  # raises if a run failed: the next wave would wait for it forever
             trained += len(jobs)
@@ -350,28 +353,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default=None,
                         help="where new records go (default: data/runs/<profile>; the shipped study: "
                              "data/reference/<profile>)")
+    parser.add_argument("--write-reference", action="store_true",
+                        help="allow --runs-dir to be a folder of shipped records (extending the shipped study on "
+                             "purpose; each new record is added to its manifest)")
     parser.add_argument("--max-runs", type=int, default=None, help="in-process only")
     parser.add_argument("--executor", choices=("inprocess", "local", "slurm", "debug"), default="inprocess",
                         help="where runs train (dpeq_utils.sweep); default: one at a time in this process")
     parser.add_argument("--concurrency", type=int, default=1, help="local executor: runs at a time")
     args = parser.parse_args(argv)
     try:
-        study = Study(args.profile, args.runs_dir)
+        study = Study(args.profile, args.runs_dir, write_reference=args.write_reference)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    from .cli import user_errors
+
     parts = tuple(p for p in PARTS if p in args.parts.upper())
-    if args.command == "plan":
-        records = study.records()
-        _, waiting = study.plan(records)
-        todo = study.missing(parts, records)
-        print(f"{len(records)} records of profile {study.profile}; {len(todo)} runs can start now")
-        for item in todo:
-            print(f"  {item.part} {item.stage or '':5s} {item.label}")
-        for line in sorted(set(waiting)):
-            print(f"  waiting: {line}")
-        return 0
-    study.complete(parts, max_runs=args.max_runs, echo=lambda m: print(m, flush=True), executor=args.executor,
-                   concurrency=args.concurrency)
+    with user_errors(parser.prog):  # a bad record, no data, a locked run: one sentence, no traceback
+        if args.command == "plan":
+            records = study.records()
+            _, waiting = study.plan(records)
+            todo = study.missing(parts, records)
+            print(f"{len(records)} records of profile {study.profile}; {len(todo)} runs can start now")
+            for item in todo:
+                print(f"  {item.part} {item.stage or '':5s} {item.label}")
+            for line in sorted(set(waiting)):
+                print(f"  waiting: {line}")
+            return 0
+        study.complete(parts, max_runs=args.max_runs, echo=lambda m: print(m, flush=True), executor=args.executor,
+                       concurrency=args.concurrency)
     return 0
 
 

@@ -79,15 +79,16 @@ class RunJob(Checkpointable):
     preemption or timeout submitit requeues the same job, which resumes from the run's checkpoint
     (the trainer wrote it before handing the signal on)."""
 
-    def __init__(self, config: dict, runs_dir: str):
-        self.config, self.runs_dir = config, runs_dir
+    def __init__(self, config: dict, runs_dir: str, write_reference: bool = False):
+        self.config, self.runs_dir, self.write_reference = config, runs_dir, write_reference
 
     def __call__(self) -> dict:
         from .runs import load_or_run, record_path
 
         config = RunConfig(**self.config)
         try:
-            record = load_or_run(config, self.runs_dir, progress=False)
+            record = load_or_run(config, self.runs_dir, progress=False,
+                                 write_reference=getattr(self, "write_reference", False))
         except Exception as err:  # the job's last error line (what `status` shows) names the run
             message = str(err).splitlines()[0] if str(err) else ""
             raise RuntimeError(f"run {record_path(config, self.runs_dir).stem} failed: {type(err).__name__}: "
@@ -123,10 +124,11 @@ def make_executor(kind: str, logs_dir: Path, *, partition: str | None = None, gp
     return slurm
 
 
-def submit(executor, configs: list[RunConfig], runs_dir, concurrency: int = 1, echo=print) -> list:
+def submit(executor, configs: list[RunConfig], runs_dir, concurrency: int = 1, echo=print,
+           write_reference: bool = False) -> list:
     """Submit one job per config; returns the jobs. A Slurm executor gets one array job. A local
     executor runs at most ``concurrency`` jobs at a time (this call then waits for them all)."""
-    jobs = [RunJob(c.to_dict(), str(runs_dir)) for c in configs]
+    jobs = [RunJob(c.to_dict(), str(runs_dir), write_reference) for c in configs]
     name = type(executor).__name__
     if name == "LocalExecutor":
         return _submit_throttled(executor, jobs, max(1, concurrency), echo)
@@ -291,8 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     from .paths import runs_dir as default_runs_dir
     from .runs import find_records, record_path
+    from .shipped import guard_write
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(base.profile)
+    with user_errors(prog):
+        guard_write(runs_dir, write_reference=False)  # sweeps write to a user's folder (the study can extend the shipped one)
     logs_dir = Path(args.logs_dir) if args.logs_dir else runs_dir / "sweep-logs"
     with user_errors(prog):
         planned = plan(configs, runs_dir)

@@ -1,0 +1,93 @@
+"""Shipped evidence (data/reference/) is read-only unless asked, and every shipped record, run or
+audit, is checked against the committed manifest when it is read."""
+
+import json
+import shutil
+
+import pytest
+
+from dpeq_utils import shipped
+from dpeq_utils.cli import CommandFailed
+from dpeq_utils.config import RunConfig
+from dpeq_utils.paths import REPO_ROOT
+from dpeq_utils.runs import read_record, record_digest, record_path, run
+from dpeq_utils.train import main as train_main
+
+SHIPPED = REPO_ROOT / "data" / "reference"
+TINY = RunConfig(profile="teach", dataset="synthetic", train_size=64, test_size=32, model="resnet9", widths=(4, 4, 4),
+                 batch_size=16, physical_batch_size=16, update_steps=1, lr=0.5, device="cpu")
+
+
+def test_the_manifest_lists_every_shipped_record_and_its_hash():
+    manifest = json.loads((SHIPPED / shipped.MANIFEST).read_text())["files"]
+    on_disk = {p.relative_to(SHIPPED).as_posix(): shipped.file_sha256(p) for p in shipped.shipped_files(SHIPPED)}
+    assert manifest == on_disk, "rewrite it with: python -m dpeq_utils.shipped (after checking what changed)"
+    assert any(name.startswith("teach/audit/") for name in manifest), "audit records are covered too"
+
+
+@pytest.fixture
+def reference_copy(tmp_path, monkeypatch):
+    """The shipped records with their manifest, copied to a folder the tests may damage."""
+    copy = tmp_path / "reference"
+    shutil.copytree(SHIPPED, copy)
+    monkeypatch.setenv("DPEQ_REFERENCE_DIR", str(copy))
+    return copy
+
+
+def test_an_edited_shipped_record_with_a_recomputed_digest_is_refused(reference_copy):
+    path = sorted((reference_copy / "teach").glob("eq_resnet9-*.json"))[0]
+    assert read_record(path)["key"]  # intact: accepted
+    record = json.loads(path.read_text())
+    record["test_accuracy"] = 0.99
+    record["digest"] = record_digest(record)  # what a careful forger does
+    path.write_text(json.dumps(record, indent=1))
+    with pytest.raises(shipped.ShippedRecordError, match="differs from the shipped record.*git checkout"):
+        read_record(path)
+
+
+def test_zeroed_scores_in_a_shipped_audit_record_are_refused(reference_copy):
+    from dpeq_utils.audit import load_or_audit
+
+    path = next((reference_copy / "teach" / "audit").glob("eq_resnet9-no_noise-*.json"))
+    record = json.loads(path.read_text())
+    config = RunConfig(**record["config"])
+    assert load_or_audit(config, record["canaries"], record["seed"], "no_noise").source == str(path)
+    record["scores"] = [0.0] * len(record["scores"])  # the broken trainer would now look private
+    path.write_text(json.dumps(record))
+    with pytest.raises(shipped.ShippedRecordError, match=str(path)):
+        load_or_audit(config, record["canaries"], record["seed"], "no_noise")
+
+
+def test_a_record_that_is_not_shipped_is_refused_in_the_reference_folder(reference_copy):
+    stray = reference_copy / "teach" / record_path(TINY).name
+    run(TINY, reference_copy.parent / "mine", progress=False)
+    shutil.copy(record_path(TINY, reference_copy.parent / "mine"), stray)
+    with pytest.raises(shipped.ShippedRecordError, match="not one of the shipped records"):
+        read_record(stray)
+
+
+def test_force_into_the_reference_folder_needs_an_explicit_flag(reference_copy, capsys):
+    folder = reference_copy / "teach"
+    args = ["--profile", "teach", "--runs-dir", str(folder), "--force", "--no-progress", "--set", "dataset=synthetic",
+            "--set", "train_size=64", "--set", "test_size=32", "--set", "model=resnet9", "--set", "widths=[4,4,4]",
+            "--set", "batch_size=16", "--set", "physical_batch_size=16", "--set", "update_steps=1", "--set", "device=cpu"]
+    before = {p.name: p.read_bytes() for p in folder.glob("*.json")}
+    with pytest.raises(CommandFailed):
+        train_main(args)
+    err = capsys.readouterr().err
+    assert "records shipped with dpeq" in err and "--write-reference" in err
+    assert {p.name: p.read_bytes() for p in folder.glob("*.json")} == before, "nothing was written"
+    assert train_main(args + ["--write-reference"]) == 0
+    written = set(p.name for p in folder.glob("*.json")) - set(before)
+    assert len(written) == 1
+    read_record(folder / written.pop())  # the manifest was updated with it: it reads back as shipped
+
+
+def test_a_study_and_an_audit_write_into_the_reference_folder_only_when_asked(reference_copy):
+    from dpeq_utils.audit import load_or_audit
+
+    with pytest.raises(shipped.ShippedRecordError):
+        run(TINY, reference_copy / "teach", progress=False)
+    with pytest.raises(shipped.ShippedRecordError):
+        load_or_audit(TINY.replace(update_steps=1), 8, runs_dir=reference_copy / "teach")
+    assert not list((reference_copy / "teach").glob(".*.tmp"))
