@@ -23,6 +23,7 @@ from .privacy import ACCOUNTANTS
 from .profiles import BUDGET_FIELDS, PROFILES, baseline_changes, baseline_entries, load_profile, profile_path  # noqa: F401 - re-exported
 from .variants import SELECTION_METHODS
 
+MAX_WIDTH = 1024
 FLOAT_FIELDS = ("target_epsilon", "target_delta", "clip_norm", "epochs", "lr", "momentum", "ema_decay",
                 "prune_rate", "drop_rate", "modelmix_gap_rate")
 
@@ -55,8 +56,9 @@ def _optional(check):
 #: Each field checked alone: ``field: (check, what it must be)``; the message is
 #: "<field> must <what>, got <value>".
 FIELD_CHECKS = {
-    "widths": (lambda v: isinstance(v, tuple) and len(v) == 3 and all(_positive_int(w) for w in v),
-               "be three positive integers"),
+    # capped so that a typo cannot build a model of hundreds of GB before the memory check (the paper: 16/32/64)
+    "widths": (lambda v: isinstance(v, tuple) and len(v) == 3 and all(_positive_int(w) and w <= MAX_WIDTH for w in v),
+               "be three positive integers of at most 1024"),
     **{name: (_positive_int, "be a positive integer") for name in ("num_groups", "batch_size", "physical_batch_size",
                                                                   "aug_mult")},
     **{name: (_optional(_positive_int), "be a positive integer or None") for name in ("train_size", "test_size",
@@ -240,6 +242,8 @@ def parse_assignment(text: str) -> tuple[str, object]:
     key = key.strip()
     if key not in field_names():
         raise ValueError(f"unknown run config field {key!r}; valid fields: {', '.join(field_names())}")
+    if key == "profile":  # the profile is where the other fields come from, not one of them
+        raise ValueError("the profile is chosen with --profile NAME (or a path to a .yaml file), not --set profile=...")
     try:
         return key, yaml.safe_load(raw)
     except yaml.YAMLError as err:

@@ -33,6 +33,8 @@ from escnn.nn import GeometricTensor
 from escnn.nn.modules.basismanager import basisexpansion_blocks, basisexpansion_singleblock
 
 GROUPS = ("C1", "C2", "C4", "C8", "C16", "D1", "D2", "D4", "D8")
+#: The most rotations a group may have (checked with the config, before any model is built).
+MAX_ROTATIONS = 32
 
 
 def _apply_torch_func_fixes() -> None:
@@ -52,6 +54,10 @@ def parse_group(name: str) -> tuple[bool, int]:
     match = re.fullmatch(r"([CD])([1-9][0-9]*)", str(name))
     if not match:
         raise ValueError(f"unknown group {name!r}: use C<N> or D<N>, e.g. one of {GROUPS}")
+    if int(match.group(2)) > MAX_ROTATIONS:
+        raise ValueError(f"group {name!r} has more rotations than dpeq builds (at most {MAX_ROTATIONS}): a 3x3 "
+                         f"filter cannot resolve finer angles, and the kernel bases and regular fields grow with the "
+                         f"group's order (C4096 needs over 13 GB before training starts). Use one of {GROUPS}")
     return match.group(1) == "D", int(match.group(2))
 
 

@@ -30,8 +30,13 @@ def profile_path(profile: str | Path) -> Path:
 
 def load_profile(profile: str | Path) -> dict:
     """The whole profile file as a dict (its ``run`` section feeds :func:`config_from_profile`)."""
-    with open(profile_path(profile)) as handle:
-        content = yaml.safe_load(handle) or {}
+    path = profile_path(profile)
+    try:
+        with open(path) as handle:
+            content = yaml.safe_load(handle) or {}  # safe_load: plain data only, never Python objects
+    except yaml.YAMLError as err:
+        raise ValueError(f"profile {path} is not valid YAML or holds more than plain data ({str(err).splitlines()[0]}); "
+                         "fix the file (profiles are mappings of plain values)") from None
     if not isinstance(content, dict) or not isinstance(content.get("run"), dict):
         raise ValueError(f"profile {profile!r} must be a mapping with a 'run' section of RunConfig fields")
     return content

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import pickle
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -86,6 +88,10 @@ class RunJob(Checkpointable):
         from .runs import load_or_run, record_path
 
         config = RunConfig(**self.config)
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            # submitit's jobs ignore ("bypass") SIGTERM, as Slurm preemption needs; a local job asked to stop
+            # (the sweep driver stopping) stops at the end of its step, after writing its checkpoint
+            signal.signal(signal.SIGTERM, _stop_job)
         try:
             record = load_or_run(config, self.runs_dir, progress=False,
                                  write_reference=getattr(self, "write_reference", False))
@@ -139,19 +145,68 @@ def submit(executor, configs: list[RunConfig], runs_dir, concurrency: int = 1, e
     return submitted
 
 
-def _submit_throttled(executor, jobs: list[RunJob], concurrency: int, echo) -> list:
+def _stop_job(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+#: Seconds a stopping sweep waits for its local jobs to checkpoint and exit before it kills them.
+STOP_GRACE_S = 600.0
+
+
+def _submit_throttled(executor, jobs: list[RunJob], concurrency: int, echo, grace_s: float | None = None) -> list:
+    """Run local jobs ``concurrency`` at a time. Ctrl-C or SIGTERM to this driver stops them all
+    through their checkpoints (each ends its current step, saves, exits; the next sweep resumes them)
+    and leaves no job running; then the interrupt goes on."""
     waiting: list[RunJob] = list(jobs)
     running: list = []  # submitit jobs
     finished: list = []
-    while waiting or running:
-        while waiting and len(running) < concurrency:
-            running.append(executor.submit(waiting.pop(0)))
-        time.sleep(0.5)
-        for job in [j for j in running if j.done()]:
-            running.remove(job)
-            finished.append(job)
-            echo(f"  job {job.job_id}: {job.state.lower()}")
+    previous = signal.signal(signal.SIGTERM, _driver_terminated) if _main_thread() else None
+    try:
+        while waiting or running:
+            while waiting and len(running) < concurrency:
+                running.append(executor.submit(waiting.pop(0)))
+            time.sleep(0.5)
+            for job in [j for j in running if j.done()]:
+                running.remove(job)
+                finished.append(job)
+                echo(f"  job {job.job_id}: {job.state.lower()}")
+    except KeyboardInterrupt:
+        _stop_local_jobs(running, echo, STOP_GRACE_S if grace_s is None else grace_s)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return finished
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _driver_terminated(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM to the driver stops its jobs the way Ctrl-C does
+
+
+def _stop_local_jobs(running: list, echo, grace_s: float) -> None:
+    """SIGTERM to each job's controller (which forwards it to the job), wait for them to checkpoint
+    and exit, and kill what is still alive after ``grace_s``."""
+    for job in running:
+        process = getattr(job, "_process", None)
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    echo(f"  stopping {len(running)} running job(s) at the end of their steps (checkpointed; rerun to resume)")
+    deadline = time.monotonic() + grace_s
+    for job in running:
+        process = getattr(job, "_process", None)
+        if process is None:
+            continue
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - still alive after the grace period
+            process.kill()
+            process.wait()
 
 
 def estimate_hours(configs: list[RunConfig], throughput: float | None, records: list[dict]) -> tuple[float | None, str]:

@@ -121,8 +121,14 @@ def test_audit_records_are_written_once_and_read_back_without_training(tmp_path,
     shipped = tmp_path / "reference"
     monkeypatch.setenv("DPEQ_REFERENCE_DIR", str(shipped))
     (shipped / "unit" / "audit").mkdir(parents=True)
-    (shipped / "unit" / "audit" / path.name).write_text(json.dumps({**record, "test_accuracy": 0.123}))
+    from dpeq_utils.runs import record_digest
+
+    other = {**record, "test_accuracy": 0.123}
+    (shipped / "unit" / "audit" / path.name).write_text(json.dumps({**other, "digest": record_digest(other)}))
     assert audit.load_or_audit(config, 16, runs_dir=tmp_path).test_accuracy == 0.123  # shipped first
+    (shipped / "unit" / "audit" / path.name).write_text(json.dumps({**other, "digest": record_digest(other), "test_accuracy": 0.5}))
+    with pytest.raises(ValueError, match="digest mismatch"):  # edited after it was written
+        audit.load_or_audit(config, 16, runs_dir=tmp_path)
 
     (shipped / "unit" / "audit" / path.name).write_text(json.dumps({**record, "key": "another"}))
     with pytest.raises(ValueError, match="not an audit record of this run"):

@@ -136,14 +136,25 @@ def test_an_epsilon_below_the_rdp_floor_says_what_is_true():
 
 
 @pytest.mark.parametrize("args, code, message", [
-    (["--set", "widths=4"], 2, "widths must be three positive integers, got 4"),
+    (["--set", "widths=4"], 2, "widths must be three positive integers of at most 1024, got 4"),
+    (["--set", "widths=[100000,8,8]"], 2, "at most 1024"),
+    (["--set", "group=C4096"], 2, "more rotations than dpeq builds"),  # refused before any model is built
+    (["--set", "profile=teach"], 2, "chosen with --profile"),
+    (["--profile", "BAD_YAML"], 2, "is not valid YAML"),
+    (["--profile", "UNSAFE_YAML"], 2, "holds more than plain data"),
     (["--set", "widths=[4,8"], 2, "could not read the value of widths"),
     (["--set", "device=cuda"], 1, "CUDA is not available here"),
     (["--set", "target_delta=0.01"], 1, "is not below 1/N"),
     (["--set", "batch_size=9999"], 1, "exceeds the 512 training examples"),
 ])
-def test_foreseeable_errors_get_one_sentence_and_no_traceback(args, code, message):
+def test_foreseeable_errors_get_one_sentence_and_no_traceback(args, code, message, tmp_path):
+    profiles = {"BAD_YAML": "run: {model: [unclosed\n",
+                "UNSAFE_YAML": f"run: !!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n"}
+    for name, text in profiles.items():
+        (tmp_path / f"{name}.yaml").write_text(text)
+    args = [str(tmp_path / f"{a}.yaml") if a in profiles else a for a in args]
     result = _cli(*args, env={"CUDA_VISIBLE_DEVICES": ""})
+    assert not (tmp_path / "ran").exists()
     assert result.returncode == code, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
 

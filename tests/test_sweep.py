@@ -181,3 +181,45 @@ def test_a_failed_job_names_its_run(tmp_path, monkeypatch):
     monkeypatch.setenv("DPEQ_CIFAR10", str(tmp_path / "nowhere"))  # a CIFAR-10 copy that is not there
     with pytest.raises(RuntimeError, match=re.escape(f"run {record_path(bad, tmp_path).stem} failed")):
         job()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_the_sweep_driver_stops_its_jobs_through_their_checkpoints(tmp_path, how):
+    """Ctrl-C (or SIGTERM) to `sweep` must not orphan its local jobs: each ends its step, writes its
+    checkpoint and exits; nothing of the sweep is left running, and the next sweep resumes the run."""
+    import subprocess
+    import sys
+
+    config = TINY.replace(update_steps=5000, checkpoint_every=1)
+    folder, logs = tmp_path / "runs", tmp_path / "logs"
+    driver = subprocess.Popen([sys.executable, "-c", (
+        "from dpeq_utils.config import RunConfig\nfrom dpeq_utils.sweep import make_executor, submit\n"
+        f"submit(make_executor('local', {str(logs)!r}), [RunConfig(**{config.to_dict()!r})], {str(folder)!r})")],
+        cwd=Path(__file__).resolve().parents[1])
+    path = checkpoint_path(record_path(config, folder))
+    deadline = time.monotonic() + 120
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), "the job never checkpointed"
+    driver.send_signal(how)
+    assert driver.wait(timeout=120) != 0
+
+    def alive() -> list[str]:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(logs) in text:
+                found.append(text)
+        return found
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive() == [], "a job of the stopped sweep is still running"
+    from dpeq_utils.checkpoint import read_checkpoint
+
+    assert 0 < read_checkpoint(path)["state"]["step"] < config.update_steps
+    assert status_table(folder)[0]["status"] == "resumable", "no lock left held"
