@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 
-from .paths import figures_dir
+from .paths import figures_dir, write_atomic
 
 #: Colours per model family, fixed so every figure reads the same.
 MODEL_COLOURS = {"eq_resnet9": "#1b7837", "resnet9": "#762a83", "resnet9_matched": "#af8dc3", "wrn16_4": "#e08214"}
@@ -40,18 +39,16 @@ def notebook_header(profile: str, seed: int = 0) -> None:
 
 def savefig(fig, name: str, profile: str) -> list[Path]:
     """Write ``fig`` as PNG and PDF under ``figures/<profile>/``; returns the two paths. Each file is
-    written beside its final name and renamed into place, so an interrupted save never leaves a
-    truncated figure under the real name."""
+    written atomically (:func:`dpeq_utils.paths.write_atomic`), so an interrupted save never leaves a
+    truncated figure under the real name; the PDF carries no creation date, so the same figure gives
+    the same bytes and a rebuilt figure shows in git only when it changed."""
     if not name or "/" in name or name.startswith("."):
         raise ValueError(f"figure name must be a plain file stem, got {name!r}")
     folder = figures_dir(profile)
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{name}.{ext}" for ext in ("png", "pdf")]
     for path in paths:
-        partial = path.with_name(f".{path.stem}.partial{path.suffix}")
-        try:
-            fig.savefig(partial)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        fmt = path.suffix[1:]
+        metadata = {"CreationDate": None} if fmt == "pdf" else None
+        write_atomic(path, lambda handle: fig.savefig(handle, format=fmt, metadata=metadata), binary=True)
     return paths

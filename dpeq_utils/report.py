@@ -310,8 +310,13 @@ def results_markdown(study: Study, records=None) -> str:
     b = study.base
     keys = {k for part in PARTS_WITH_TABLES for k in study.table(part, records).get("key", [])}
     missing = study.missing(records=records)
-    state = ("complete" if not missing else f"{len(missing)} planned runs still missing; parts "
-             + ", ".join(sorted({m.part for m in missing})) + " incomplete")
+    _, waiting = study.plan(records)
+    waiting = sorted(set(waiting))
+    parts = sorted({m.part for m in missing} | {w.split(":")[0].split()[-1] for w in waiting})
+    state = ("complete" if not (missing or waiting) else
+             f"{len(missing)} planned runs still missing" + (f", {len(waiting)} more wait for a learning rate to be "
+                                                            "chosen" if waiting else "")
+             + "; parts " + ", ".join(parts) + " incomplete")
     epochs = b.update_steps * b.batch_size / b.train_size
     lines = [f"Generated from {len(keys)} run records in `data/reference/{study.profile}/` ({state}). "
              f"Budget of every run: {b.dataset}, {b.train_size:,} training examples (a seeded subset), "
@@ -496,20 +501,25 @@ def main(argv=None) -> int:
                                      description="Rebuild the README's results block and figure from the shipped records.")
     parser.add_argument("--profile", default="teach")
     parser.add_argument("--check", action="store_true", help="only check that the README is up to date (exit 1 if not)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of foreseeable errors too")
     args = parser.parse_args(argv)
-    study = Study(args.profile)
-    block = results_markdown(study)
-    readme = REPO_ROOT / "README.md"
-    if args.check:
-        current = readme.read_text()
-        ok = f"{RESULTS_BEGIN}\n{block}\n{RESULTS_END}" in current
-        print("README results block is up to date" if ok else "README results block is stale: run python -m dpeq_utils.report")
-        return 0 if ok else 1
-    set_theme()
-    fig = figure_overview(study, title=f"dpeq evidence study ({args.profile} profile, CIFAR-10, 2-core CPU scale)")
-    savefig(fig, "results_overview", "results")
-    print(block)
-    print("README updated" if update_readme(readme, block) else "README unchanged")
+    from .cli import user_errors
+
+    with user_errors(parser.prog, args.debug):  # a bad record or profile: one sentence, no traceback
+        study = Study(args.profile)
+        block = results_markdown(study)
+        readme = REPO_ROOT / "README.md"
+        if args.check:
+            current = readme.read_text()
+            ok = f"{RESULTS_BEGIN}\n{block}\n{RESULTS_END}" in current
+            print("README results block is up to date" if ok else
+                  "README results block is stale: run python -m dpeq_utils.report")
+            return 0 if ok else 1
+        set_theme()
+        fig = figure_overview(study, title=f"dpeq evidence study ({args.profile} profile, CIFAR-10, 2-core CPU scale)")
+        savefig(fig, "results_overview", "results")
+        print(block)
+        print("README updated" if update_readme(readme, block) else "README unchanged")
     return 0
 
 

@@ -24,7 +24,8 @@ records before 2026-12-05 name the checkout at write time and carry no hash), ``
 training and test splits used), ``val_*`` (with a validation split), ``created``, ``schema``,
 ``digest`` (:func:`record_digest`), ``resumed_at_steps`` (only for a run continued from a
 checkpoint), ``code_history`` (only for a run whose checkpoint the user let continue under other
-code: every code version it was trained with, from which step). Values that are not finite (the losses of a diverged run) are stored as null.
+code: every code version it was trained with, from which step). Values that are not finite (the
+losses of a diverged run) are stored as null.
 """
 
 from __future__ import annotations

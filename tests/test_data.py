@@ -1,8 +1,8 @@
 import hashlib
-import re
 import io
 import os
 import pickle
+import re
 import tarfile
 from pathlib import Path
 

@@ -184,12 +184,12 @@ def test_an_interrupted_figure_save_leaves_no_file_under_the_real_name(tmp_path,
     fig, _ = plt.subplots()
     calls = []
 
-    def dies_on_pdf(path, *a, **k):
-        calls.append(path)
-        if str(path).endswith(".pdf"):
-            Path(path).write_bytes(b"%PDF-1.4 trunc")
+    def dies_on_pdf(handle, *a, **k):
+        calls.append(k["format"])
+        if k["format"] == "pdf":
+            handle.write(b"%PDF-1.4 trunc")
             raise KeyboardInterrupt
-        Path(path).write_bytes(b"png")
+        handle.write(b"png")
 
     monkeypatch.setattr(fig, "savefig", dies_on_pdf)
     with pytest.raises(KeyboardInterrupt):
