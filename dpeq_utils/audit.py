@@ -165,6 +165,11 @@ class CanaryRun:
     scores: np.ndarray
     included: np.ndarray
     source: str | None = None  # the audit record it was read from, if any
+    # the white-box audit of the same run (gradient canaries; None if the run had none)
+    white_box: AuditResult | None = None
+    white_scores: np.ndarray | None = None
+    white_included: np.ndarray | None = None
+    mechanism: dict | None = None  # what the run released through: noise_multiplier, sample_rate, steps
 
 
 def canaries_for(config, count: int, seed: int = 0):
@@ -187,12 +192,16 @@ def canaries_for(config, count: int, seed: int = 0):
 
 
 def audited_run(config, canary_count: int = 64, seed: int = 0, breakage: str | None = None, label: str = "",
-                delta: float = 1e-5, confidence: float = 0.95) -> CanaryRun:
-    """Train ``config`` on its training set plus the included canaries, then audit it (one run)."""
-    return _from_record(_train_audited(config, canary_count, seed, breakage, label), delta, confidence)
+                delta: float = 1e-5, confidence: float = 0.95, gradient_canaries: int = 0) -> CanaryRun:
+    """Train ``config`` on its training set plus the included canaries, then audit it (one run).
+    ``gradient_canaries`` > 0 also plants that many white-box gradient canaries in the same run
+    (:mod:`dpeq_utils.gradient_canaries`) and audits them too."""
+    return _from_record(_train_audited(config, canary_count, seed, breakage, label, gradient_canaries), delta,
+                        confidence)
 
 
-def _train_audited(config, canary_count: int, seed: int, breakage: str | None, label: str) -> dict:
+def _train_audited(config, canary_count: int, seed: int, breakage: str | None, label: str,
+                   gradient_canaries: int = 0) -> dict:
     """Train one audited run; its audit record (what :func:`_from_record` needs, and provenance)."""
     import torch
     import torch.nn.functional as F
@@ -209,6 +218,16 @@ def _train_audited(config, canary_count: int, seed: int, breakage: str | None, l
                            torch.cat([train.labels, canaries.labels[included]]), train.classes, train.mean, train.std,
                            train.name, train.meta)
     state = setup(config, data=(members, test))
+    white = None
+    if gradient_canaries:
+        from .gradient_canaries import GradientCanaries
+
+        if config.momentum or config.modelmix or config.prune_rate or config.drop_rate:
+            raise ValueError("gradient canaries read each canary's sum of updates off the final weights: they need "
+                             "plain SGD (no momentum, ModelMix, pruning or dropping)")
+        white = GradientCanaries(state.model, gradient_canaries, config.clip_norm, state.sample_rate,
+                                 config.batch_size, config.lr, state.private, seed)
+        state.variants.append(white)
     if breakage == "noise_div_10":
         state.optimizer.noise_multiplier /= 10
     elif breakage == "no_noise":  # clipping kept, noise forgotten: the classic implementation bug
@@ -220,11 +239,17 @@ def _train_audited(config, canary_count: int, seed: int, breakage: str | None, l
         losses = F.cross_entropy(model(canaries.normalized(None, state.device)),
                                  canaries.labels.to(state.device), reduction="none").cpu().numpy()
     return {
-        "schema": AUDIT_SCHEMA, "key": audit_key(config, canary_count, seed, breakage),
+        "schema": AUDIT_SCHEMA, "key": audit_key(config, canary_count, seed, breakage, gradient_canaries),
         "label": label or config.model, "config": config.to_dict(), "canaries": canary_count, "seed": seed,
         "breakage": breakage, "accountant_epsilon": state.budget.epsilon() if state.budget else None,
         "steps": state.step, "scores": (-losses).tolist(),  # members were fitted: low loss, high score
         "included": included.tolist(), "test_accuracy": evaluate(state.model, test, state.device)[0],
+        **({"gradient_canaries": {
+            "count": gradient_canaries, "scores": white.scores(state.model).tolist(),
+            "included": white.included.tolist(),
+            "mechanism": {"noise_multiplier": float(getattr(state.optimizer, "noise_multiplier", 0.0))
+                          if state.private else None, "sample_rate": state.sample_rate, "steps": state.step}}}
+           if white is not None else {}),
         "wall_time_s": time.perf_counter() - started, "device": device_name(state.device),
         "versions": library_versions(), "git_commit": git_commit(), "source_sha256": CODE["source_sha256"],
     }
@@ -238,9 +263,41 @@ def _check_breakage(breakage: str | None) -> None:
 def _from_record(record: dict, delta: float, confidence: float) -> CanaryRun:
     """The audit and the attack computed from an audit record's scores (cheap: no training)."""
     scores, included = np.asarray(record["scores"], dtype=float), np.asarray(record["included"], dtype=bool)
+    white = record.get("gradient_canaries")
+    white_fields = {}
+    if white is not None:
+        w_scores, w_included = np.asarray(white["scores"], dtype=float), np.asarray(white["included"], dtype=bool)
+        white_fields = {"white_box": best_audit(w_scores, w_included, delta, confidence), "white_scores": w_scores,
+                        "white_included": w_included, "mechanism": white["mechanism"]}
     return CanaryRun(record["label"], record["accountant_epsilon"], best_audit(scores, included, delta, confidence),
                      roc_summary(scores[included], scores[~included]), record["test_accuracy"], scores, included,
-                     record.get("source"))
+                     record.get("source"), **white_fields)
+
+
+def audit_ceiling(count: int, delta: float = 1e-5, confidence: float = 0.95, trials: int = 20, seed: int = 0) -> float:
+    """The largest ε that ``count`` canaries can demonstrate at all: the audit (with its selection of
+    guess sizes) of perfectly separating scores, median over draws of the inclusion flags."""
+    rng = np.random.default_rng(seed)
+    bounds = []
+    for _ in range(trials):
+        included = rng.random(count) < 0.5
+        bounds.append(best_audit(included.astype(float), included, delta, confidence).epsilon_lower_bound)
+    return float(np.median(bounds))
+
+
+def ideal_white_box_bound(count: int, mechanism: dict, delta: float = 1e-5, confidence: float = 0.95,
+                          trials: int = 20, seed: int = 0) -> float:
+    """The median bound the white-box audit reaches on scores drawn from the subsampled Gaussian
+    mechanism itself (σ, q, T of the run; :func:`dpeq_utils.gradient_canaries.ideal_scores`): what a
+    perfect implementation of the same run would let this audit show. Non-private (σ None) and
+    noise-free runs separate perfectly: the ceiling."""
+    from .gradient_canaries import ideal_scores
+
+    rng = np.random.default_rng(seed)
+    sigma = mechanism["noise_multiplier"] or 0.0
+    bounds = [best_audit(*ideal_scores(count, sigma, mechanism["sample_rate"], mechanism["steps"], rng), delta,
+                         confidence).epsilon_lower_bound for _ in range(trials)]
+    return float(np.median(bounds))
 
 
 # ---------------------------------------------------------------------------------------------- audit records
@@ -249,25 +306,30 @@ def _from_record(record: dict, delta: float, confidence: float) -> CanaryRun:
 AUDIT_SCHEMA = 1
 
 
-def audit_key(config, canary_count: int, seed: int, breakage: str | None) -> str:
-    """What decides an audited run's outcome: the run's config key, the canaries, their seed, the breakage."""
+def audit_key(config, canary_count: int, seed: int, breakage: str | None, gradient_canaries: int = 0) -> str:
+    """What decides an audited run's outcome: the run's config key, the canaries, their seed, the
+    breakage, the gradient canaries (named only when there are some: older keys are unchanged)."""
     from .runs import config_key
 
     values = {"config": config_key(config), "canaries": canary_count, "seed": seed, "breakage": breakage}
+    if gradient_canaries:
+        values["gradient_canaries"] = gradient_canaries
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def audit_record_path(config, canary_count: int, seed: int, breakage: str | None, runs_dir=None) -> Path:
+def audit_record_path(config, canary_count: int, seed: int, breakage: str | None, runs_dir=None,
+                      gradient_canaries: int = 0) -> Path:
     """``<runs dir>/audit/<model>-<breakage or "correct">-<key>.json`` (runs dir: the profile's by default)."""
     from .paths import runs_dir as default_runs_dir
 
     folder = Path(runs_dir) if runs_dir is not None else default_runs_dir(config.profile)
-    return folder / "audit" / f"{config.model}-{breakage or 'correct'}-{audit_key(config, canary_count, seed, breakage)}.json"
+    key = audit_key(config, canary_count, seed, breakage, gradient_canaries)
+    return folder / "audit" / f"{config.model}-{breakage or 'correct'}-{key}.json"
 
 
 def load_or_audit(config, canary_count: int = 64, seed: int = 0, breakage: str | None = None, label: str = "",
                   runs_dir=None, force: bool = False, delta: float = 1e-5, confidence: float = 0.95,
-                  write_reference: bool = False) -> CanaryRun:
+                  write_reference: bool = False, gradient_canaries: int = 0) -> CanaryRun:
     """:func:`audited_run`, but read from its audit record when one exists: the ones shipped with the
     project (``data/reference/<profile>/audit/``) first, then the user's runs folder; otherwise (or
     with ``force``) trained and written to the user's folder. The audit itself is always recomputed
@@ -278,12 +340,13 @@ def load_or_audit(config, canary_count: int = 64, seed: int = 0, breakage: str |
     from .shipped import guard_write, record_written, verify_shipped
 
     _check_breakage(breakage)
-    path = audit_record_path(config, canary_count, seed, breakage, runs_dir)
+    path = audit_record_path(config, canary_count, seed, breakage, runs_dir, gradient_canaries)
     found = None if force else find_file(Path("audit") / path.name, config.profile, runs_dir)
     if found is not None:
         verify_shipped(found)
         record = json.loads(found.read_text())
-        if record.get("schema") != AUDIT_SCHEMA or record.get("key") != audit_key(config, canary_count, seed, breakage):
+        expected = audit_key(config, canary_count, seed, breakage, gradient_canaries)
+        if record.get("schema") != AUDIT_SCHEMA or record.get("key") != expected:
             raise ValueError(f"{found}: not an audit record of this run (schema or key differs); "
                              "delete it or rerun with force=True")
         if "digest" in record and record_digest(record) != record["digest"]:
@@ -291,7 +354,7 @@ def load_or_audit(config, canary_count: int = 64, seed: int = 0, breakage: str |
                              "or rerun with force=True")
         return _from_record({**record, "label": label or record["label"], "source": str(found)}, delta, confidence)
     guard_write(path.parent, write_reference)
-    record = _train_audited(config, canary_count, seed, breakage, label)
+    record = _train_audited(config, canary_count, seed, breakage, label, gradient_canaries)
     record["digest"] = record_digest(record)
     write_json_atomic(path, record)
     record_written(path)

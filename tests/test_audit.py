@@ -10,10 +10,12 @@ import pytest
 from scipy import stats
 
 from dpeq_utils.audit import (
+    audit_ceiling,
     audited_run,
     best_audit,
     epsilon_lower_bound,
     gaussian_epsilon,
+    ideal_white_box_bound,
     one_run_audit,
     p_value,
     roc_summary,
@@ -90,12 +92,53 @@ AUDIT = RunConfig(dataset="synthetic", train_size=128, test_size=128, model="res
 @pytest.mark.slow
 def test_audits_separate_private_from_non_private_training_and_catch_missing_noise():
     """64 mislabelled canaries, half of them trained on, 100 steps of a small ResNet-9."""
-    private = audited_run(AUDIT, 64)
-    leaky = audited_run(AUDIT.replace(non_private=True, lr=0.1), 64)
-    broken = audited_run(AUDIT, 64, breakage="no_noise")
+    private = audited_run(AUDIT, 64, gradient_canaries=1000)
+    leaky = audited_run(AUDIT.replace(non_private=True, lr=0.1), 64, gradient_canaries=1000)
+    broken = audited_run(AUDIT, 64, breakage="no_noise", gradient_canaries=1000)
     assert private.audit.epsilon_lower_bound <= private.accountant_epsilon <= 1.0  # consistent with its guarantee
     assert leaky.audit.epsilon_lower_bound > private.audit.epsilon_lower_bound and leaky.roc["auc"] > 0.9
     assert broken.accountant_epsilon <= 1.0 < broken.audit.epsilon_lower_bound  # caught: more leakage than ε allows
+    # white-box, the same runs: within the claim for DP-SGD, and the no-noise trainer caught by a wide margin
+    ceiling = audit_ceiling(1000)
+    assert private.white_box.epsilon_lower_bound <= private.accountant_epsilon
+    assert broken.white_box.epsilon_lower_bound == pytest.approx(ceiling) and ceiling > 4 * broken.accountant_epsilon
+    assert leaky.white_box.epsilon_lower_bound == pytest.approx(ceiling)
+
+
+def test_gradient_canaries_read_back_exactly_what_the_mechanism_added():
+    """Without noise an included canary's score is the number of steps it was sampled in, a left-out
+    canary's is 0 (real gradients never touch the reserved coordinates); with noise the scores
+    spread as σ·√T around those counts."""
+    from dpeq_utils.gradient_canaries import GradientCanaries
+    from dpeq_utils.train import setup, train_step
+
+    config = AUDIT.replace(update_steps=12, model="eq_resnet9", group="C4", widths=(4, 8, 8), lr=0.3)
+    for breakage in ("no_noise", None):
+        state = setup(config)
+        if breakage:
+            state.optimizer.noise_multiplier = 0.0
+        canaries = GradientCanaries(state.model, 200, config.clip_norm, state.sample_rate, config.batch_size,
+                                    config.lr, private=True, seed=1)
+        state.variants.append(canaries)
+        for _ in range(config.update_steps):
+            train_step(state)
+        scores, counts = canaries.scores(state.model), canaries.times_sampled.numpy()
+        assert counts[~canaries.included.numpy()].sum() == 0 and counts.sum() > 0
+        residual = scores - counts
+        if breakage:
+            assert np.abs(residual).max() < 1e-3 * config.update_steps  # float32 weights
+        else:
+            spread = state.optimizer.noise_multiplier * math.sqrt(config.update_steps)
+            assert 0.8 < residual.std() / spread < 1.2 and abs(residual.mean()) < 4 * spread / math.sqrt(200)
+
+
+def test_the_ideal_white_box_bound_stays_below_the_accountant():
+    """Scores drawn from the subsampled Gaussian mechanism itself: the audit (with its selection)
+    stays below the accountant's ε, and approaches it as the noise falls."""
+    for sigma in (1.0, 3.0):
+        mechanism = {"noise_multiplier": sigma, "sample_rate": 0.128, "steps": 200}
+        accountant = epsilon_spent(sigma, 0.128, 200, 1e-5)
+        assert 0 < ideal_white_box_bound(2000, mechanism) < accountant
 
 
 def test_audit_records_are_written_once_and_read_back_without_training(tmp_path, monkeypatch):
