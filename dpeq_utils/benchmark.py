@@ -37,6 +37,7 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import escnn.nn as enn
 import torch
@@ -466,6 +467,36 @@ def epoch_ratio(measurements: list[Measurement], model: str, reference: str, bat
     return float(seconds[model] / seconds[reference])
 
 
+#: Where the compute comparison the report prints is recorded (one benchmark run, see :func:`compute_record`).
+COMPUTE_RECORD = "benchmark/compute.json"
+
+
+def compute_record(batch: int = 64, repeats: int = 5, device: str = "auto") -> dict:
+    """The cost of one DP example-view gradient of each published recipe's model with that recipe's
+    views (the paper: eq_resnet9 with 4 views; De et al.: wrn16_4 with 16), measured the same way in
+    this one process: the median time of the trainer's whole DP step (per-example gradients, clip,
+    noise, update) at physical batch ``batch``, divided by batch × views. Run it on an otherwise idle
+    machine (the record describes the machine and the reference kernels' speed before and after)."""
+    from .config import config_from_profile
+    from .provenance import CODE
+    from .runtime import machine_description
+
+    dev = pick_device(device)
+    recipes = {"paper": config_from_profile("paper"), "de_et_al_eps8": config_from_profile("paper", "de_et_al_eps8")}
+    before = reference_speeds(dev)
+    models = {}
+    for name, recipe in recipes.items():
+        dp = next(m for m in benchmark_model(recipe.model, batch, engines=(), views=recipe.aug_mult, repeats=repeats,
+                                             device=device) if m.kind == "dp_step")
+        models[name] = {"model": recipe.model, "views": recipe.aug_mult, "physical_batch": batch,
+                        "dp_step_seconds": dp.seconds, "ms_per_example_view": 1000 * dp.seconds / (batch * recipe.aug_mult),
+                        "steps": recipe.update_steps, "batch_size": recipe.batch_size}
+    after = reference_speeds(dev)
+    return {"recipes": models, "device": device_name(dev), "machine": machine_description(dev),
+            "torch_threads": torch.get_num_threads(), "reference_speeds": {"start": before, "end": after},
+            "git_commit": CODE["git_commit"], "source_sha256": CODE["source_sha256"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -486,7 +517,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", action="store_true",
                         help="also time each convolution's summed and per-example filter gradients and pull-back")
     parser.add_argument("--csv", default=None, help="also write the long table here")
+    parser.add_argument("--compute-record", default=None, metavar="PATH",
+                        help="only measure the published recipes' cost per DP example-view gradient and write it as "
+                             f"JSON (the report reads data/reference/{COMPUTE_RECORD}); run on an idle machine")
     args = parser.parse_args(argv)
+    if args.compute_record:
+        import json
+
+        from .paths import write_atomic
+
+        record = compute_record(repeats=args.repeats, device=args.device)
+        write_atomic(Path(args.compute_record), lambda handle: json.dump(record, handle, indent=1))
+        print(json.dumps(record["recipes"], indent=1))
+        print(f"wrote {args.compute_record}")
+        return 0
     if args.views < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
         parser.error("--views, --repeats and --batch-sizes must be positive")
     if args.pairs < 0:

@@ -1,22 +1,53 @@
-"""Published CIFAR-10 accuracies that dpeq prints beside its own, each confirmed in
-``docs/fidelity.md`` with its source (trained from scratch, δ = 1e-5). Nothing here is typed from memory."""
+"""Published numbers and the paper's claims, read from ``docs/fidelity.md``: the one place they are
+written down, each with its source. Nothing here is typed from memory, and no number of the
+paper's is a literal in code (a test checks that the tables parse and that the report prints them)."""
 
 from __future__ import annotations
 
-PUBLISHED_CIFAR10 = [
-    # (source, model, epsilon, test accuracy)
-    ("Klause et al. 2022", "ResNet-9 + ScaleNorm", 8.0, 0.825),
-    ("De et al. 2022", "WRN-40-4", 8.0, 0.814),
-    ("Tramèr & Boneh 2021", "ScatterNet + CNN", 3.0, 0.693),
-]
-#: Reported at ε ≈ 47, far outside the ε range of the ablations; listed for context only.
-OPACUS_TUTORIAL = ("Opacus tutorial", "ResNet-18", 47.0, 0.6075)
+import functools
+import re
+
+from .paths import REPO_ROOT
+
+FIDELITY = REPO_ROOT / "docs" / "fidelity.md"
+
+
+def _table(marker: str) -> list[dict[str, str]]:
+    """The markdown table right after ``<!-- marker: ... -->`` in docs/fidelity.md, as rows of strings."""
+    text = FIDELITY.read_text()
+    found = re.search(rf"<!-- {re.escape(marker)}:.*?-->\n((?:\|.*\|\n)+)", text)
+    if not found:
+        raise ValueError(f"{FIDELITY} has no table marked '{marker}'")
+    lines = [line.strip().strip("|").split("|") for line in found.group(1).strip().splitlines()]
+    header = [cell.strip() for cell in lines[0]]
+    return [dict(zip(header, (cell.strip() for cell in row), strict=True)) for row in lines[2:]]
+
+
+def _number(text: str) -> float:
+    """'82.5 %' → 82.5, '≈ 47' → 47.0."""
+    return float(re.sub(r"[^0-9.]", "", text))
+
+
+@functools.cache
+def published_cifar10() -> list[tuple[str, str, float, float]]:
+    """(source, model, ε, test accuracy) of each published CIFAR-10 result dpeq shows."""
+    return [(row["source"], row["model"], _number(row["ε"]), _number(row["test accuracy"]) / 100)
+            for row in _table("published-cifar10")]
+
+
+@functools.cache
+def paper_claims() -> dict[str, dict]:
+    """The paper's claims by key (accuracy, parameters, compute): ``{"claim": its wording, "value": the
+    number in it, "source": where it is stated}``."""
+    return {row["key"]: {"claim": row["claim"], "value": _number(row["value"]), "source": row["source"]}
+            for row in _table("paper-claims")}
 
 
 def published_table():
     import pandas as pd
 
-    return pd.DataFrame(PUBLISHED_CIFAR10 + [OPACUS_TUTORIAL], columns=["source", "model", "epsilon", "test_accuracy"])
+    return pd.DataFrame(published_cifar10(), columns=["source", "model", "epsilon", "test_accuracy"])
+
 
 #: ModelMix's shipped CIFAR-10 run (Xiao et al. 2022, code junwan0224/ModelMix), reported there as
 #: ε = 8 under their own accountant: noise multiplier, sample rate, steps, δ (docs/fidelity.md).

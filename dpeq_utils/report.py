@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .plotting import MODEL_LABELS as MODEL_NAMES
+from .reference import paper_claims
 from .study import Study
 
 STAMP = "pipeline check on tiny synthetic data: not a result"
@@ -375,8 +376,9 @@ def results_markdown(study: Study, records=None) -> str:
     compute = recipe_compute(study, records)
     if len(compute) == 2:
         ratio = compute["CPU hours (2 cores)"].iloc[0] / compute["CPU hours (2 cores)"].iloc[1]
-        lines += ["", "**Compute of the published recipes** (example-view gradients × the cost of one, measured above; "
-                      "the paper claims >85 % less compute than the previous state of the art)", "",
+        lines += ["", "**Compute of the published recipes** (example-view gradients × the cost of one, measured for each "
+                      f"model with its recipe's views in one benchmark run on {compute['machine'].iloc[0]}; "
+                      f"the paper claims {paper_claims()['compute']['claim']})", "",
                   "| recipe | steps × batch × views | example-view gradients | ms each (this CPU) | CPU hours (2 cores) |",
                   "|---|---|---|---|---|"]
         for _, r in compute.iterrows():
@@ -428,15 +430,19 @@ def verdicts(study: Study, records=None) -> list[str]:
     paper = count_params(build_model("eq_resnet9"))
     wrn40, wrn16 = count_params(WideResNet(depth=40, width=4)), count_params(WideResNet(depth=16, width=4))
     lines.append(f"**Parameters:** the paper model has {paper:,}; De et al.'s headline WRN-40-4 has {wrn40:,} "
-                 f"({wrn40 / paper:.1f}× more: the paper's \"~35× fewer\" is this ratio) and WRN-16-4 {wrn16:,} "
+                 f"({wrn40 / paper:.1f}× more: the paper's \"~{paper_claims()['parameters']['value']:g}× fewer\" is this "
+                 f"ratio) and WRN-16-4 {wrn16:,} "
                  f"({wrn16 / paper:.1f}×). Counted with `count_params`.")
     compute = recipe_compute(study, records)
     if len(compute) == 2:
         ratio = compute["CPU hours (2 cores)"].iloc[0] / compute["CPU hours (2 cores)"].iloc[1]
         lines.append(f"**Compute:** the paper's recipe costs {100 * ratio:.0f} % of De et al.'s ε = 8 WRN-16-4 recipe "
-                     f"on this CPU ({100 * (1 - ratio):.0f} % less; the paper claims more than 85 % less).")
+                     f"on this CPU ({100 * (1 - ratio):.0f} % less; the paper claims {paper_claims()['compute']['claim']}).")
     else:
-        lines.append("**Compute:** not compared yet: it needs part A's WRN-16-4 runs (the time of one step of each model).")
+        lines.append("**Compute:** not compared yet. The earlier figure mixed study runs that shared the CPU and ran at "
+                     "different commits; the comparison now waits for one benchmark run of both recipes' models with "
+                     "their views on an idle machine (`benchmarks/per_sample_speed.py --compute-record "
+                     "data/reference/benchmark/compute.json`).")
     return lines
 
 
@@ -455,27 +461,34 @@ def _single_runs_table(table: pd.DataFrame, records: dict, name: str, params: st
     return lines
 
 
-def recipe_compute(study: Study, records=None) -> pd.DataFrame:
-    """Compute of the published recipes, from the ``paper`` profile (the paper's run; De et al.'s ε = 8
-    setting) and the cost of one example-view gradient measured in this study: the fastest DP step
-    time of the model (part A, one view per example) divided by the batch. Assumes the cost is
-    linear in example-views (views are independent forward/backward passes)."""
-    from .config import config_from_profile
+def recipe_compute(study: Study | None = None, records=None) -> pd.DataFrame:
+    """Compute of the published recipes (the paper's run; De et al.'s ε = 8 setting, both from the
+    ``paper`` profile): their example-view gradients times the cost of one, as measured for each
+    recipe's model *with its views* in one benchmark run on an idle machine
+    (``data/reference/benchmark/compute.json``, written by ``benchmarks/per_sample_speed.py
+    --compute-record``). Empty until that file exists: study runs shared the CPU with other work and
+    ran at other commits, so their timings are not used for this comparison."""
+    import json
 
-    records = study.records() if records is None else records
-    table = study.table("A", records)
-    recipes = {"paper: equivariant ResNet-9, ε = 8": config_from_profile("paper"),
-               "De et al. ε = 8 (WRN-16-4)": config_from_profile("paper", "de_et_al_eps8")}
+    from .benchmark import COMPUTE_RECORD
+    from .paths import reference_dir
+    from .shipped import verify_shipped
+
+    path = reference_dir() / COMPUTE_RECORD
+    if not path.is_file():
+        return pd.DataFrame()
+    verify_shipped(path)
+    measured = json.loads(path.read_text())
+    names = {"paper": "paper: equivariant ResNet-9, ε = 8", "de_et_al_eps8": "De et al. ε = 8 (WRN-16-4)"}
     rows = []
-    for name, recipe in recipes.items():
-        runs = table[table["model"] == recipe.model] if len(table) else table
-        if not len(runs):
-            continue
-        per_view = typical_step_seconds(records[runs["key"].iloc[0]], records) / study.base.batch_size
-        views = recipe.update_steps * recipe.batch_size * recipe.aug_mult
-        rows.append({"recipe": name, "model": recipe.model, "steps": recipe.update_steps, "batch": recipe.batch_size,
-                     "views": recipe.aug_mult, "example-view gradients": views,
-                     "ms per example-view (this CPU)": 1000 * per_view, "CPU hours (2 cores)": views * per_view / 3600})
+    for key, name in names.items():
+        recipe = measured["recipes"][key]
+        views = recipe["steps"] * recipe["batch_size"] * recipe["views"]
+        per_view = recipe["ms_per_example_view"] / 1000
+        rows.append({"recipe": name, "model": recipe["model"], "steps": recipe["steps"], "batch": recipe["batch_size"],
+                     "views": recipe["views"], "example-view gradients": views,
+                     "ms per example-view (this CPU)": 1000 * per_view, "CPU hours (2 cores)": views * per_view / 3600,
+                     "machine": measured["device"]})
     return pd.DataFrame(rows)
 
 

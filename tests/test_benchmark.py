@@ -171,3 +171,23 @@ def test_allocator_tuning_never_trims_the_heap(monkeypatch):
     assert tune_cpu_allocator() is True
     m_trim_threshold, m_mmap_threshold = -1, -3
     assert dict(calls) == {m_trim_threshold: -1, m_mmap_threshold: 2 ** 31 - 1}
+
+
+def test_the_compute_record_measures_both_recipes_with_their_views_and_the_report_reads_it(tmp_path, monkeypatch):
+    """One process, both published recipes' models with their own views, the machine described; the
+    report's compute comparison comes from that file only (study timings shared the CPU)."""
+    import json
+
+    from dpeq_utils import report
+    from dpeq_utils.benchmark import COMPUTE_RECORD, compute_record
+
+    assert report.recipe_compute().empty, "no compute record: no comparison"
+    record = compute_record(batch=2, repeats=1, device="cpu")
+    assert {r["views"] for r in record["recipes"].values()} == {4, 16}  # the paper's and De et al.'s
+    assert all(r["ms_per_example_view"] > 0 for r in record["recipes"].values())
+    assert record["machine"] and set(record["reference_speeds"]) == {"start", "end"} and record["source_sha256"]
+    path = tmp_path / "reference" / COMPUTE_RECORD
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(record))
+    table = report.recipe_compute()
+    assert list(table["views"]) == [4, 16] and (table["CPU hours (2 cores)"] > 0).all()

@@ -135,3 +135,22 @@ def test_readme_results_are_generated_from_the_shipped_records(monkeypatch):
 
     monkeypatch.delenv("DPEQ_REFERENCE_DIR")
     assert report.main(["--check"]) == 0, "run python -m dpeq_utils.report after adding shipped records"
+
+
+def test_the_papers_claims_come_from_the_sourced_docs_not_from_code():
+    """docs/fidelity.md holds the paper's claims and the published numbers with their sources; the
+    report prints them from there, and no module of the package types them."""
+    import re
+
+    from dpeq_utils import report
+    from dpeq_utils.paths import REPO_ROOT
+    from dpeq_utils.reference import paper_claims, published_table
+
+    claims = paper_claims()
+    assert set(claims) == {"accuracy", "parameters", "compute"} and all(c["source"] for c in claims.values())
+    assert {"Klause et al. 2022", "De et al. 2022"} <= set(published_table()["source"])
+    lines = report.verdicts(Study("teach"))
+    assert any(f"~{claims['parameters']['value']:g}× fewer" in line for line in lines)
+    for path in (REPO_ROOT / "dpeq_utils").rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r">\s*85\s*%|85 % less|~35×|0\.825|0\.814", text), path
