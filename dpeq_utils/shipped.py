@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from .paths import REPO_ROOT, reference_dir, write_atomic
@@ -118,5 +119,14 @@ def record_written(path: Path) -> None:
         _write_manifest(root, files)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dpeq_utils manifest``: rewrite the manifest of the shipped records."""
+    if argv:
+        print("usage: python -m dpeq_utils manifest  (takes no options)", file=sys.stderr)
+        return 2
     print(write_manifest())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -551,12 +551,7 @@ def _accumulate_plain_gradient(model: nn.Module, views: torch.Tensor, labels: to
 # command line
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m dpeq_utils.train`` (see :func:`dpeq_utils.cli.train_main`)."""
+if __name__ == "__main__":  # python -m dpeq_utils.train: the command line lives with the others (dpeq_utils.cli)
     from .cli import train_main
 
-    return train_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

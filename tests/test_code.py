@@ -25,12 +25,28 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _top_level_imports(path: Path) -> set[str]:
-    """dpeq_utils modules imported at module level (imports inside functions are deliberate and lazy)."""
+def _is_main_guard(node: ast.AST) -> bool:
+    """``if __name__ == "__main__":`` — runs only when the module is the program, never on import."""
+    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
+            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+
+
+def _nodes(tree: ast.AST):
+    """Every node of a module, including those inside functions, except ``__main__`` guards."""
+    for node in ast.iter_child_nodes(tree):
+        if _is_main_guard(node):
+            continue
+        yield node
+        yield from _nodes(node)
+
+
+def _imports(path: Path) -> set[str]:
+    """dpeq_utils modules imported anywhere in a module, at its top or inside functions: a lazy import
+    inside a function still runs whenever that function does, so it counts."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    for node in _nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package.split(".")[: len(package.split(".")) - node.level + 1]
             target = ".".join(base + ([node.module] if node.module else []))
@@ -45,7 +61,7 @@ def _top_level_imports(path: Path) -> set[str]:
 
 
 def test_module_imports_form_no_cycle():
-    graph = {_module_name(p): _top_level_imports(p) for p in PACKAGE.rglob("*.py")}
+    graph = {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
     visiting, done = set(), set()
 
     def visit(node, trail):
@@ -61,3 +77,5 @@ def test_module_imports_form_no_cycle():
     for name in graph:
         visit(name, [])
     assert "dpeq_utils.train" in graph and "dpeq_utils.config" in graph["dpeq_utils.train"]
+    assert "dpeq_utils.train" in graph["dpeq_utils.runs"], "function-level imports are counted"
+    assert not any("dpeq_utils.__main__" in targets for targets in graph.values()), "nothing imports the front door"
