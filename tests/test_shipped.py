@@ -7,11 +7,10 @@ import shutil
 import pytest
 
 from dpeq_utils import shipped
-from dpeq_utils.cli import CommandFailed
+from dpeq_utils.cli import CommandFailed, train_main
 from dpeq_utils.config import RunConfig
 from dpeq_utils.paths import REPO_ROOT
 from dpeq_utils.runs import read_record, record_digest, record_path, run
-from dpeq_utils.cli import train_main
 
 SHIPPED = REPO_ROOT / "data" / "reference"
 TINY = RunConfig(profile="teach", dataset="synthetic", train_size=64, test_size=32, model="resnet9", widths=(4, 4, 4),
