@@ -96,7 +96,8 @@ class Planned:
 class Study:
     """The study of one profile: its configs, its records, its tables."""
 
-    def __init__(self, profile: str = "teach", runs_dir=None, write_reference: bool = False):
+    def __init__(self, profile: str = "teach", runs_dir=None, write_reference: bool = False,
+                 resume_other_code: bool = False):
         """``runs_dir``: the user's records of this profile, read after the shipped ones and where
         new runs are written (default ``data/runs/<profile>``). ``write_reference``: ``runs_dir`` may
         be a folder of shipped records (extending the shipped study on purpose; :mod:`dpeq_utils.shipped`)."""
@@ -116,6 +117,7 @@ class Study:
         self.profile = Path(profile).stem  # the name records are filed under
         self.runs_dir = runs_dir
         self.write_reference = write_reference
+        self.resume_other_code = resume_other_code  # continue checkpoints written by other dpeq code (listed in the record)
         self.spec = spec
         self.base = config_from_profile(profile, **spec["run"]).replace(profile=self.profile)
         if self.base.validation_size == 0 and max(len(spec["lr_grid"]), len(spec["lr_grid_non_private"])) > 1:
@@ -296,7 +298,7 @@ class Study:
                                               validation_size=c.validation_size, seed=c.seed)
             started = time.perf_counter()
             record = run(c, runs_dir=self.runs_dir, progress=progress, data=cache[data_key],
-                         write_reference=self.write_reference)
+                         write_reference=self.write_reference, resume_other_code=self.resume_other_code)
             done += 1
             echo(f"[study {self.profile}] {item.part} {item.label:42s} val {record.get('val_accuracy_ema', float('nan')):.3f} "
                  f"test {record['test_accuracy']:.3f} (EMA {record['test_accuracy_ema']:.3f}), "
@@ -356,13 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-reference", action="store_true",
                         help="allow --runs-dir to be a folder of shipped records (extending the shipped study on "
                              "purpose; each new record is added to its manifest)")
+    parser.add_argument("--resume-other-code", action="store_true",
+                        help="continue runs whose checkpoints other dpeq code wrote (each record then lists every code "
+                             "version it was trained with); without it such a checkpoint stops the study with a message")
     parser.add_argument("--max-runs", type=int, default=None, help="in-process only")
     parser.add_argument("--executor", choices=("inprocess", "local", "slurm", "debug"), default="inprocess",
                         help="where runs train (dpeq_utils.sweep); default: one at a time in this process")
     parser.add_argument("--concurrency", type=int, default=1, help="local executor: runs at a time")
     args = parser.parse_args(argv)
     try:
-        study = Study(args.profile, args.runs_dir, write_reference=args.write_reference)
+        study = Study(args.profile, args.runs_dir, write_reference=args.write_reference,
+                      resume_other_code=args.resume_other_code)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     from .cli import user_errors
