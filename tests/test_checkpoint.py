@@ -147,7 +147,7 @@ def test_the_cli_resumes_and_no_resume_starts_over(tmp_path, monkeypatch, capsys
 
 
 def test_a_failed_periodic_checkpoint_keeps_training_and_the_last_checkpoint(tmp_path, monkeypatch):
-    reference = run(TINY, tmp_path / "reference", progress=False)
+    reference = run(TINY, tmp_path / "uninterrupted", progress=False)
     writes = []
 
     def disk_full_after_first(handle, data):
@@ -180,7 +180,7 @@ def test_a_temp_file_of_a_killed_write_is_ignored_and_cleaned(tmp_path, monkeypa
 @pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_record(tmp_path):
     """The real thing: a training process killed with SIGKILL, and the same command run again."""
-    reference = run(TINY.replace(update_steps=12, checkpoint_every=2), tmp_path / "reference", progress=False)
+    reference = run(TINY.replace(update_steps=12, checkpoint_every=2), tmp_path / "uninterrupted", progress=False)
     config = TINY.replace(update_steps=12, checkpoint_every=2)
     folder = tmp_path / "killed"
     script = (f"import time, dpeq_utils.train as t\n"

@@ -94,7 +94,7 @@ def test_slurm_array_job_is_written_as_asked_and_its_tasks_run(tmp_path):
 @pytest.mark.slow
 def test_a_preempted_local_job_checkpoints_requeues_and_ends_as_if_uninterrupted(tmp_path):
     config = TINY.replace(update_steps=40, checkpoint_every=1)
-    reference = run(config, tmp_path / "reference", progress=False)
+    reference = run(config, tmp_path / "uninterrupted", progress=False)
     folder = tmp_path / "preempted"
     executor = make_executor("local", tmp_path / "logs")
     job = executor.submit(RunJob(config.to_dict(), str(folder)))

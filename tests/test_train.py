@@ -328,3 +328,21 @@ def test_secure_mode_keeps_batches_views_and_noise_secret(tmp_path):
     assert config_key(config) != config_key(config.replace(secure_noise=False))
     assert config_key(config.replace(secure_noise=False)) == config_key(RunConfig(**{
         k: v for k, v in config.to_dict().items() if k != "secure_noise"}))  # old records keep their keys
+
+
+def test_the_measured_signal_is_the_length_of_the_mean_clipped_gradient():
+    """Identical examples: every clipped gradient is the same vector, so the mean pairwise cosine is 1
+    and the signal is that vector's length (at most C); distinct examples point elsewhere."""
+    from dpeq_utils.mechanism import signal_and_noise
+    from dpeq_utils.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet9", widths=(4, 8, 8)).train()
+    image, label = torch.randn(1, 3, 32, 32), torch.tensor([3])
+    same = signal_and_noise(model, image.repeat(8, 1, 1, 1), label.repeat(8), 1.0, 1.0, 256)
+    assert same["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert same["signal_norm"] == pytest.approx(min(1.0, same["median gradient norm"]), rel=1e-5)
+    assert same["noise_norm"] == pytest.approx(1.0 * 1.0 * same["parameters"] ** 0.5 / 256)
+    mixed = signal_and_noise(model, torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)), 1.0, 1.0, 256)
+    assert mixed["mean_cosine"] < 0.9 and mixed["signal_norm"] < same["signal_norm"]
+    assert mixed["noise_to_signal"] > mixed["noise_to_max_signal"]
