@@ -283,7 +283,7 @@ def status_table(runs_dir, logs_dir=None) -> list[dict]:
             rows.append({"run": path.stem, "status": f"bad checkpoint ({str(err).splitlines()[0]})"})
             continue
         lock = locks.pop(path.stem, None)
-        status = {"running": "running", "stale": f"resumable; {stale}"}.get(lock, "resumable")
+        status = {"running": "running", "stale": f"resumable; {stale}"}.get(lock or "", "resumable")
         rows.append({"run": path.stem, "status": status, "step": step})
     for stem, lock in locks.items():
         rows.append({"run": stem, "status": "running (no checkpoint yet)" if lock == "running" else stale})

@@ -242,10 +242,10 @@ SECRET_STREAMS = ("sampler", "augment", "noise")
 def global_generator_states() -> dict:
     """Python's, NumPy's and torch's global generators (dpeq draws from its own streams, but a
     library may use these)."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     # NumPy's state as plain values and a tensor: checkpoints load with torch.load(weights_only=True),
     # which admits no NumPy array (dpeq_utils.checkpoint)
-    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+    numpy_state = {"name": name, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "position": int(position),
                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
     states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

@@ -180,4 +180,4 @@ def test_teach_notebooks_render_the_shipped_records_without_training(stem, tmp_p
     if stem == "07_privacy_audit":  # all five cases read from the shipped audit records
         executed = nbformat.read(tmp_path / f"{stem}.ipynb", as_version=4)
         text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
-        assert text.count("data/reference/teach/audit/") == 4 and "non-private:" in text and "broken" in text
+        assert text.count("data/reference/teach/audit/") == 5 and "non-private:" in text and "broken" in text
