@@ -50,6 +50,16 @@ def user_errors(prog: str, debug: bool = False):
         raise CommandFailed(1) from None
 
 
+def add_record_options(parser) -> None:
+    """The options every command that writes run records shares (train, study)."""
+    parser.add_argument("--write-reference", action="store_true",
+                        help="allow writing into a folder of shipped records (data/reference/): only to extend "
+                             "the shipped study on purpose; each new record is added to the manifest")
+    parser.add_argument("--resume-other-code", action="store_true",
+                        help="continue checkpoints written by other dpeq code (each record then lists every code "
+                             "version it was trained with); without it such a checkpoint is refused with a message")
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """Train one run of a profile and write its record (``python -m dpeq_utils.train``, ``dpeq-train``)."""
     import argparse
@@ -71,12 +81,7 @@ def train_main(argv: list[str] | None = None) -> int:
                         help="train from step 0 even if a record or a checkpoint of this config exists")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue from this run's checkpoint if there is one (default); --no-resume starts over")
-    parser.add_argument("--write-reference", action="store_true",
-                        help="allow writing into a folder of shipped records (data/reference/): only to extend "
-                             "the shipped study on purpose; the manifest is updated")
-    parser.add_argument("--resume-other-code", action="store_true",
-                        help="continue a checkpoint written by other dpeq code (the record then lists every code "
-                             "version the run was trained with); without it such a checkpoint is refused")
+    add_record_options(parser)
     parser.add_argument("--force-memory", action="store_true",
                         help="train even if the run's estimated memory exceeds what is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

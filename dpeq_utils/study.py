@@ -348,6 +348,8 @@ def _grid_needed(item: Planned, parts, spec) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import add_record_options, user_errors
+
     parser = argparse.ArgumentParser(prog="python -m dpeq_utils.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("run", "plan"), help="run: train what is missing; plan: list it")
     parser.add_argument("--profile", default="teach")
@@ -355,12 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs-dir", default=None,
                         help="where new records go (default: data/runs/<profile>; the shipped study: "
                              "data/reference/<profile>)")
-    parser.add_argument("--write-reference", action="store_true",
-                        help="allow --runs-dir to be a folder of shipped records (extending the shipped study on "
-                             "purpose; each new record is added to its manifest)")
-    parser.add_argument("--resume-other-code", action="store_true",
-                        help="continue runs whose checkpoints other dpeq code wrote (each record then lists every code "
-                             "version it was trained with); without it such a checkpoint stops the study with a message")
+    add_record_options(parser)
     parser.add_argument("--max-runs", type=int, default=None, help="in-process only")
     parser.add_argument("--executor", choices=("inprocess", "local", "slurm", "debug"), default="inprocess",
                         help="where runs train (dpeq_utils.sweep); default: one at a time in this process")
@@ -371,8 +368,6 @@ def main(argv: list[str] | None = None) -> int:
                       resume_other_code=args.resume_other_code)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    from .cli import user_errors
-
     parts = tuple(p for p in PARTS if p in args.parts.upper())
     with user_errors(parser.prog):  # a bad record, no data, a locked run: one sentence, no traceback
         if args.command == "plan":

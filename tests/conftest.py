@@ -55,3 +55,14 @@ def dp_optimizer(model, sigma: float, clip: float, expected_batch: int, lr: floa
 
 def parameters_of(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+class CodePayload:
+    """What an attacker pickles: unpickling it would run ``exec`` and create ``marker``. Tests plant it
+    in checkpoints, dataset files and sweep results and assert that the marker never appears."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CodePayload
 
 import dpeq_utils.checkpoint as checkpoint_module
 import dpeq_utils.train as train_module
@@ -229,15 +230,6 @@ def test_checkpoint_state_round_trips(tmp_path):
     assert torch.equal(other.generators["noise"].get_state(), state.generators["noise"].get_state())
 
 
-class _Payload:
-    """What an attacker pickles: unpickling it would run ``exec`` (here: create a marker file)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
-
 
 def test_a_crafted_checkpoint_runs_no_code_and_is_named(tmp_path, monkeypatch):
     """A checkpoint with a valid header and a recomputed SHA-256 whose payload would run code: the
@@ -245,7 +237,7 @@ def test_a_crafted_checkpoint_runs_no_code_and_is_named(tmp_path, monkeypatch):
     path = _checkpointed(tmp_path, monkeypatch)
     marker = tmp_path / "payload-ran"
     content = read_checkpoint(path)
-    content["state"]["history"] = [_Payload(marker)]
+    content["state"]["history"] = [CodePayload(marker)]
     checkpoint_module.write_checkpoint(path, content)  # header and SHA-256 as a real writer makes them
     with pytest.raises(CheckpointError, match=re.escape(str(path))) as caught:
         run(TINY, tmp_path, progress=False)

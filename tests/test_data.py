@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CodePayload
 
 from dpeq_utils import data
 from dpeq_utils.data import DatasetError, augment_views, load_cifar10, load_dataset, make_synthetic, synthetic_glyphs
@@ -260,13 +261,6 @@ def test_synthetic_normalisation_is_fixed_not_learned_from_the_training_split():
     assert a.mean == b.mean == data.SYNTHETIC_MEAN, "the same constants whatever the training split"
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
-
 
 def test_a_crafted_cifar_batch_runs_no_code_and_is_named(tmp_path):
     """A CIFAR-10 folder whose first batch is a pickle that would run code: refused before anything
@@ -279,7 +273,7 @@ def test_a_crafted_cifar_batch_runs_no_code_and_is_named(tmp_path):
     for name in data.CIFAR10_TRAIN_BATCHES + (data.CIFAR10_TEST_BATCH,):
         batch = _batch(4, 0)
         if name == data.CIFAR10_TRAIN_BATCHES[0]:
-            batch[b"labels"] = _Payload(marker)
+            batch[b"labels"] = CodePayload(marker)
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
     with pytest.raises(DatasetError, match=re.escape(str(folder / data.CIFAR10_TRAIN_BATCHES[0])) + ".*refused"):
         read_cifar10_folder(folder, verify=False)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CodePayload
 
 pytest.importorskip("submitit")
 
@@ -125,13 +126,6 @@ def test_the_cli_dry_run_plans_and_submits_nothing(tmp_path, capsys):
     assert f"{2 * smoke_views / 1024 / 3600:.2g} device hours" in capsys.readouterr().out
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('ran')",)
-
 
 def test_status_reads_no_foreign_pickle_and_one_bad_file_is_one_row(tmp_path):
     import pickle
@@ -141,7 +135,7 @@ def test_status_reads_no_foreign_pickle_and_one_bad_file_is_one_row(tmp_path):
     marker = tmp_path / "payload-ran"
     job = tmp_path / "sweep-logs" / "123"
     job.mkdir(parents=True)
-    (job / "123_0_result.pkl").write_bytes(pickle.dumps(("error", _Payload(marker))))
+    (job / "123_0_result.pkl").write_bytes(pickle.dumps(("error", CodePayload(marker))))
     (tmp_path / "sweep-logs" / "124").mkdir()
     (tmp_path / "sweep-logs" / "124" / "124_0_result.pkl").write_bytes(
         pickle.dumps(("error", "Traceback ...\nRuntimeError: run resnet9-D4-abc failed: ValueError: bad")))
