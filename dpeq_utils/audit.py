@@ -26,6 +26,7 @@ confidence and approaches it as m grows).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -274,6 +275,7 @@ def _from_record(record: dict, delta: float, confidence: float) -> CanaryRun:
                      record.get("source"), **white_fields)
 
 
+@functools.cache  # the notebook asks for the same ceiling once per row
 def audit_ceiling(count: int, delta: float = 1e-5, confidence: float = 0.95, trials: int = 20, seed: int = 0) -> float:
     """The largest ε that ``count`` canaries can demonstrate at all: the audit (with its selection of
     guess sizes) of perfectly separating scores, median over draws of the inclusion flags."""

@@ -90,11 +90,10 @@ class GradientCanaries:
             p = parameters[name]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            flat = p.grad.view(-1)
+            flat, where = p.grad.view(-1), positions.to(p.grad.device)
             if not self.private:
-                flat[positions.to(flat.device)] = 0
-            contribution = self.clip_norm * self.sampled[index].to(flat.dtype) / self.batch_size
-            flat[positions.to(flat.device)] += contribution.to(flat.device)
+                flat[where] = 0
+            flat[where] += (self.clip_norm * self.sampled[index].to(flat.dtype) / self.batch_size).to(flat.device)
 
     def summary(self, model: nn.Module) -> dict:
         return {}

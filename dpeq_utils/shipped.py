@@ -59,14 +59,23 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+_MANIFESTS: dict[Path, tuple[float, dict[str, str]]] = {}  # parsed once per change, not once per record read
+
+
 def _manifest(root: Path) -> dict[str, str] | None:
     path = root / MANIFEST
     if not path.is_file():
         return None
+    mtime = path.stat().st_mtime_ns
+    cached = _MANIFESTS.get(path)
+    if cached is not None and cached[0] == mtime:
+        return dict(cached[1])
     try:
-        return json.loads(path.read_text())["files"]
+        files = json.loads(path.read_text())["files"]
     except (ValueError, KeyError, TypeError) as err:
         raise ShippedRecordError(f"{path} is not a readable manifest ({err}); restore it from git") from err
+    _MANIFESTS[path] = (mtime, files)
+    return dict(files)
 
 
 def verify_shipped(path: str | os.PathLike) -> None:
