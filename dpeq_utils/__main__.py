@@ -11,7 +11,7 @@ import sys
 
 #: command → (module, function, what it does)
 COMMANDS = {
-    "train": ("dpeq_utils.cli", "train_main", "train one run of a profile and write its record"),
+    "train": ("dpeq_utils.runs", "main", "train one run of a profile and write its record"),
     "study": ("dpeq_utils.study", "main", "plan or run the evidence study of a profile"),
     "sweep": ("dpeq_utils.sweep", "main", "a grid of runs locally or on Slurm; `sweep status RUNS_DIR`"),
     "report": ("dpeq_utils.report", "main", "rebuild the README's results block and figure from the records"),

@@ -22,6 +22,10 @@ true-positive rate at low false-positive rates (:func:`roc_summary`).
 The conversion is written here from the theorem (and checked against a Gaussian mechanism with a
 known ε in ``tests/test_audit.py``: over repeated trials it stays below the true ε at the stated
 confidence and approaches it as m grows).
+
+Why one file of ~360 lines: the statistics (the one-run bound, the choice among guess sizes and
+its correction), the audited training run and its records belong to one procedure; the white-box
+canaries' mechanics are :mod:`dpeq_utils.gradient_canaries`.
 """
 
 from __future__ import annotations
@@ -311,7 +315,7 @@ AUDIT_SCHEMA = 1
 def audit_key(config, canary_count: int, seed: int, breakage: str | None, gradient_canaries: int = 0) -> str:
     """What decides an audited run's outcome: the run's config key, the canaries, their seed, the
     breakage, the gradient canaries (named only when there are some: older keys are unchanged)."""
-    from .runs import config_key
+    from .records import config_key
 
     values = {"config": config_key(config), "canaries": canary_count, "seed": seed, "breakage": breakage}
     if gradient_canaries:
@@ -338,7 +342,7 @@ def load_or_audit(config, canary_count: int = 64, seed: int = 0, breakage: str |
     from the stored scores. Audit records are verified as run records are: a shipped one against the
     manifest (:mod:`dpeq_utils.shipped`), any one against its ``digest``; a reference folder is
     written only with ``write_reference``."""
-    from .runs import find_file, record_digest, write_json_atomic
+    from .records import find_file, record_digest, write_json_atomic
     from .shipped import guard_write, record_written, verify_shipped
 
     _check_breakage(breakage)

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import DpeqError
 from .paths import write_atomic
 from .provenance import CODE
 from .runtime import library_versions
@@ -56,7 +57,7 @@ DEFAULT_INTERVAL_S = 300.0
 ARITHMETIC_LIBRARIES = ("python", "torch", "escnn", "opacus", "numpy")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DpeqError, ValueError):
     """A checkpoint that cannot be used to continue this run; the message says what to do."""
 
 

@@ -1,28 +1,22 @@
-"""What every dpeq command line shares: foreseeable errors become one clear sentence and an exit
-code; tracebacks are for bugs, or on request (``--debug`` or ``DPEQ_DEBUG=1``)."""
+"""What every dpeq command line shares: its options (parent parsers, declared once here) and its
+errors: a foreseeable one (:class:`dpeq_utils.errors.DpeqError`, or a bad value, a missing file, no
+permission) becomes one clear sentence and an exit code; tracebacks are for bugs, or on request
+(``--debug`` or ``DPEQ_DEBUG=1``). The commands are reached through ``python -m dpeq_utils <command>``
+(:mod:`dpeq_utils.__main__`)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
 from contextlib import contextmanager
 
-#: Errors a user can cause and fix (bad values, missing or corrupt data or records, no room, no GPU):
-#: their messages say what to do. Anything else is a bug and keeps its traceback.
-FORESEEN = (ValueError, FileNotFoundError, PermissionError, OSError)
+from .errors import DpeqError
 
-
-def foreseen_errors() -> tuple[type[BaseException], ...]:
-    from .checkpoint import CheckpointError
-    from .data import DatasetError
-    from .preflight import PreflightError
-    from .privacy import PrivacyBudgetError
-    from .runs import RecordError, RunLocked
-    from .shipped import ShippedRecordError
-
-    return (CheckpointError, DatasetError, PreflightError, PrivacyBudgetError, RecordError, RunLocked,
-            ShippedRecordError) + FORESEEN
+#: Errors a user can cause and fix: their messages say what to do. Anything else is a bug and keeps
+#: its traceback.
+FORESEEN = (DpeqError, ValueError, FileNotFoundError, PermissionError, OSError)
 
 
 def debugging(flag: bool = False) -> bool:
@@ -41,7 +35,7 @@ def user_errors(prog: str, debug: bool = False):
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         raise CommandFailed(130) from None
-    except foreseen_errors() as err:
+    except FORESEEN as err:
         if debugging(debug):
             traceback.print_exc()
         print(f"{prog}: error: {err}", file=sys.stderr)
@@ -50,59 +44,67 @@ def user_errors(prog: str, debug: bool = False):
         raise CommandFailed(1) from None
 
 
-def add_record_options(parser) -> None:
-    """The options every command that writes run records shares (train, study)."""
-    parser.add_argument("--write-reference", action="store_true",
+# ---------------------------------------------------------------------------------- shared options
+
+
+def _debug_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--debug", action="store_true", help="show tracebacks of foreseeable errors too")
+    return parent
+
+
+def _profile_options(default: str, runs_dir: bool) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--profile", default=default,
+                        help=f"smoke, teach, paper, or a path to a profile .yaml (default: {default})")
+    if runs_dir:
+        parent.add_argument("--runs-dir", default=None,
+                            help="your records' folder (default: data/runs/<profile>); the shipped records in "
+                                 "data/reference/<profile> are read first")
+    return parent
+
+
+def _config_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--baseline", default=None, metavar="NAME",
+                        help="apply the profile's baselines[NAME] entry, e.g. de_et_al_eps8 under --profile paper")
+    parent.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run config field (repeatable), e.g. --set target_epsilon=3")
+    return parent
+
+
+def _record_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--write-reference", action="store_true",
                         help="allow writing into a folder of shipped records (data/reference/): only to extend "
                              "the shipped study on purpose; each new record is added to the manifest")
-    parser.add_argument("--resume-other-code", action="store_true",
+    parent.add_argument("--resume-other-code", action="store_true",
                         help="continue checkpoints written by other dpeq code (each record then lists every code "
                              "version it was trained with); without it such a checkpoint is refused with a message")
+    return parent
 
 
-def train_main(argv: list[str] | None = None) -> int:
-    """Train one run of a profile and write its record (``python -m dpeq_utils.train``, ``dpeq-train``)."""
-    import argparse
+def command_parser(command: str, description: str, *, profile: str | None = None, runs_dir: bool = True,
+                   config: bool = False, records: bool = False) -> argparse.ArgumentParser:
+    """The parser of ``python -m dpeq_utils <command>`` with the options it shares with the others:
+    always ``--debug``; with a ``profile`` default, ``--profile`` (and ``--runs-dir`` unless
+    ``runs_dir=False``); ``config``: ``--baseline``, ``--set``; ``records`` (it writes run records):
+    ``--write-reference``, ``--resume-other-code``."""
+    parents = [_debug_options()]
+    if profile is not None:
+        parents.append(_profile_options(profile, runs_dir))
+    if config:
+        parents.append(_config_options())
+    if records:
+        parents.append(_record_options())
+    return argparse.ArgumentParser(prog=f"python -m dpeq_utils {command}", description=description, parents=parents)
 
+
+def base_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The run config ``--profile``, ``--baseline`` and ``--set`` describe; a bad one is a usage error."""
     from .config import config_from_profile, parse_assignment
-    from .models import model_tag
-    from .runs import find_record, load_or_run, record_path
 
-    prog = "python -m dpeq_utils.train"
-    parser = argparse.ArgumentParser(prog=prog, description=(
-        "Train one run of a profile and write its record. The last line printed is the record's path."))
-    parser.add_argument("--profile", default="smoke", help="smoke, teach, paper, or a path to a profile .yaml")
-    parser.add_argument("--baseline", default=None, metavar="NAME",
-                        help="apply the profile's baselines[NAME] entry, e.g. de_et_al_eps8 under --profile paper")
-    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a run config field (repeatable), e.g. --set target_epsilon=3")
-    parser.add_argument("--runs-dir", default=None, help="folder for the record (default: data/runs/<profile>)")
-    parser.add_argument("--force", action="store_true",
-                        help="train from step 0 even if a record or a checkpoint of this config exists")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from this run's checkpoint if there is one (default); --no-resume starts over")
-    add_record_options(parser)
-    parser.add_argument("--force-memory", action="store_true",
-                        help="train even if the run's estimated memory exceeds what is available")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of foreseeable errors too")
-    args = parser.parse_args(argv)
     try:
-        config = config_from_profile(args.profile, args.baseline, **dict(parse_assignment(a) for a in args.assignments))
+        return config_from_profile(args.profile, args.baseline, **dict(parse_assignment(a) for a in args.assignments))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    with user_errors(prog, args.debug):
-        found = None if args.force else find_record(config, args.runs_dir)
-        record = load_or_run(config, runs_dir=args.runs_dir, force=args.force, progress=not args.no_progress,
-                             force_memory=args.force_memory, resume=args.resume,
-                             resume_other_code=args.resume_other_code, write_reference=args.write_reference)
-    eps = record["epsilon_spent"]
-    origin = (f"read from {found} (trained {record.get('created', '?')} on {record['device']}, "
-              f"{record['wall_time_s']:.0f} s then)" if found else f"{record['wall_time_s']:.1f} s on {record['device']}")
-    print(f"{model_tag(config.model, config.group)} on {config.dataset}: "
-          f"test accuracy {record['test_accuracy']:.3f} (EMA {record['test_accuracy_ema']:.3f}), "
-          f"ε = {'∞ (non-private)' if eps is None else f'{eps:.3f} ≤ {config.target_epsilon}'}, "
-          f"σ = {record['noise_multiplier']:.4g}, q = {record['sample_rate']:.4g}, {record['steps']} steps, "
-          f"{record['num_params']} parameters; {origin}")
-    print(found or record_path(config, args.runs_dir))
-    return 0

@@ -84,6 +84,23 @@ def _choices() -> dict[str, tuple]:
             "per_sample_engine": ENGINES, "prune_method": SELECTION_METHODS, "drop_method": SELECTION_METHODS}
 
 
+#: Roles of a field (``role`` in its metadata). A ``DEFINES`` field is part of what the run computes
+#: and of its record key; a ``PERFORMANCE`` field changes only where or how fast it computes (and its
+#: float32 rounding: :mod:`dpeq_utils.records`), never a random draw, so it stays out of the key (as
+#: jax_privacy keeps such settings apart in its ``PerformanceFlags``); a ``LABEL`` names the run.
+DEFINES, PERFORMANCE, LABEL = "defines", "performance", "label"
+
+
+def setting(default, *, role: str = DEFINES, cost: bool = False, keyed_when_set: bool = False):
+    """A ``RunConfig`` field with what it means as metadata, read by :func:`key_fields` and
+    :func:`cost_fields` instead of hand-kept lists.
+
+    ``cost``: the field sets the arithmetic of a training step (what a step costs; ε, seed or learning
+    rate do not). ``keyed_when_set``: the field was added after records existed, so it enters the key
+    only when it is set (truthy): every earlier record keeps its key."""
+    return dataclasses.field(default=default, metadata={"role": role, "cost": cost, "keyed_when_set": keyed_when_set})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One DP-SGD (or non-private reference) training run. Field names are the ones parameters cells, records and figures use.
@@ -93,49 +110,50 @@ class RunConfig:
     one view, 20 steps. The profiles (``notebooks/profiles``) set every field for real runs.
     """
 
-    profile: str = "custom"
+    profile: str = setting("custom", role=LABEL)
     # data
-    dataset: str = "synthetic"
+    dataset: str = setting("synthetic", cost=True)
     train_size: int | None = None  # None: the whole training set (synthetic: 5000)
     test_size: int | None = None  # None: the whole test set (synthetic: 1000)
-    validation_size: int = 0  # examples held out of the training set (fixed across seeds) to tune on
+    validation_size: int = setting(0, keyed_when_set=True)  # examples held out of the training set (fixed across seeds) to tune on
     # model
-    model: str = "eq_resnet9"
-    group: str = "D4"
-    restrict: bool = True
-    widths: tuple[int, int, int] = (16, 32, 64)
+    model: str = setting("eq_resnet9", cost=True)
+    group: str = setting("D4", cost=True)
+    restrict: bool = setting(True, cost=True)
+    widths: tuple[int, int, int] = setting((16, 32, 64), cost=True)
     # GroupNorm groups asked for by the ResNet-9 models (adapted per layer: models.layers.norm_groups);
     # wrn16_4 always asks for 16 (De et al.)
-    num_groups: int = 8
-    head: str = "pool2x2"
+    num_groups: int = setting(8, cost=True)
+    head: str = setting("pool2x2", cost=True)
     # privacy
-    non_private: bool = False
+    non_private: bool = setting(False, cost=True)
     target_epsilon: float = 8.0
     target_delta: float = 1e-5
     accountant: str = "rdp"
     clip_norm: float = 2.0
     # optimisation
-    batch_size: int = 256  # logical batch: the *expected* size under Poisson sampling (the paper: 8192)
-    physical_batch_size: int = 64  # examples per forward/backward chunk (memory and speed only)
-    per_sample_engine: str = "auto"  # per-example gradients: hooks, vmap, or auto (hooks where supported)
-    aug_mult: int = 1  # the paper: 4
+    batch_size: int = setting(256, cost=True)  # logical batch: the *expected* size under Poisson sampling (the paper: 8192)
+    physical_batch_size: int = setting(64, role=PERFORMANCE, cost=True)  # examples per forward/backward chunk (memory and speed only)
+    per_sample_engine: str = setting("auto", role=PERFORMANCE)  # per-example gradients: hooks, vmap, or auto (hooks where supported)
+    aug_mult: int = setting(1, cost=True)  # the paper: 4
     update_steps: int | None = 20  # the paper: 2160
     epochs: float | None = None  # alternative to update_steps: steps = round(epochs * N / batch_size)
     lr: float = 1.0  # the paper: 2.0 (at batch 8192)
     momentum: float = 0.0
     ema_decay: float = 0.999
-    ema_horizons: tuple[float, ...] = ()  # further EMA decays scored at every evaluation (they never change training)
+    # further EMA decays scored at every evaluation (they never change training)
+    ema_horizons: tuple[float, ...] = setting((), keyed_when_set=True)
     eval_every: int = 0  # evaluate every this many steps (0: only at the end)
     # write a checkpoint every this many steps (0: only when signalled; None: every few minutes of
     # wall time). Where a run pauses changes nothing it computes (tests/test_checkpoint.py)
-    checkpoint_every: int | None = None
+    checkpoint_every: int | None = setting(None, role=PERFORMANCE)
     # DP-SGD variants (dpeq_utils.variants): pre-pruning + gradient dropping (Adamczewski et al. 2023)
-    prune_rate: float = 0.0  # fraction of every parameter tensor removed before training
+    prune_rate: float = setting(0.0, cost=True)  # fraction of every parameter tensor removed before training
     prune_method: str = "magnitude"  # random, or magnitude of the initial (seed-only) weights
-    drop_rate: float = 0.0  # fraction of the remaining coordinates not updated at each step
+    drop_rate: float = setting(0.0, cost=True)  # fraction of the remaining coordinates not updated at each step
     drop_method: str = "random"  # random, or magnitude of the current DP iterate
     # ModelMix (Xiao et al. 2022): step from a random mix of the current and previous iterates
-    modelmix: bool = False
+    modelmix: bool = setting(False, cost=True)
     modelmix_gap_rate: float = 0.15  # minimum coordinate gap tau = lr * gap_rate
     # reproducibility
     seed: int = 0
@@ -145,8 +163,8 @@ class RunConfig:
     # and the record carries no fingerprint of the training data. Secure runs cannot be repeated bit for
     # bit. Seeded mode (the default) is for reproducible research on public data. (The name predates
     # the sampler and augmentation joining the noise; kept so that records keep their keys.)
-    secure_noise: bool = False
-    device: str = "auto"
+    secure_noise: bool = setting(False, keyed_when_set=True)
+    device: str = setting("auto", role=PERFORMANCE, cost=True)
 
     def __post_init__(self):
         if isinstance(self.widths, (list, tuple)):
@@ -215,6 +233,28 @@ class RunConfig:
 
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def _meta(field: dataclasses.Field) -> dict:
+    return {"role": DEFINES, "cost": False, "keyed_when_set": False, **field.metadata}
+
+
+def key_fields(config: RunConfig) -> dict:
+    """The fields of ``config`` its record key hashes (:func:`dpeq_utils.records.config_key`): every
+    field that defines the run, those marked ``keyed_when_set`` only when set."""
+    values = config.to_dict()
+    return {f.name: values[f.name] for f in dataclasses.fields(RunConfig)
+            if _meta(f)["role"] == DEFINES and (values[f.name] or not _meta(f)["keyed_when_set"])}
+
+
+def cost_fields() -> tuple[str, ...]:
+    """Fields that set the arithmetic of a training step, in declaration order: runs equal in these
+    cost the same per step on the same machine (:func:`dpeq_utils.report.step_seconds`)."""
+    return tuple(f.name for f in dataclasses.fields(RunConfig) if _meta(f)["cost"])
+
+
+def performance_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(RunConfig) if _meta(f)["role"] == PERFORMANCE)
 
 
 def config_from_profile(profile: str | Path, baseline: str | None = None, **overrides) -> RunConfig:

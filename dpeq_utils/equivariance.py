@@ -9,7 +9,7 @@ per-sample gradients need (measured; see ``docs/fidelity.md``):
 
 * escnn's basis-expansion modules hash their tensor *contents*; inside ``vmap`` those tensors
   have no storage, and ``Module.named_modules`` hashes every module. They get the identity hash
-  of ``torch.nn.Module`` instead.
+  of ``torch.nn.Module`` instead (:mod:`dpeq_utils.escnn_compat`, with escnn's other internals).
 * ``escnn.nn.GroupPooling`` writes into a preallocated tensor in place, which ``vmap`` rejects;
   dpeq pools regular fields with :func:`group_pool` (a reshape and a max) instead.
 
@@ -30,19 +30,15 @@ import escnn.gspaces as gspaces
 import torch
 import torch.nn.functional as F
 from escnn.nn import GeometricTensor
-from escnn.nn.modules.basismanager import basisexpansion_blocks, basisexpansion_singleblock
+
+from .escnn_compat import apply_torch_func_fixes
 
 GROUPS = ("C1", "C2", "C4", "C8", "C16", "D1", "D2", "D4", "D8")
 #: The most rotations a group may have (checked with the config, before any model is built).
 MAX_ROTATIONS = 32
 
 
-def _apply_torch_func_fixes() -> None:
-    for cls in (basisexpansion_blocks.BlocksBasisExpansion, basisexpansion_singleblock.SingleBlockBasisExpansion):
-        cls.__hash__ = torch.nn.Module.__hash__
-
-
-_apply_torch_func_fixes()
+apply_torch_func_fixes()
 
 
 def parse_group(name: str) -> tuple[bool, int]:

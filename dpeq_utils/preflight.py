@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .errors import DpeqError
+
 #: MB per example-view of one step (DP step, non-private step) at the default widths: the benchmark's
 #: (peak at batch 256 - peak at batch 64) / 192 for eq_resnet9, resnet9 and wrn16_4 (README, *Speed*);
 #: resnet9_matched scaled from resnet9 by activation size.
@@ -40,7 +42,7 @@ SLACK = 2.0
 MIN_FREE_DISK_MB = 50
 
 
-class PreflightError(RuntimeError):
+class PreflightError(DpeqError, RuntimeError):
     """A run would fail or harm the machine; the message says what to change."""
 
 

@@ -30,8 +30,10 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 
+from .errors import DpeqError
 
-class PrivacyBudgetError(RuntimeError):
+
+class PrivacyBudgetError(DpeqError, RuntimeError):
     """A run would spend more privacy than its target allows."""
 
 

@@ -1,4 +1,4 @@
-"""Rerun every notebook under a profile with papermill: ``python -m dpeq_utils.reproduce --profile smoke``.
+"""Rerun every notebook under a profile with papermill: ``python -m dpeq_utils reproduce --profile smoke``.
 
 Each notebook ``notebooks/NN_name.ipynb`` is executed headlessly with kernel ``python3``, the
 parameter ``profile`` and the notebook's section of the profile file (``notebooks: {NN_name:
@@ -159,8 +159,10 @@ def summary(results: list[NotebookResult]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dpeq_utils.reproduce", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="smoke", help="smoke, teach, paper, or a path to a profile .yaml")
+    from .cli import command_parser, user_errors
+
+    # its --runs-dir is the parent of every profile's folder (the notebooks' DPEQ_RUNS_DIR), so not the shared one
+    parser = command_parser("reproduce", __doc__.split("\n\n")[0], profile="smoke", runs_dir=False)
     parser.add_argument("--out", type=Path, default=None, help="folder for executed notebooks")
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="parent folder for run records (default data/runs; sets DPEQ_RUNS_DIR for the notebooks)")
@@ -189,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     for variable, folder in (("DPEQ_RUNS_DIR", args.runs_dir), ("DPEQ_FIGURES_DIR", args.figures_dir)):
         if folder is not None:
             os.environ[variable] = str(folder.expanduser().resolve())  # the kernels inherit it
-    try:
-        results = run_notebooks(args.profile, args.out, args.only, args.notebooks_dir, args.cell_timeout)
-    except Interrupted as interrupted:
-        print()
-        print(summary(interrupted.results))
-        return 130
+    with user_errors(parser.prog, args.debug):
+        try:
+            results = run_notebooks(args.profile, args.out, args.only, args.notebooks_dir, args.cell_timeout)
+        except Interrupted as interrupted:
+            print()
+            print(summary(interrupted.results))
+            return 130
     print()
     print(summary(results))
     return 0 if all(r.ok for r in results) else 1

@@ -23,13 +23,14 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import DpeqError
 from .paths import REPO_ROOT, reference_dir, write_atomic
 
 MANIFEST = "MANIFEST.json"
 REPOSITORY_REFERENCE = REPO_ROOT / "data" / "reference"
 
 
-class ShippedRecordError(ValueError):
+class ShippedRecordError(DpeqError, ValueError):
     """Shipped evidence that would be overwritten, or that does not match the committed manifest."""
 
 
@@ -107,7 +108,7 @@ def shipped_files(root: Path) -> list[Path]:
 
 def _write_manifest(root: Path, files: dict[str, str]) -> Path:
     content = {"about": "SHA-256 of every record shipped in this folder; dpeq refuses a shipped record that "
-                        "differs (dpeq_utils/shipped.py). Rewrite with: python -m dpeq_utils.shipped",
+                        "differs (dpeq_utils/shipped.py). Rewrite with: python -m dpeq_utils manifest",
                "files": dict(sorted(files.items()))}
     write_atomic(root / MANIFEST, lambda handle: handle.write(json.dumps(content, indent=1) + "\n"))
     return root / MANIFEST
@@ -130,10 +131,13 @@ def record_written(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m dpeq_utils manifest``: rewrite the manifest of the shipped records."""
-    if argv:
-        print("usage: python -m dpeq_utils manifest  (takes no options)", file=sys.stderr)
-        return 2
-    print(write_manifest())
+    from .cli import command_parser, user_errors
+
+    parser = command_parser("manifest", "Rewrite data/reference/MANIFEST.json (SHA-256 of every shipped run and "
+                            "audit record) after adding shipped records on purpose.")
+    args = parser.parse_args(argv)
+    with user_errors(parser.prog, args.debug):
+        print(write_manifest())
     return 0
 
 

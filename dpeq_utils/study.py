@@ -30,13 +30,15 @@ A profile's ``study`` section fixes a shared budget (``run``: data sizes, batch,
 
 The test set is never used to choose anything. :func:`plan` turns the records that exist into the
 runs that can be named now, so a study can be stopped and restarted at any time and trains only
-what is missing: ``python -m dpeq_utils.study run --profile teach`` (records of the shipped
+what is missing: ``python -m dpeq_utils study run --profile teach`` (records of the shipped
 studies live in ``data/reference/<profile>/``, see :mod:`dpeq_utils.runs`).
+
+Why one file of ~380 lines: the parts' plans (which runs, at which rates, in which order) and
+their execution read the same spec and records; its tables and figures are :mod:`dpeq_utils.report`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import dataclass
@@ -145,7 +147,7 @@ class Study:
                   steps: int | None = None) -> float | None:
         """The rate whose seed-0 run has the best EMA validation accuracy (ties: the smaller rate);
         None until every candidate has a record."""
-        from .runs import config_key
+        from .records import config_key
 
         candidates = self.grid(model, non_private, steps)
         if len(candidates) == 1:  # nothing to choose (e.g. the paper's fixed rate)
@@ -235,7 +237,7 @@ class Study:
 
     def records(self) -> dict[str, dict]:
         """Every record of this profile that the lookup finds (shipped reference first, then the user's)."""
-        from .runs import find_records
+        from .records import find_records
 
         return {r["key"]: r for r in find_records(self.profile, self.runs_dir)}
 
@@ -244,7 +246,7 @@ class Study:
         they are trained: the main comparison (``epsilon_models``) before the other models, grids
         before the runs that wait for them, parts in order, and runs over 4× the budget's steps last,
         so a study cut short still answers the main question."""
-        from .runs import config_key
+        from .records import config_key
 
         records = self.records() if records is None else records
         planned, _ = self.plan(records)
@@ -323,7 +325,7 @@ class Study:
     def table(self, part: str, records: dict[str, dict] | None = None) -> "pd.DataFrame":
         """The named runs of one part that have records: one row per run (label, stage, config
         fields, results). Missing runs are absent; :meth:`missing` lists them."""
-        from .runs import config_key, results_table
+        from .records import config_key, results_table
 
         records = self.records() if records is None else records
         planned, _ = self.plan(records)
@@ -348,16 +350,11 @@ def _grid_needed(item: Planned, parts, spec) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import add_record_options, user_errors
+    from .cli import command_parser, user_errors
 
-    parser = argparse.ArgumentParser(prog="python -m dpeq_utils.study", description=__doc__.split("\n\n")[0])
+    parser = command_parser("study", __doc__.split("\n\n")[0], profile="teach", records=True)
     parser.add_argument("command", choices=("run", "plan"), help="run: train what is missing; plan: list it")
-    parser.add_argument("--profile", default="teach")
     parser.add_argument("--parts", default="".join(PARTS), help="which parts, e.g. AB (default: all)")
-    parser.add_argument("--runs-dir", default=None,
-                        help="where new records go (default: data/runs/<profile>; the shipped study: "
-                             "data/reference/<profile>)")
-    add_record_options(parser)
     parser.add_argument("--max-runs", type=int, default=None, help="in-process only")
     parser.add_argument("--executor", choices=("inprocess", "local", "slurm", "debug"), default="inprocess",
                         help="where runs train (dpeq_utils.sweep); default: one at a time in this process")
@@ -369,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     parts = tuple(p for p in PARTS if p in args.parts.upper())
-    with user_errors(parser.prog):  # a bad record, no data, a locked run: one sentence, no traceback
+    with user_errors(parser.prog, args.debug):  # a bad record, no data, a locked run: one sentence, no traceback
         if args.command == "plan":
             records = study.records()
             _, waiting = study.plan(records)

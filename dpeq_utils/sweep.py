@@ -1,10 +1,10 @@
 """Sweeps: a grid of runs handed to an executor — Slurm through submitit on a cluster, or this
 machine — with the same code, records and checkpoints as a single run.
 
-    python -m dpeq_utils.sweep --profile paper --grid "target_epsilon=[1,2,3,5,8]" \\
+    python -m dpeq_utils sweep --profile paper --grid "target_epsilon=[1,2,3,5,8]" \\
         --grid "seed=[0,1,2]" --grid "model=[eq_resnet9,resnet9_matched,wrn16_4]" \\
         --executor slurm --partition gpu --gpus-per-run 1 --time 240 --array-parallelism 8
-    python -m dpeq_utils.sweep status data/runs/paper
+    python -m dpeq_utils sweep status data/runs/paper
 
 Only runs without a record are submitted (a run with a checkpoint resumes from it). On Slurm the
 runs are one array job, one task per run; each task is a checkpointable callable
@@ -14,11 +14,14 @@ of the current step (:mod:`dpeq_utils.checkpoint`), and submitit requeues the ta
 ``--executor local`` runs the same jobs as processes on this machine, at most ``--concurrency`` at
 a time (submitit's local executor has no limit of its own); ``--executor debug`` runs them in this
 process. ``--dry-run`` prints the plan and an estimate of the device hours it needs.
+
+Why one file of ~390 lines: planning, the executors, stopping jobs cleanly through their
+checkpoints and reading a runs folder's status are one lifecycle; records and training are
+:mod:`dpeq_utils.records` and :mod:`dpeq_utils.runs`.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import os
 import pickle
@@ -30,7 +33,7 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
-from .config import RunConfig, config_from_profile, parse_assignment
+from .config import RunConfig, parse_assignment
 
 EXECUTORS = ("slurm", "local", "debug")
 
@@ -62,7 +65,7 @@ class PlannedRun:
 
 def plan(configs: list[RunConfig], runs_dir) -> list[PlannedRun]:
     from .checkpoint import checkpoint_path
-    from .runs import find_record, record_path
+    from .records import find_record, record_path
 
     planned = []
     for config in configs:
@@ -85,7 +88,8 @@ class RunJob(Checkpointable):
         self.config, self.runs_dir, self.write_reference = config, runs_dir, write_reference
 
     def __call__(self) -> dict:
-        from .runs import load_or_run, record_path
+        from .records import record_path
+        from .runs import load_or_run
 
         config = RunConfig(**self.config)
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
@@ -262,7 +266,7 @@ def status_table(runs_dir, logs_dir=None) -> list[dict]:
     """Records, checkpoints, runs in progress (locked) and failed jobs found in a runs folder. A file
     that cannot be read is one row saying so; nothing read here is unpickled as code."""
     from .checkpoint import read_checkpoint
-    from .runs import read_record
+    from .records import read_record
 
     runs_dir = Path(runs_dir)
     rows = []
@@ -304,16 +308,15 @@ def status_table(runs_dir, logs_dir=None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import user_errors
+    from .cli import base_config, command_parser, user_errors
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = "python -m dpeq_utils.sweep"
     if argv[:1] == ["status"]:
-        parser = argparse.ArgumentParser(prog=f"{prog} status", description="Records, checkpoints and failed jobs of a runs folder.")
+        parser = command_parser("sweep status", "Records, checkpoints and failed jobs of a runs folder.")
         parser.add_argument("runs_dir")
         parser.add_argument("--logs-dir", default=None, help="submitit logs (default: RUNS_DIR/sweep-logs)")
         args = parser.parse_args(argv[1:])
-        with user_errors(f"{prog} status"):
+        with user_errors(parser.prog, args.debug):
             rows = status_table(args.runs_dir, args.logs_dir)
         import pandas as pd
 
@@ -323,12 +326,9 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + ", ".join(f"{n} {s}" for s, n in table["status"].value_counts().items()))
         return 0
 
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--profile", default="smoke")
-    parser.add_argument("--baseline", default=None, metavar="NAME", help="the profile's baselines[NAME] entry")
+    parser = command_parser("sweep", __doc__.split("\n\n")[0], profile="smoke", config=True)
+    prog = parser.prog
     parser.add_argument("--grid", action="append", default=[], metavar="FIELD=[V1,V2]", help="repeatable")
-    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--runs-dir", default=None, help="default: data/runs/<profile>")
     parser.add_argument("--logs-dir", default=None, help="submitit logs (default: RUNS_DIR/sweep-logs)")
     parser.add_argument("--executor", choices=EXECUTORS, default="local")
     parser.add_argument("--concurrency", type=int, default=1, help="local executor: runs at a time")
@@ -341,20 +341,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="examples·views per second per run, for --dry-run's estimate")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; submit nothing")
     args = parser.parse_args(argv)
+    base = base_config(parser, args)
     try:
-        base = config_from_profile(args.profile, args.baseline, **dict(parse_assignment(a) for a in args.assignments))
         configs = expand_grid(base, args.grid)
-    except (ValueError, FileNotFoundError) as err:
+    except ValueError as err:
         parser.error(str(err))
     from .paths import runs_dir as default_runs_dir
-    from .runs import find_records, record_path
+    from .records import find_records, record_path
     from .shipped import guard_write
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else default_runs_dir(base.profile)
-    with user_errors(prog):
+    with user_errors(prog, args.debug):
         guard_write(runs_dir, write_reference=False)  # sweeps write to a user's folder (the study can extend the shipped one)
     logs_dir = Path(args.logs_dir) if args.logs_dir else runs_dir / "sweep-logs"
-    with user_errors(prog):
+    with user_errors(prog, args.debug):
         planned = plan(configs, runs_dir)
         counts = {s: sum(p.status == s for p in planned) for s in ("done", "resumable", "missing")}
         for item in planned:

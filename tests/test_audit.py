@@ -164,7 +164,7 @@ def test_audit_records_are_written_once_and_read_back_without_training(tmp_path,
     shipped = tmp_path / "reference"
     monkeypatch.setenv("DPEQ_REFERENCE_DIR", str(shipped))
     (shipped / "unit" / "audit").mkdir(parents=True)
-    from dpeq_utils.runs import record_digest
+    from dpeq_utils.records import record_digest
 
     other = {**record, "test_accuracy": 0.123}
     (shipped / "unit" / "audit" / path.name).write_text(json.dumps({**other, "digest": record_digest(other)}))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from dpeq_utils import runtime
 from dpeq_utils.benchmark import (
     benchmark_model,
     epoch_ratio,
@@ -18,9 +17,11 @@ from dpeq_utils.benchmark import (
     reference_speeds,
     summary_table,
 )
+from dpeq_utils.benchmark import machine as benchmark_machine
+from dpeq_utils.benchmark.machine import machine_description
 from dpeq_utils.models import build_model
 from dpeq_utils.per_sample import GROUPED_MIN_PIXELS
-from dpeq_utils.runtime import machine_description, measure_phases, phase, tune_cpu_allocator
+from dpeq_utils.runtime import measure_phases, phase, tune_cpu_allocator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,14 +122,14 @@ def test_machine_description_tells_apart_machines_with_one_cpu_model(tmp_path, m
         (caches / index / "level").write_text(f"{level}\n")
         (caches / index / "size").write_text(f"{size}\n")
     (caches / "uevent").write_text("")
-    monkeypatch.setattr(runtime, "CPUINFO", str(cpuinfo))
-    monkeypatch.setattr(runtime, "CPU_CACHES", str(caches))
+    monkeypatch.setattr(benchmark_machine, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(benchmark_machine, "CPU_CACHES", str(caches))
     description = machine_description()
     assert description["cpu"] == "AMD EPYC (family 25, model 1, stepping 1) in a virtual machine"
     assert description["clock"] == "2445 MHz as reported"
     assert description["caches"] == "L1 32K, L2 512K, L3 32768K"
     assert description["isa"] == "avx2 fma"
-    monkeypatch.setattr(runtime, "CPU_CACHES", str(tmp_path / "absent"))
+    monkeypatch.setattr(benchmark_machine, "CPU_CACHES", str(tmp_path / "absent"))
     description = machine_description()
     assert description["caches"] == "512 KB (/proc/cpuinfo's cache size)"
     cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: sse2\n")

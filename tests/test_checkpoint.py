@@ -18,7 +18,8 @@ import dpeq_utils.checkpoint as checkpoint_module
 import dpeq_utils.train as train_module
 from dpeq_utils.checkpoint import CheckpointError, checkpoint_path, read_checkpoint
 from dpeq_utils.config import RunConfig
-from dpeq_utils.runs import read_record, record_path, run
+from dpeq_utils.records import read_record, record_path
+from dpeq_utils.runs import run
 
 TINY = RunConfig(profile="tiny", dataset="synthetic", train_size=200, test_size=100, model="resnet9", widths=(4, 8, 8),
                  batch_size=32, physical_batch_size=16, aug_mult=2, update_steps=7, eval_every=2, lr=0.5,
@@ -129,7 +130,7 @@ def test_a_checkpoint_of_another_run_or_other_libraries_is_refused(tmp_path, mon
 def test_the_cli_resumes_and_no_resume_starts_over(tmp_path, monkeypatch, capsys):
     import yaml
 
-    from dpeq_utils.cli import train_main
+    from dpeq_utils.runs import main as train_main
 
     profile = tmp_path / "tiny.yaml"
     run_fields = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.to_dict().items() if k != "profile"}

@@ -79,3 +79,12 @@ def test_module_imports_form_no_cycle():
     assert "dpeq_utils.train" in graph and "dpeq_utils.config" in graph["dpeq_utils.train"]
     assert "dpeq_utils.train" in graph["dpeq_utils.runs"], "function-level imports are counted"
     assert not any("dpeq_utils.__main__" in targets for targets in graph.values()), "nothing imports the front door"
+
+
+def test_long_modules_say_why_they_are_one_file():
+    """A module over ~350 lines is split into rooms with one job each, or its docstring says why not."""
+    for path in PACKAGE.rglob("*.py"):
+        lines = len(path.read_text().splitlines())
+        if lines > 360:
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            assert "Why one file" in doc, f"{path.relative_to(PACKAGE.parent)} has {lines} lines and no reason"

@@ -42,7 +42,7 @@ def test_synthetic_classes_are_distinct_under_rotations_and_reflections():
     assert glyphs.shape == (10, 7, 7)
     for i in range(10):
         for j in range(i + 1, 10):
-            distances = [int((glyphs[i] != t).sum()) for t in data._d4_orbit(glyphs[j])]
+            distances = [int((glyphs[i] != t).sum()) for t in data.synthetic._d4_orbit(glyphs[j])]
             assert min(distances) >= 6, (i, j)
 
 
@@ -187,8 +187,8 @@ def test_a_flipped_pixel_in_an_extracted_folder_is_caught(tmp_path, monkeypatch)
     for name, content in _tiny_batches(key_type=str).items():
         (folder / name).write_bytes(pickle.dumps(content, protocol=4))
         with open(folder / name, "rb") as handle:
-            digests[name] = data.content_digest(*data._parse_batch(handle, name))
-    monkeypatch.setattr(data, "CIFAR10_CONTENT_SHA256", digests)  # as if these were the official batches
+            digests[name] = data.content_digest(*data.cifar10._parse_batch(handle, name))
+    monkeypatch.setattr(data.cifar10, "CIFAR10_CONTENT_SHA256", digests)  # as if these were the official batches
     train, _ = load_cifar10(folder)
     assert train.meta["verified"] == "content SHA-256 of every batch"
     batch = pickle.loads((folder / "data_batch_3").read_bytes())
@@ -201,7 +201,7 @@ def test_a_flipped_pixel_in_an_extracted_folder_is_caught(tmp_path, monkeypatch)
 def test_download_is_verified_and_cached(tiny_archive, tmp_path):
     path, md5 = tiny_archive
     train, _ = load_cifar10(url=path.as_uri(), md5=md5)
-    cached = data.cache_dir() / data.CIFAR10_ARCHIVE
+    cached = data.cifar10.cache_dir() / data.CIFAR10_ARCHIVE
     assert cached.is_file() and len(train) == 20
     assert [p.name for p in cached.parent.iterdir()] == [cached.name], "no temporary file may remain"
     # a second load reads the cache, no network needed
@@ -213,7 +213,7 @@ def test_corrupt_download_leaves_nothing_behind(tiny_archive):
     path, _ = tiny_archive
     with pytest.raises(DatasetError, match="discarded"):
         load_cifar10(url=path.as_uri(), md5="0" * 32)
-    cache = data.cache_dir()
+    cache = data.cifar10.cache_dir()
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
@@ -222,7 +222,7 @@ def test_offline_without_copy_says_what_to_do():
         load_cifar10(download=False)
     with pytest.raises(DatasetError, match="could not download CIFAR-10.*DPEQ_CIFAR10"):
         load_cifar10(url="http://127.0.0.1:9/cifar-10-python.tar.gz")
-    cache = data.cache_dir()
+    cache = data.cifar10.cache_dir()
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
@@ -252,7 +252,7 @@ def test_synthetic_normalisation_is_fixed_not_learned_from_the_training_split():
     import numpy as np
 
     stream = int(np.random.SeedSequence([data.SYNTHETIC_STATS_SEED, 0]).generate_state(1, np.uint64)[0]) >> 1
-    images, _ = data._render_synthetic(4000, torch.Generator().manual_seed(stream))
+    images, _ = data.synthetic._render_synthetic(4000, torch.Generator().manual_seed(stream))
     pixels = images.float() / 255
     assert torch.allclose(pixels.mean((0, 2, 3)), torch.tensor(data.SYNTHETIC_MEAN), atol=3e-3)
     assert torch.allclose(pixels.std((0, 2, 3)), torch.tensor(data.SYNTHETIC_STD), atol=3e-3)

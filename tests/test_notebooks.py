@@ -10,7 +10,7 @@ import yaml
 
 from dpeq_utils import reproduce
 from dpeq_utils.config import field_names, load_profile
-from dpeq_utils.runs import load_records
+from dpeq_utils.records import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))

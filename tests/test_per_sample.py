@@ -11,8 +11,8 @@ from dpeq_utils.models import build_model
 from dpeq_utils.models.equivariant import StandardizedR2Conv
 from dpeq_utils.per_sample import (
     ENGINE_FUNCTIONS,
-    _conv_parameters,
-    _fast_pull_back,
+    closed_form_pull_back,
+    expansion_function,
     hooks_per_sample_grads,
     hooks_supported,
     naive_per_sample_grads,
@@ -81,25 +81,25 @@ def test_wrn16_4(engine):
 def test_both_convolution_methods_are_exact(name, min_pixels, monkeypatch):
     """Every convolution through one method: the grouped backward (strided and 1x1 convolutions
     included, in WRN-16-4) and unfold + matmul, with two views per example, against the naive loop."""
-    monkeypatch.setattr(per_sample, "GROUPED_MIN_PIXELS", min_pixels)
+    monkeypatch.setattr(per_sample.rules, "GROUPED_MIN_PIXELS", min_pixels)
     _check(build_model(name, widths=SMALL), "hooks")
 
 
 @pytest.mark.parametrize("name", ["eq_resnet9", "wrn16_4"])
 def test_closed_form_pull_back_equals_the_generic_one(name):
     """The closed-form chain rule through weight standardisation and the escnn basis expansion
-    (:func:`_fast_pull_back`) equals ``vmap`` of ``torch.func.vjp`` through ``expand_parameters``."""
+    (:func:`closed_form_pull_back`) equals ``vmap`` of ``torch.func.vjp`` through ``expand_parameters``."""
     model = build_model(name, widths=SMALL).double()
     generator = torch.Generator().manual_seed(1)
     checked = 0
     for module in model.modules():
         if not hasattr(module, "expand_parameters"):
             continue
-        function, params = _conv_parameters(module)
+        function, params = expansion_function(module)
         outputs, pullback = torch.func.vjp(function, params)
         cotangents = {k: torch.randn(4, *v.shape, generator=generator, dtype=v.dtype) for k, v in outputs.items()}
         expected = torch.func.vmap(pullback)(cotangents)[0]
-        fast = _fast_pull_back(module, cotangents)
+        fast = closed_form_pull_back(module, cotangents)
         assert fast is not None and fast.keys() == expected.keys()
         for key in expected:
             assert relative_error(fast[key], expected[key]) <= 1e-12, (type(module).__name__, key)
@@ -192,9 +192,9 @@ def test_standardisation_pull_back_in_slices_equals_one_piece(leading_dims, monk
     generator = torch.Generator().manual_seed(2)
     weight = torch.randn(6, 4, 3, 3, generator=generator, dtype=torch.float64)
     grad = torch.randn(5, 6, 4, 3, 3, generator=generator, dtype=torch.float64)
-    monkeypatch.setattr(per_sample, "CACHE_SLICE_BYTES", 2 ** 30)
+    monkeypatch.setattr(per_sample.pull_backs, "CACHE_SLICE_BYTES", 2 ** 30)
     whole = per_sample.standardize_pull_back(weight, grad, leading_dims)
-    monkeypatch.setattr(per_sample, "CACHE_SLICE_BYTES", 1)
+    monkeypatch.setattr(per_sample.pull_backs, "CACHE_SLICE_BYTES", 1)
     sliced = per_sample.standardize_pull_back(weight, grad.clone(), leading_dims, inplace=True)
     assert relative_error(sliced, whole) <= 1e-14 and relative_error(whole, grad) > 0.1
 
@@ -238,9 +238,9 @@ def test_float32_layer_gradients_match_float64():
     for module, (in_shape, out_shape) in shapes.items():
         x = torch.randn(batch * views, *in_shape[1:], dtype=torch.float64)
         grad_out = torch.randn(batch * views, *out_shape[1:], dtype=torch.float64)
-        single = per_sample._layer_grads(module, per_sample._conv_rule(
+        single = per_sample.pull_back_to_parameters(module, per_sample.conv_rule(
             module, conv_layout(x.float()), conv_layout(grad_out.float()), batch))
-        double = per_sample._layer_grads(module.double(), per_sample._conv_rule(module, x, grad_out, batch))
+        double = per_sample.pull_back_to_parameters(module.double(), per_sample.conv_rule(module, x, grad_out, batch))
         module.float()
         for name in double:
             assert single[name].dtype == torch.float32

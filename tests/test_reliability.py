@@ -15,7 +15,8 @@ from dpeq_utils.config import RunConfig, config_from_profile
 from dpeq_utils.data import load_splits
 from dpeq_utils.preflight import PreflightError
 from dpeq_utils.privacy import PrivacyBudgetError, calibrate_noise, epsilon_spent
-from dpeq_utils.runs import RecordError, RunLocked, load_or_run, record_path, results_table, run_lock, write_json_atomic
+from dpeq_utils.records import RecordError, record_path, results_table, write_json_atomic
+from dpeq_utils.runs import RunLocked, load_or_run, run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(train_size=64, test_size=16, batch_size=16, physical_batch_size=16, update_steps=1, eval_every=0,

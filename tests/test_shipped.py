@@ -7,10 +7,12 @@ import shutil
 import pytest
 
 from dpeq_utils import shipped
-from dpeq_utils.cli import CommandFailed, train_main
+from dpeq_utils.cli import CommandFailed
 from dpeq_utils.config import RunConfig
 from dpeq_utils.paths import REPO_ROOT
-from dpeq_utils.runs import read_record, record_digest, record_path, run
+from dpeq_utils.records import read_record, record_digest, record_path
+from dpeq_utils.runs import main as train_main
+from dpeq_utils.runs import run
 
 SHIPPED = REPO_ROOT / "data" / "reference"
 TINY = RunConfig(profile="teach", dataset="synthetic", train_size=64, test_size=32, model="resnet9", widths=(4, 4, 4),
@@ -20,8 +22,31 @@ TINY = RunConfig(profile="teach", dataset="synthetic", train_size=64, test_size=
 def test_the_manifest_lists_every_shipped_record_and_its_hash():
     manifest = json.loads((SHIPPED / shipped.MANIFEST).read_text())["files"]
     on_disk = {p.relative_to(SHIPPED).as_posix(): shipped.file_sha256(p) for p in shipped.shipped_files(SHIPPED)}
-    assert manifest == on_disk, "rewrite it with: python -m dpeq_utils.shipped (after checking what changed)"
+    assert manifest == on_disk, "rewrite it with: python -m dpeq_utils manifest (after checking what changed)"
     assert any(name.startswith("teach/audit/") for name in manifest), "audit records are covered too"
+
+
+def test_every_shipped_record_keeps_its_key():
+    """A change to what the key hashes (a field added, its role changed in the config's metadata)
+    would silently re-key every record: each shipped run and audit record still hashes to its key,
+    and the default config's key is pinned, so the change cannot pass unseen."""
+    from dpeq_utils.audit import audit_key
+    from dpeq_utils.records import config_key
+
+    records = [json.loads(p.read_text()) for p in shipped.shipped_files(SHIPPED)]
+    audits = [r for r in records if "canaries" in r]
+    runs = [r for r in records if "canaries" not in r and "config" in r]
+    assert len(runs) >= 60 and len(audits) >= 4
+    for record in runs:
+        assert config_key(RunConfig(**record["config"])) == record["key"]
+    for record in audits:
+        gradient = (record.get("gradient_canaries") or {}).get("count", 0)
+        assert audit_key(RunConfig(**record["config"]), record["canaries"], record["seed"], record["breakage"],
+                         gradient) == record["key"]
+    assert config_key(RunConfig()) == "c246ef9ac5ade6d6"
+    assert config_key(RunConfig(validation_size=100, ema_horizons=(0.9,), secure_noise=True)) == "acec4ccd599bbdc0"
+    assert config_key(RunConfig(device="cuda", physical_batch_size=7, per_sample_engine="vmap", checkpoint_every=3,
+                                profile="x")) == "c246ef9ac5ade6d6", "performance settings and the label stay out"
 
 
 @pytest.fixture

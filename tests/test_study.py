@@ -7,7 +7,8 @@ import yaml
 
 from dpeq_utils.config import config_from_profile
 from dpeq_utils.paths import profiles_dir, reference_dir
-from dpeq_utils.runs import RecordError, config_key, find_record, load_or_run, read_record, record_path
+from dpeq_utils.records import RecordError, config_key, find_record, read_record, record_path
+from dpeq_utils.runs import load_or_run
 from dpeq_utils.study import FIELDS, OPTIONAL_SECTIONS, Study
 
 
@@ -134,7 +135,7 @@ def test_readme_results_are_generated_from_the_shipped_records(monkeypatch):
     from dpeq_utils import report
 
     monkeypatch.delenv("DPEQ_REFERENCE_DIR")
-    assert report.main(["--check"]) == 0, "run python -m dpeq_utils.report after adding shipped records"
+    assert report.main(["--check"]) == 0, "run python -m dpeq_utils report after adding shipped records"
 
 
 def test_the_papers_claims_come_from_the_sourced_docs_not_from_code():

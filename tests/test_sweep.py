@@ -17,7 +17,8 @@ from submitit.core.test_core import MockedSubprocess  # noqa: E402
 
 from dpeq_utils.checkpoint import checkpoint_path  # noqa: E402
 from dpeq_utils.config import RunConfig  # noqa: E402
-from dpeq_utils.runs import read_record, record_path, run  # noqa: E402
+from dpeq_utils.records import read_record, record_path
+from dpeq_utils.runs import run  # noqa: E402
 from dpeq_utils.sweep import RunJob, expand_grid, main, make_executor, plan, status_table, submit  # noqa: E402
 
 TINY = RunConfig(profile="tiny", dataset="synthetic", train_size=128, test_size=64, model="resnet9", widths=(4, 8, 8),

@@ -11,7 +11,8 @@ from conftest import dp_optimizer, random_batch, relative_error, small_model
 from dpeq_utils.config import RunConfig, config_from_profile, parse_assignment
 from dpeq_utils.data import augment_views, make_synthetic
 from dpeq_utils.per_sample import vmap_per_sample_grads  # the reference engine
-from dpeq_utils.runs import REQUIRED_FIELDS, config_key, load_or_run, record_path, results_table, run
+from dpeq_utils.records import REQUIRED_FIELDS, config_key, record_path, results_table
+from dpeq_utils.runs import load_or_run, run
 from dpeq_utils.train import WeightEMA, _store_per_sample_gradients, evaluate, logical_step, swapped_parameters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,7 +255,7 @@ def test_cli_reports_bad_overrides():
 
 
 def test_records_store_non_finite_values_as_null(tmp_path):
-    from dpeq_utils.runs import write_json_atomic
+    from dpeq_utils.records import write_json_atomic
 
     write_json_atomic(tmp_path / "r.json", {"loss": float("nan"), "history": [{"x": float("inf"), "y": 1.0}]})
     assert json.loads((tmp_path / "r.json").read_text()) == {"loss": None, "history": [{"x": None, "y": 1.0}]}

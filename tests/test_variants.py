@@ -10,7 +10,8 @@ from dpeq_utils.data import make_synthetic
 from dpeq_utils.models import build_model
 from dpeq_utils.per_sample import naive_per_sample_grads
 from dpeq_utils.privacy import calibrate_noise, epsilon_spent
-from dpeq_utils.runs import REQUIRED_FIELDS, load_or_run
+from dpeq_utils.records import REQUIRED_FIELDS
+from dpeq_utils.runs import load_or_run
 from dpeq_utils.train import fit, logical_step
 from dpeq_utils.variants import CoordinateSelector, ModelMix, kept_count
 

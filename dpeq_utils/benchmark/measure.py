@@ -27,6 +27,9 @@ into the ratio (the paper model's ratio read 1.34× and 1.26× in two runs of on
 AMD EPYC, family 25 model 1), while a pair's two calls share it. The run starts and ends with the
 machine's speed on a few reference kernels (:func:`reference_speeds`), which says what kind of machine
 it was and whether its speed moved during the run.
+
+Why one file of ~470 lines: the timing protocol (warm-up, medians, memory, paired ratios) is
+shared by every figure it makes; keeping it with them keeps every figure measured the same way.
 """
 
 from __future__ import annotations
@@ -37,16 +40,15 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import escnn.nn as enn
 import torch
 import torch.nn as nn
 from opacus.optimizers import DPOptimizer
 
-from .models import build_model, count_params
-from .per_sample import ENGINE_FUNCTIONS
-from .runtime import (
+from ..models import build_model, count_params
+from ..per_sample import ENGINE_FUNCTIONS
+from ..runtime import (
     device_name,
     measure_phases,
     pick_device,
@@ -54,7 +56,7 @@ from .runtime import (
     synchronize,
     tune_cpu_allocator,
 )
-from .train import logical_step
+from ..train import logical_step
 
 try:
     import resource
@@ -346,13 +348,13 @@ def layer_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, 
     the method the engine uses, with the layer's multiply-adds (the same for all three products)."""
     from torch.nn.modules.utils import _pair
 
-    from .per_sample import (
-        _conv_rule,
-        _kernel_size,
-        _layer_grads,
+    from ..per_sample import (
         capture_layer_io,
+        conv_rule,
         filter_grads_method,
         grouped_filter_grads,
+        kernel_size,
+        pull_back_to_parameters,
         unfold_filter_grads,
     )
     dev = pick_device(device)
@@ -372,11 +374,11 @@ def layer_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, 
     def row(layer_name: str, module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> dict:
         out_channels, in_channels = grad_out.shape[1], x.shape[1]
         pixels = grad_out.shape[2] * grad_out.shape[3]
-        kernel = _kernel_size(module)
+        kernel = kernel_size(module)
         shape_only = x.new_empty(()).expand(out_channels, in_channels, *kernel)
         conv_args = (_pair(module.stride), _pair(module.padding), _pair(module.dilation), False, [0, 0], 1)
         grouped = filter_grads_method(pixels) is grouped_filter_grads
-        per_example = _conv_rule(module, x, grad_out, batch)
+        per_example = conv_rule(module, x, grad_out, batch)
         return {
             "layer": layer_name,
             "channels": f"{in_channels}→{out_channels}",
@@ -388,7 +390,7 @@ def layer_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, 
             "unfold ms": median_ms(lambda _: unfold_filter_grads(module, x, grad_out, batch)),
             "engine uses": "grouped" if grouped else "unfold",
             # the pull-back may work in place: each call gets its own copy, made outside the timing
-            "pull-back ms": median_ms(lambda fresh: _layer_grads(module, fresh),
+            "pull-back ms": median_ms(lambda fresh: pull_back_to_parameters(module, fresh),
                                       lambda: {key: value.clone() for key, value in per_example.items()}),
         }
 
@@ -465,118 +467,3 @@ def epoch_ratio(measurements: list[Measurement], model: str, reference: str, bat
     frame = results_frame(measurements)
     seconds = frame[(frame["kind"] == "dp_step") & (frame["batch"] == batch)].set_index("model")["seconds"]
     return float(seconds[model] / seconds[reference])
-
-
-#: Where the compute comparison the report prints is recorded (one benchmark run, see :func:`compute_record`).
-COMPUTE_RECORD = "benchmark/compute.json"
-
-
-def compute_record(batch: int = 64, repeats: int = 5, device: str = "auto") -> dict:
-    """The cost of one DP example-view gradient of each published recipe's model with that recipe's
-    views (the paper: eq_resnet9 with 4 views; De et al.: wrn16_4 with 16), measured the same way in
-    this one process: the median time of the trainer's whole DP step (per-example gradients, clip,
-    noise, update) at physical batch ``batch``, divided by batch × views. Run it on an otherwise idle
-    machine (the record describes the machine and the reference kernels' speed before and after)."""
-    from .config import config_from_profile
-    from .provenance import CODE
-    from .runtime import machine_description
-
-    dev = pick_device(device)
-    recipes = {"paper": config_from_profile("paper"), "de_et_al_eps8": config_from_profile("paper", "de_et_al_eps8")}
-    before = reference_speeds(dev)
-    models = {}
-    for name, recipe in recipes.items():
-        dp = next(m for m in benchmark_model(recipe.model, batch, engines=(), views=recipe.aug_mult, repeats=repeats,
-                                             device=device) if m.kind == "dp_step")
-        models[name] = {"model": recipe.model, "views": recipe.aug_mult, "physical_batch": batch,
-                        "dp_step_seconds": dp.seconds, "ms_per_example_view": 1000 * dp.seconds / (batch * recipe.aug_mult),
-                        "steps": recipe.update_steps, "batch_size": recipe.batch_size}
-    after = reference_speeds(dev)
-    return {"recipes": models, "device": device_name(dev), "machine": machine_description(dev),
-            "torch_threads": torch.get_num_threads(), "reference_speeds": {"start": before, "end": after},
-            "git_commit": CODE["git_commit"], "source_sha256": CODE["source_sha256"]}
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    from .runtime import environment_report, machine_description
-
-    parser = argparse.ArgumentParser(prog="python benchmarks/per_sample_speed.py", description=(
-        "Examples/s of a non-private step, each per-example gradient engine and the whole DP step."))
-    parser.add_argument("--models", nargs="+", default=list(BENCHMARK_MODELS), choices=list(BENCHMARK_MODELS))
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256], help="physical batch sizes")
-    parser.add_argument("--engines", nargs="+", default=sorted(ENGINE_FUNCTIONS), choices=sorted(ENGINE_FUNCTIONS))
-    parser.add_argument("--views", type=int, default=1, help="augmentation views per example")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure (median); one more warms up")
-    parser.add_argument("--pairs", type=int, default=5,
-                        help="rounds of a non-private and a DP step back to back for the paired ratio (0: none)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    parser.add_argument("--phases", action="store_true",
-                        help="also break the non-private and the DP step down into phases (forward, backward, ...)")
-    parser.add_argument("--layers", action="store_true",
-                        help="also time each convolution's summed and per-example filter gradients and pull-back")
-    parser.add_argument("--csv", default=None, help="also write the long table here")
-    parser.add_argument("--compute-record", default=None, metavar="PATH",
-                        help="only measure the published recipes' cost per DP example-view gradient and write it as "
-                             f"JSON (the report reads data/reference/{COMPUTE_RECORD}); run on an idle machine")
-    args = parser.parse_args(argv)
-    if args.compute_record:
-        import json
-
-        from .paths import write_atomic
-
-        record = compute_record(repeats=args.repeats, device=args.device)
-        write_atomic(Path(args.compute_record), lambda handle: json.dump(record, handle, indent=1))
-        print(json.dumps(record["recipes"], indent=1))
-        print(f"wrote {args.compute_record}")
-        return 0
-    if args.views < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
-        parser.error("--views, --repeats and --batch-sizes must be positive")
-    if args.pairs < 0:
-        parser.error("--pairs must be 0 or more")
-
-    device = pick_device(args.device)
-    print(f"device: {device_name(device)}; torch threads: {torch.get_num_threads()}")
-    print("machine: " + "; ".join(f"{key}: {value}" for key, value in machine_description(device).items()))
-    before = reference_speeds(device)
-    print("reference kernels at the start (float32): " + "; ".join(f"{key} {value:.0f}" for key, value in before.items()))
-    print(environment_report())
-    measurements = []
-    for name in args.models:
-        for batch in args.batch_sizes:
-            for m in benchmark_model(name, batch, engines=args.engines, views=args.views, repeats=args.repeats,
-                                     pairs=args.pairs, device=args.device):
-                print(f"  {m.model:17s} B={m.batch:<4d} {m.kind:12s} {m.examples_per_s:9.1f} ex/s "
-                      f"{m.seconds:8.3f} s  peak {m.peak_mb:8.0f} MB  page faults/call {m.page_faults:9.0f}"
-                      + ("" if math.isnan(m.paired_ratio) else f"  DP/non-private in pairs {m.paired_ratio:.2f}×"),
-                      flush=True)
-                measurements.append(m)
-    print()
-    print(summary_table(measurements))
-    if {"eq_resnet9", "wrn16_4"} <= set(args.models):
-        for batch in args.batch_sizes:
-            ratio = epoch_ratio(measurements, "eq_resnet9", "wrn16_4", batch)
-            print(f"\nDP epoch wall-clock, eq_resnet9 / wrn16_4 at physical batch {batch}, {args.views} view(s): "
-                  f"{ratio:.3f} ({100 * (1 - ratio):.0f}% less)")
-    if args.phases:
-        for name in args.models:
-            for batch in args.batch_sizes:
-                breakdown = phase_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)
-                print(f"\n{name}, B={batch}, {args.views} view(s): seconds per step by phase\n")
-                print(phase_table(breakdown, "phase"))
-    if args.layers:
-        for name in args.models:
-            for batch in args.batch_sizes:
-                print(f"\n{name}, B={batch}, {args.views} view(s): filter gradients per convolution\n")
-                print(layer_table(layer_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)))
-    after = reference_speeds(device)
-    print("\nreference kernels at the end (float32): " + "; ".join(f"{key} {value:.0f}" for key, value in after.items()))
-    drift = {key: after[key] / before[key] - 1 for key in before}
-    print("machine speed drift over the run: " + ", ".join(f"{key.split(' G')[0]} {100 * value:+.0f}%"
-                                                         for key, value in drift.items())
-          + " (a shared machine's speed varies; compare figures of one run, and see whether it moved)")
-    if args.csv:
-        results_frame(measurements).to_csv(args.csv, index=False)
-        print(f"wrote {args.csv}")
-    return 0

@@ -1,0 +1,138 @@
+"""Each part's figure, and the overview the README shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..plotting import MODEL_LABELS as MODEL_NAMES
+from ..study import Study
+from .stats import STAMP, binomial_ci95
+from .tables import part_a, part_b, part_c, part_d
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _no_records(ax, missing: int = 0) -> None:
+    if not ax.has_data():
+        ax.text(0.5, 0.5, "no records yet" + (f" ({missing} runs missing)" if missing else ""), ha="center",
+                va="center", transform=ax.transAxes)
+
+
+def stamp(ax, study: Study) -> None:
+    """Mark an axis as a smoke-profile pipeline check."""
+    if study.profile == "smoke":
+        ax.set_title(f"{ax.get_title()}\n[{STAMP}]", fontsize=9, color="firebrick")
+
+
+def plot_a(ax, study: Study, records=None) -> None:
+    """Part A: EMA test accuracy per model at its chosen rate, 95 % interval over seeds."""
+    from ..plotting import MODEL_COLOURS
+
+    _, summary = part_a(study, records)
+    if len(summary):
+        y = np.arange(len(summary))
+        ax.barh(y, summary["test accuracy (EMA)"], xerr=summary["EMA ± (95 %)"], capsize=3,
+                color=[MODEL_COLOURS.get(m, "grey") for m in summary["model"]])
+        ax.set_yticks(y, [f"{MODEL_NAMES.get(m, m)}\n{p:,} params, lr {lr:g}, {n} seed(s)" for m, p, lr, n in
+                          zip(summary["model"], summary["parameters"], summary["lr"], summary["seeds"])], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0.1, color="grey", linestyle=":", label="chance")
+    ax.set_xlim(left=0)
+    ax.set(xlabel="test accuracy (EMA), 95 % interval",
+           title=f"A · equal budget, ε = {study.base.target_epsilon:g} ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)
+
+
+def plot_b(ax, study: Study, records=None) -> None:
+    """Part B: EMA test accuracy against ε, mean and 95 % interval; dashed: non-private (own rate)."""
+    from ..plotting import MODEL_COLOURS
+
+    b = part_b(study, records)
+    for model, part in b.groupby("model", sort=False) if len(b) else []:
+        finite = part[np.isfinite(part["epsilon"])]
+        colour = MODEL_COLOURS.get(model)
+        ax.errorbar(finite["epsilon"], finite["mean"], yerr=finite["ci95"], marker="o", capsize=3, color=colour,
+                    label=f"{MODEL_NAMES.get(model, model)} ({int(finite['runs'].min())}+ seeds)")
+        reference = part[~np.isfinite(part["epsilon"])]
+        if len(reference):
+            ax.axhspan(reference["mean"].iloc[0] - reference["ci95"].iloc[0],
+                       reference["mean"].iloc[0] + reference["ci95"].iloc[0], color=colour, alpha=0.12)
+            ax.axhline(reference["mean"].iloc[0], color=colour, linestyle="--", linewidth=1,
+                       label=f"{MODEL_NAMES.get(model, model)}, non-private")
+    if len(b):
+        ax.axhline(0.1, color="grey", linestyle=":", label="chance")
+        ax.legend(fontsize=6)
+    ax.set(xlabel=f"ε (δ = {study.base.target_delta:g})", ylabel="test accuracy (EMA)",
+           title=f"B · accuracy against ε ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)
+
+
+def plot_c(ax, study: Study, records=None) -> None:
+    """Part C: EMA test accuracy per group and design ablation (one seed: binomial 95 % interval)."""
+    c = part_c(study, records)
+    if len(c):
+        acc = c["test_accuracy_ema"].astype(float)
+        half = binomial_ci95(acc, c["test_size"].astype(float))
+        y = np.arange(len(c))
+        ax.barh(y, acc, xerr=half, capsize=3, color=["#1b7837" if "paper" in lab else "#7fbf7b" for lab in c["label"]])
+        ax.set_yticks(y, [f"{lab} ({n:,} params)" for lab, n in zip(c["label"], c["num_params"])], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0.1, color="grey", linestyle=":")
+    ax.set_xlim(left=0)
+    ax.set(xlabel="test accuracy (EMA), 95 % binomial interval", title=f"C · which symmetry ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)
+
+
+def plot_d(ax, study: Study, records=None, value: str = "test_accuracy_ema") -> None:
+    """Part D: EMA test accuracy (or another history value) along training for each model and run length."""
+    from ..plotting import MODEL_COLOURS
+
+    d = part_d(study, records)
+    for (model, length), part in d.groupby(["model", "length"], sort=False) if len(d) else []:
+        ax.plot(part["step"], part[value], marker="o", color=MODEL_COLOURS.get(model),
+                alpha=0.4 + 0.6 * (length == d["length"].max()), label=f"{MODEL_NAMES.get(model, model)}, {length} steps")
+    if len(d):
+        if "accuracy" in value:
+            ax.axhline(0.1, color="grey", linestyle=":")
+        ax.legend(fontsize=6)
+    ax.set(xlabel="logical step", ylabel=value.replace("_", " ").replace("ema", "(EMA)"),
+           title=f"D · training length, σ per length ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)
+
+
+def figure_overview(study: Study, records=None, title: str | None = None):
+    """The main answers in one figure: parts A, B and D."""
+    import matplotlib.pyplot as plt
+
+    records = study.records() if records is None else records
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for plot, ax in zip((plot_a, plot_b, plot_d), axes):
+        plot(ax, study, records)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def side_by_side(plot, study: Study, reference: Study | None, records=None, width: float = 6.5, height: float = 3.8):
+    """``plot`` for ``study``, and beside it for ``reference`` (the shipped study) when one is given."""
+    import matplotlib.pyplot as plt
+
+    panels = [study] if reference is None else [study, reference]
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
+    for ax, which in zip(axes[0], panels):
+        plot(ax, which, records if which is study else None)
+    fig.tight_layout()
+    return fig
+
+
+def shipped_reference(profile: str) -> Study | None:
+    """The teach study to show beside a smoke run (None under any other profile)."""
+    return Study("teach") if Path(profile).stem == "smoke" else None
