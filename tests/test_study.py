@@ -155,3 +155,28 @@ def test_the_papers_claims_come_from_the_sourced_docs_not_from_code():
     for path in (REPO_ROOT / "dpeq_utils").rglob("*.py"):
         text = path.read_text()
         assert not re.search(r">\s*85\s*%|85 % less|~35×|0\.825|0\.814", text), path
+
+
+def test_the_part_f_intervals_are_the_preregistered_ones():
+    """F2 and F3 use Welch intervals (docs/study.md): a two-group contrast equals scipy's Welch test,
+    and the four-group difference of privacy costs has Welch–Satterthwaite degrees of freedom."""
+    import math
+
+    from scipy import stats
+
+    from dpeq_utils.report import contrast_interval, welch_interval
+
+    a, b = [0.55, 0.57, 0.54, 0.56], [0.50, 0.58, 0.53]
+    welch = welch_interval(a, b)
+    va, vb = stats.tvar(a) / 4, stats.tvar(b) / 3
+    df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)
+    assert math.isclose(welch["df"], df) and math.isclose(welch["mean"], sum(a) / 4 - sum(b) / 3)
+    assert math.isclose(welch["ci95"], stats.t.ppf(0.975, df) * math.sqrt(va + vb))
+    two = contrast_interval([(1, a), (-1, b)])
+    assert math.isclose(two["mean"], welch["mean"]) and math.isclose(two["ci95"], welch["ci95"])
+    c, d = [0.60, 0.62], [0.41, 0.40, 0.45]
+    four = contrast_interval([(1, c), (-1, a), (-1, d), (1, b)])
+    assert math.isclose(four["mean"], (sum(c) / 2 - sum(a) / 4) - (sum(d) / 3 - sum(b) / 3))
+    v = [stats.tvar(g) / len(g) for g in (c, a, d, b)]
+    df4 = sum(v) ** 2 / sum(x ** 2 / (len(g) - 1) for x, g in zip(v, (c, a, d, b)))
+    assert math.isclose(four["df"], df4) and math.isclose(four["ci95"], stats.t.ppf(0.975, df4) * math.sqrt(sum(v)))

@@ -14,7 +14,8 @@ from ..reference import paper_claims
 from ..study import Study
 from .cost import recipe_compute, typical_step_seconds
 from .figures import figure_overview
-from .stats import binomial_ci95, percent
+from .noise_limited import part_f, part_g
+from .stats import binomial_ci95, mean_interval, percent
 from .tables import paired_gap, part_a, part_b, part_c, part_d
 
 # ---------------------------------------------------------------------------------------------- README
@@ -92,6 +93,8 @@ def results_markdown(study: Study, records=None) -> str:
     if len(table_e):
         lines += ["", "**E · Other ways of making DP-SGD work, same budget** (one seed; baselines at their profile's rates)", ""]
         lines += _single_runs_table(table_e, records, "method", "kept_params", "trained parameters")
+    lines += noise_limited_lines(study, records)
+    lines += augmentation_lines(study, records)
     compute = recipe_compute(study, records)
     if len(compute) == 2:
         ratio = compute["CPU hours (2 cores)"].iloc[0] / compute["CPU hours (2 cores)"].iloc[1]
@@ -108,7 +111,7 @@ def results_markdown(study: Study, records=None) -> str:
     return "\n".join(lines)
 
 
-PARTS_WITH_TABLES = ("A", "B", "C", "D", "E")
+PARTS_WITH_TABLES = ("A", "B", "C", "D", "E", "F", "G")
 
 
 def verdicts(study: Study, records=None) -> list[str]:
@@ -146,6 +149,7 @@ def verdicts(study: Study, records=None) -> list[str]:
             lines.append("**Training length** (D, one seed): equivariant minus matched at the end of a run of "
                          + ", ".join(f"{n} steps: {100 * (r['eq_resnet9'] - r['resnet9_matched']):+.1f} points"
                                      for n, r in finals.iterrows()) + ".")
+    lines += noise_limited_verdicts(study, records)
     paper = count_params(build_model("eq_resnet9"))
     wrn40, wrn16 = count_params(WideResNet(depth=40, width=4)), count_params(WideResNet(depth=16, width=4))
     lines.append(f"**Parameters:** the paper model has {paper:,}; De et al.'s headline WRN-40-4 has {wrn40:,} "
@@ -217,3 +221,85 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _points(interval: dict) -> str:
+    return f"{100 * interval['mean']:+.1f} ± {100 * interval['ci95']:.1f} points"
+
+
+def noise_limited_lines(study: Study, records) -> list[str]:
+    """Part F's table and its pre-registered analyses (``docs/study.md``), as far as records exist."""
+    f = part_f(study, records)
+    if not f or not any(f["private"].values()) and not any(f["non_private"].values()):
+        return []
+    eq, matched = f["models"]
+    lines = ["", f"**F · The noise-limited regime** ({f['steps']} steps, ε = {study.base.target_epsilon:g} and "
+                 "non-private, each at its own rate chosen on validation at this length; EMA test accuracy, mean ± "
+                 "95 % Student-t over seeds, or ± 1.96 binomial standard errors for one seed)", "",
+             "| model | ε = 8 | seeds | non-private | seeds | privacy cost (non-private − ε = 8, Welch) |",
+             "|---|---|---|---|---|---|"]
+    for model in (eq, matched):
+        cells = []
+        for values in (f["private"][model], f["non_private"][model]):
+            cells += [_mean_cell(list(values.values()), study.base.test_size), str(len(values))]
+        cost = f["F3"][model]
+        lines.append(f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(cells) + " | "
+                     + (_points(cost) if cost else "needs 2 seeds of each") + " |")
+    return lines
+
+
+def _mean_cell(values: list[float], test_size: int) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return percent(values[0], float(binomial_ci95(values[0], test_size)))
+    return percent(*mean_interval(values))
+
+
+def noise_limited_verdicts(study: Study, records) -> list[str]:
+    f = part_f(study, records)
+    if not f:
+        return []
+    eq, matched = f["models"]
+    if f["F1"] is None:
+        have = {m: len(f["private"][m]) for m in (eq, matched)}
+        return [f"**Noise-limited regime** (F, {f['steps']} steps): not decided yet, the primary test needs at "
+                f"least two paired seeds at each model's chosen rate (records so far: {have[eq]} equivariant, "
+                f"{have[matched]} matched; 4 planned)."]
+    gap = f["F1"]
+    verdict = ("higher than" if gap["mean"] - gap["ci95"] > 0 else "lower than" if gap["mean"] + gap["ci95"] < 0
+               else "not distinguishable from")
+    line = (f"**Noise-limited regime** (F, primary test, {f['steps']} steps, ε = {study.base.target_epsilon:g}): the "
+            f"equivariant ResNet-9 is **{verdict}** the matched plain ResNet-9: {_points(gap)} (paired over seeds "
+            f"{', '.join(map(str, gap['seeds']))}).")
+    if f["F2"]:
+        line += (f" Against {study.base.update_steps} steps the gap changes by {_points(f['F2'])} (Welch, "
+                 f"{f['F2']['df']:.1f} df).")
+    if f["F3_difference"]:
+        line += (f" Privacy cost (non-private − ε = {study.base.target_epsilon:g}): equivariant {_points(f['F3'][eq])}, "
+                 f"matched {_points(f['F3'][matched])}; difference {_points(f['F3_difference'])}.")
+    return [line]
+
+
+def augmentation_lines(study: Study, records) -> list[str]:
+    g = part_g(study, records)
+    if not g or not any(g["accuracy"].values()):
+        return []
+    eq, matched = g["models"]
+    k = g["views"]
+    lines = ["", f"**G · Augmentation multiplicity** ({g['steps']} steps, ε = {study.base.target_epsilon:g}, each "
+                 f"model at its part-A rate; EMA test accuracy per seed, 1 view → {k} views)", "",
+             "| seed | equivariant | matched plain | gap, 1 view | gap, " + f"{k} views | Δ gap |", "|---|---|---|---|---|---|"]
+    seeds = sorted(set().union(*(set(v) for v in g["accuracy"].values())))
+    for s in seeds:
+        def pair(model):
+            one, many = g["accuracy"][model, 1].get(s), g["accuracy"][model, k].get(s)
+            return f"{'—' if one is None else percent(one)} → {'—' if many is None else percent(many)}"
+        gap1, gapk = g["gaps"][1].get(s), g["gaps"][k].get(s)
+        cells = [pair(eq), pair(matched), "—" if gap1 is None else f"{100 * gap1:+.1f}",
+                 "—" if gapk is None else f"{100 * gapk:+.1f}", "—" if s not in g["delta"] else f"{100 * g['delta'][s]:+.1f}"]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if g["delta_interval"]:
+        lines += ["", f"Mean change of the gap with {k} views: {_points(g['delta_interval'])} (paired t over "
+                      f"{len(g['delta_interval']['seeds'])} seeds)."]
+    return lines
