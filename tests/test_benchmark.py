@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dpeq_utils.benchmark import (
+from dpeq_utils.benchmark import machine as benchmark_machine
+from dpeq_utils.benchmark.machine import machine_description
+from dpeq_utils.benchmark.measure import (
     benchmark_model,
     epoch_ratio,
     layer_breakdown,
@@ -17,8 +19,6 @@ from dpeq_utils.benchmark import (
     reference_speeds,
     summary_table,
 )
-from dpeq_utils.benchmark import machine as benchmark_machine
-from dpeq_utils.benchmark.machine import machine_description
 from dpeq_utils.models import build_model
 from dpeq_utils.per_sample import GROUPED_MIN_PIXELS
 from dpeq_utils.runtime import measure_phases, phase, tune_cpu_allocator

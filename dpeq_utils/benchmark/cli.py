@@ -13,20 +13,9 @@ from ..runtime import (
     device_name,
     pick_device,
 )
+from . import measure
 from .compute import COMPUTE_RECORD, compute_record
 from .machine import machine_description
-from .measure import (
-    BENCHMARK_MODELS,
-    benchmark_model,
-    epoch_ratio,
-    layer_breakdown,
-    layer_table,
-    phase_breakdown,
-    phase_table,
-    reference_speeds,
-    results_frame,
-    summary_table,
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = command_parser("benchmark", "Examples/s of a non-private step, each per-example gradient engine and "
                             "the whole DP step.")
-    parser.add_argument("--models", nargs="+", default=list(BENCHMARK_MODELS), choices=list(BENCHMARK_MODELS))
+    parser.add_argument("--models", nargs="+", default=list(measure.BENCHMARK_MODELS), choices=list(measure.BENCHMARK_MODELS))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256], help="physical batch sizes")
     parser.add_argument("--engines", nargs="+", default=sorted(ENGINE_FUNCTIONS), choices=sorted(ENGINE_FUNCTIONS))
     parser.add_argument("--views", type=int, default=1, help="augmentation views per example")
@@ -76,13 +65,13 @@ def _run(parser, args) -> int:
     device = pick_device(args.device)
     print(f"device: {device_name(device)}; torch threads: {torch.get_num_threads()}")
     print("machine: " + "; ".join(f"{key}: {value}" for key, value in machine_description(device).items()))
-    before = reference_speeds(device)
+    before = measure.reference_speeds(device)
     print("reference kernels at the start (float32): " + "; ".join(f"{key} {value:.0f}" for key, value in before.items()))
     print(environment_report())
     measurements = []
     for name in args.models:
         for batch in args.batch_sizes:
-            for m in benchmark_model(name, batch, engines=args.engines, views=args.views, repeats=args.repeats,
+            for m in measure.benchmark_model(name, batch, engines=args.engines, views=args.views, repeats=args.repeats,
                                      pairs=args.pairs, device=args.device):
                 print(f"  {m.model:17s} B={m.batch:<4d} {m.kind:12s} {m.examples_per_s:9.1f} ex/s "
                       f"{m.seconds:8.3f} s  peak {m.peak_mb:8.0f} MB  page faults/call {m.page_faults:9.0f}"
@@ -90,30 +79,30 @@ def _run(parser, args) -> int:
                       flush=True)
                 measurements.append(m)
     print()
-    print(summary_table(measurements))
+    print(measure.summary_table(measurements))
     if {"eq_resnet9", "wrn16_4"} <= set(args.models):
         for batch in args.batch_sizes:
-            ratio = epoch_ratio(measurements, "eq_resnet9", "wrn16_4", batch)
+            ratio = measure.epoch_ratio(measurements, "eq_resnet9", "wrn16_4", batch)
             print(f"\nDP epoch wall-clock, eq_resnet9 / wrn16_4 at physical batch {batch}, {args.views} view(s): "
                   f"{ratio:.3f} ({100 * (1 - ratio):.0f}% less)")
     if args.phases:
         for name in args.models:
             for batch in args.batch_sizes:
-                breakdown = phase_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)
+                breakdown = measure.phase_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)
                 print(f"\n{name}, B={batch}, {args.views} view(s): seconds per step by phase\n")
-                print(phase_table(breakdown, "phase"))
+                print(measure.phase_table(breakdown, "phase"))
     if args.layers:
         for name in args.models:
             for batch in args.batch_sizes:
                 print(f"\n{name}, B={batch}, {args.views} view(s): filter gradients per convolution\n")
-                print(layer_table(layer_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)))
-    after = reference_speeds(device)
+                print(measure.layer_table(measure.layer_breakdown(name, batch, views=args.views, repeats=args.repeats, device=args.device)))
+    after = measure.reference_speeds(device)
     print("\nreference kernels at the end (float32): " + "; ".join(f"{key} {value:.0f}" for key, value in after.items()))
     drift = {key: after[key] / before[key] - 1 for key in before}
     print("machine speed drift over the run: " + ", ".join(f"{key.split(' G')[0]} {100 * value:+.0f}%"
                                                          for key, value in drift.items())
           + " (a shared machine's speed varies; compare figures of one run, and see whether it moved)")
     if args.csv:
-        results_frame(measurements).to_csv(args.csv, index=False)
+        measure.results_frame(measurements).to_csv(args.csv, index=False)
         print(f"wrote {args.csv}")
     return 0
