@@ -151,6 +151,41 @@ def grid_elements(gspace: gspaces.GSpace2D) -> list:
     return exact
 
 
+def describe_element(gspace: gspaces.GSpace2D, element) -> str:
+    """escnn's name of a group element in words, as it acts on an image (:func:`transform_images`).
+
+    escnn writes a rotation by k·360°/N as ``k[2pi/N]`` and a dihedral element as ``(±, k[2pi/N])``,
+    where ``-`` means "mirror left-right first"; in the reflection-only group D1 (escnn's C2 acting by
+    a flip) ``1[2pi/2]`` is the mirror, not a 180° turn.
+
+    >>> gs = make_gspace("D4"); [describe_element(gs, e) for e in list(gs.fibergroup.elements)[4:6]]
+    ['mirror left-right', 'mirror left-right, then rotate 90°']
+    """
+    value = element.to("radians")
+    if gspace.flips_order and gspace.rotations_order == 1:  # D1: the one non-identity element is the mirror
+        flip, angle = bool(round(float(value) / math.pi)), 0.0
+    elif isinstance(value, tuple):
+        flip, angle = bool(value[0]), float(value[1])
+    else:
+        flip, angle = False, float(value)
+    degrees = math.degrees(angle)
+    turn = f"rotate {degrees:.0f}°" if abs(degrees - round(degrees)) < 1e-9 else f"rotate {degrees:.1f}°"
+    if not flip:
+        return "identity" if degrees == 0 else turn
+    return "mirror left-right" if degrees == 0 else f"mirror left-right, then {turn}"
+
+
+def lifting_conv_c4(images: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """A C4 group convolution written out by hand (the "lifting" layer of Cohen & Welling 2016): the
+    one learned ``kernel`` (out, in, k, k), correlated with ``images`` at each of its four quarter
+    turns, gives an output with a new axis for the rotation: (batch, out, 4, H, W). Channel r holds
+    the response of the filter turned by r·90°. Rotating the input by 90° rotates every map and moves
+    channel r to r+1 (a cyclic shift: the regular representation of C4)."""
+    turned = [torch.rot90(kernel, r, dims=(-2, -1)) for r in range(4)]
+    padding = kernel.shape[-1] // 2
+    return torch.stack([F.conv2d(images, k, padding=padding) for k in turned], dim=2)
+
+
 def _rotation_angle(element) -> float:
     value = element.to("radians")
     return float(value[1] if isinstance(value, tuple) else value)
@@ -206,6 +241,27 @@ def transform_images(x: torch.Tensor, rotation_quarter_turns: int = 0, flip: boo
     if flip:
         x = x.flip(-1)
     return torch.rot90(x, rotation_quarter_turns, dims=(-2, -1))
+
+
+def rotation_consistency(model: torch.nn.Module, x: torch.Tensor, rotation_quarter_turns: int = 1) -> dict[str, float]:
+    """How a classifier's outputs change when its inputs turn by 90°, set against how much they
+    change between *different* images: a network whose logits barely depend on the image (a
+    near-constant classifier) has a tiny rotation error without having learned anything.
+
+    Returns ``error vs norm`` (‖f(g·x) − f(x)‖ / ‖f(x)‖, as :func:`invariance_error`), ``error vs
+    spread`` (the same difference over ‖f(x) − mean f(x)‖, the spread of the logits between images),
+    ``same prediction`` (share of images whose predicted class the turn leaves unchanged) and
+    ``majority share`` (share of images given the most common class)."""
+    with evaluation_mode(model), torch.no_grad():
+        logits = model(x)
+        turned = model(transform_images(x, rotation_quarter_turns))
+    difference = float(torch.linalg.vector_norm(turned - logits))
+    spread = float(torch.linalg.vector_norm(logits - logits.mean(0, keepdim=True)))
+    predicted = logits.argmax(1)
+    return {"error vs norm": difference / max(float(torch.linalg.vector_norm(logits)), 1e-12),
+            "error vs spread": difference / max(spread, 1e-12),
+            "same prediction": float((turned.argmax(1) == predicted).float().mean()),
+            "majority share": float(torch.bincount(predicted).max()) / len(predicted)}
 
 
 def invariance_error(model: torch.nn.Module, x: torch.Tensor, rotation_quarter_turns: int = 1, flip: bool = False) -> float:

@@ -29,6 +29,15 @@ def _gram(flat: torch.Tensor) -> torch.Tensor:
     return flat.double() @ flat.double().T
 
 
+def mean_length_unbiased(vectors: torch.Tensor) -> float:
+    """An unbiased estimate of ‖E[v]‖ from n rows ``vectors`` (n ≥ 2): the square root of the mean of
+    their off-diagonal inner products (0 where that mean is negative)."""
+    gram = _gram(vectors)
+    n = len(vectors)
+    off_diagonal = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
+    return math.sqrt(max(float(off_diagonal), 0.0))
+
+
 def signal_and_noise(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clip_norm: float,
                      noise_multiplier: float, batch_size: int, engine: str = "auto") -> dict[str, float]:
     """Measure the clipped signal of ``images`` (one view each) under ``model`` against one step's
@@ -41,11 +50,10 @@ def signal_and_noise(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     clipped = flat * (clip_norm / (norms + 1e-6)).clamp(max=1.0).unsqueeze(1)
     gram = _gram(clipped)
     n, d = len(clipped), clipped.shape[1]
-    off_diagonal = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
     lengths = gram.diagonal().sqrt()
     cosines = gram / (lengths[:, None] * lengths[None, :]).clamp(min=1e-300)
     mean_cosine = (cosines.sum() - cosines.diagonal().sum()) / (n * (n - 1))
-    signal = math.sqrt(max(float(off_diagonal), 0.0))
+    signal = mean_length_unbiased(clipped)
     noise = noise_multiplier * clip_norm * math.sqrt(d) / batch_size
     return {"parameters": d, "examples": n, "median gradient norm": float(norms.median()),
             "clipped": float((norms > clip_norm).float().mean()), "signal_norm": signal,

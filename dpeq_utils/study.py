@@ -271,6 +271,22 @@ class Study:
                 todo.append(item)
         return todo
 
+    def _announce(self, parts, echo) -> None:
+        """Say what is about to train before it does: a notebook with ``train_missing=True`` under a
+        profile without shipped records (a renamed copy of ``teach``, say) would otherwise start
+        hours of training without a word."""
+        from .paths import reference_dir
+
+        todo = self.missing(parts)
+        if not todo:
+            return
+        shipped = reference_dir(self.profile)
+        echo(f"[study {self.profile}] {len(todo)} runs of part(s) {', '.join(sorted({t.part for t in todo}))} have no "
+             "record" + ("" if shipped.is_dir() else f" (no shipped records for this profile: {shipped} does not "
+                         "exist)") + "; training them now, and more once their learning rates are chosen. To see only "
+             "the records that exist, set train_missing=False (notebooks) or stop with Ctrl-C (runs resume from "
+             "their checkpoints).")
+
     def complete(self, parts=PARTS, progress: bool = False, max_runs: int | None = None, echo=print,
                  executor: str = "inprocess", concurrency: int = 1, **executor_options) -> int:
         """Train the missing runs of ``parts`` and return how many were trained.
@@ -280,6 +296,7 @@ class Study:
         that :mod:`dpeq_utils.sweep` executor at once (``concurrency`` at a time locally; Slurm
         options such as ``partition``, ``gpus_per_run``, ``time_min`` as keywords), then the study
         re-plans and submits the next wave, until nothing is missing."""
+        self._announce(parts, echo)
         if executor != "inprocess":
             return self._complete_in_waves(parts, executor, concurrency, echo, executor_options)
         from .data import load_splits

@@ -79,7 +79,9 @@ def test_study_hands_its_waves_to_a_sweep_executor(tiny_profile, tmp_path):
     trained = study.complete(("A",), executor="debug", echo=waves.append)
     records = study.records()
     assert trained == len(records) == 6 and study.missing(("A",), records) == []  # 2 models × (2 rates + seed 1)
-    assert waves == ["[study tiny] submitting 4 runs to debug", "[study tiny] submitting 2 runs to debug"]
+    assert waves[0].startswith("[study tiny] 4 runs of part(s) A have no record (no shipped records for this profile")
+    assert "train_missing=False" in waves[0], "training is announced before it starts, with the way out"
+    assert waves[1:] == ["[study tiny] submitting 4 runs to debug", "[study tiny] submitting 2 runs to debug"]
     again = Study(tiny_profile, runs_dir=tmp_path / "in-process")
     again.complete(("A",))
     assert {k: r["test_accuracy"] for k, r in again.records().items()} == {k: r["test_accuracy"] for k, r in records.items()}
