@@ -62,5 +62,14 @@ def recipe_compute(study: Study | None = None, records=None) -> pd.DataFrame:
         rows.append({"recipe": name, "model": recipe["model"], "steps": recipe["steps"], "batch": recipe["batch_size"],
                      "views": recipe["views"], "example-view gradients": views,
                      "ms per example-view (this CPU)": 1000 * per_view, "CPU hours (2 cores)": views * per_view / 3600,
-                     "machine": measured["device"]})
+                     "machine": _machine(measured)})
     return pd.DataFrame(rows)
+
+
+def _machine(measured: dict) -> str:
+    """The benchmark's machine in one phrase: its CPU and cores (or the device alone for older records)."""
+    machine = measured.get("machine") or {}
+    if "cpu" not in machine:
+        return measured["device"]
+    gpu = f", {machine['gpu']}" if "gpu" in machine else ""
+    return f"{machine['cpu']}, {machine.get('cores', '?')} cores{gpu}, torch {machine.get('torch', '?')}"
