@@ -111,6 +111,8 @@ def test_unreachable_budget_is_reported():
 def test_rdp_by_hand_is_the_accountants_sum_and_bounds_its_epsilon():
     """Notebook 03's accounting by hand: the formula at integer orders equals Opacus's RDP there, its
     conversion equals Opacus's at the same orders, and the accountant (other orders) agrees within 10 %."""
+    import warnings
+
     import numpy as np
     from opacus.accountants.analysis import rdp as opacus_rdp
 
@@ -125,6 +127,8 @@ def test_rdp_by_hand_is_the_accountants_sum_and_bounds_its_epsilon():
         one_step = opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=integer_orders)
         for steps in (40, 2160):
             by_hand, order = epsilon_by_hand(sigma, q, steps, 1e-5)
-            at_integers, best = opacus_rdp.get_privacy_spent(orders=integer_orders, rdp=one_step * steps, delta=1e-5)
+            with warnings.catch_warnings():  # the best order at the grid's edge: Opacus warns, the value stands
+                warnings.simplefilter("ignore")
+                at_integers, best = opacus_rdp.get_privacy_spent(orders=integer_orders, rdp=one_step * steps, delta=1e-5)
             assert math.isclose(by_hand, at_integers, rel_tol=1e-9) and order == best
             assert math.isclose(epsilon_spent(sigma, q, steps, 1e-5, "rdp"), by_hand, rel_tol=0.1)  # other orders
