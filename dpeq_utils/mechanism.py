@@ -32,8 +32,11 @@ def _gram(flat: torch.Tensor) -> torch.Tensor:
 def mean_length_unbiased(vectors: torch.Tensor) -> float:
     """An unbiased estimate of ‖E[v]‖ from n rows ``vectors`` (n ≥ 2): the square root of the mean of
     their off-diagonal inner products (0 where that mean is negative)."""
-    gram = _gram(vectors)
-    n = len(vectors)
+    return _length_from_gram(_gram(vectors))
+
+
+def _length_from_gram(gram: torch.Tensor) -> float:
+    n = len(gram)
     off_diagonal = (gram.sum() - gram.diagonal().sum()) / (n * (n - 1))
     return math.sqrt(max(float(off_diagonal), 0.0))
 
@@ -53,7 +56,7 @@ def signal_and_noise(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     lengths = gram.diagonal().sqrt()
     cosines = gram / (lengths[:, None] * lengths[None, :]).clamp(min=1e-300)
     mean_cosine = (cosines.sum() - cosines.diagonal().sum()) / (n * (n - 1))
-    signal = mean_length_unbiased(clipped)
+    signal = _length_from_gram(gram)  # the Gram matrix the cosines use, computed once
     noise = noise_multiplier * clip_norm * math.sqrt(d) / batch_size
     return {"parameters": d, "examples": n, "median gradient norm": float(norms.median()),
             "clipped": float((norms > clip_norm).float().mean()), "signal_norm": signal,

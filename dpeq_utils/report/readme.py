@@ -15,7 +15,7 @@ from ..study import Study
 from .cost import recipe_compute, typical_step_seconds
 from .figures import figure_overview
 from .noise_limited import part_f, part_g
-from .stats import binomial_ci95, mean_interval, percent
+from .stats import binomial_ci95, percent, runs_interval
 from .tables import paired_gap, part_a, part_b, part_c, part_d
 
 # ---------------------------------------------------------------------------------------------- README
@@ -251,9 +251,8 @@ def noise_limited_lines(study: Study, records) -> list[str]:
 def _mean_cell(values: list[float], test_size: int) -> str:
     if not values:
         return "—"
-    if len(values) == 1:
-        return percent(values[0], float(binomial_ci95(values[0], test_size)))
-    return percent(*mean_interval(values))
+    mean, _, half = runs_interval(values, test_size)
+    return percent(mean, half)
 
 
 def noise_limited_verdicts(study: Study, records) -> list[str]:

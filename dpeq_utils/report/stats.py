@@ -33,22 +33,24 @@ def paired_interval(values, others) -> tuple[float, float]:
     return float((values - others).mean()), float(high - low) / 2
 
 
+def runs_interval(values, test_size: float) -> tuple[float, float, float]:
+    """(mean, std, 95 % half-width) of runs that differ only in their seed: Student-t over the runs,
+    or for a single run the binomial error of its accuracy on ``test_size`` test examples."""
+    values = np.asarray(values, dtype=float)
+    mean = float(values.mean())
+    if len(values) > 1:
+        return mean, float(values.std(ddof=1)), mean_interval(values)[1]
+    return mean, math.sqrt(max(mean * (1 - mean), 0.0) / test_size), float(binomial_ci95(mean, test_size))
+
+
 def summarise(table: pd.DataFrame, by: list[str], value: str = "test_accuracy_ema") -> pd.DataFrame:
     """Mean, std, runs and the 95 % interval's half-width of ``value`` per group of ``by``."""
     rows = []
     for keys, part in table.groupby(by, sort=False, dropna=False):
         values = part[value].astype(float).to_numpy()
-        n = len(values)
-        mean = float(values.mean())
-        if n > 1:
-            std = float(values.std(ddof=1))
-            half = mean_interval(values)[1]
-        else:  # one run: the test subset's binomial standard error
-            size = float(part["test_size"].iloc[0])
-            std = math.sqrt(max(mean * (1 - mean), 0.0) / size)
-            half = float(binomial_ci95(mean, size))
+        mean, std, half = runs_interval(values, float(part["test_size"].iloc[0]))
         row = dict(zip(by, keys if isinstance(keys, tuple) else (keys,)))
-        row.update({"mean": mean, "std": std, "runs": n, "ci95": half})
+        row.update({"mean": mean, "std": std, "runs": len(values), "ci95": half})
         rows.append(row)
     return pd.DataFrame(rows)
 
