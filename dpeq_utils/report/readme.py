@@ -270,7 +270,9 @@ def noise_limited_verdicts(study: Study, records) -> list[str]:
                else "not distinguishable from")
     line = (f"**Noise-limited regime** (F, primary test, {f['steps']} steps, ε = {study.base.target_epsilon:g}): the "
             f"equivariant ResNet-9 is **{verdict}** the matched plain ResNet-9: {_points(gap)} (paired over seeds "
-            f"{', '.join(map(str, gap['seeds']))}).")
+            f"{', '.join(map(str, gap['seeds']))}"
+            + ("" if len(gap["seeds"]) >= len(study.spec["noise_limited"]["seeds"]) else
+               f"; {len(gap['seeds'])} of the {len(study.spec['noise_limited']['seeds'])} planned, so provisional") + ").")
     if f["F2"]:
         line += (f" Against {study.base.update_steps} steps the gap changes by {_points(f['F2'])} (Welch, "
                  f"{f['F2']['df']:.1f} df).")
