@@ -16,7 +16,12 @@ module measures it:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import time
+from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -63,3 +68,119 @@ def signal_and_noise(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             "mean_cosine": float(mean_cosine), "noise_norm": noise,
             "noise_to_signal": noise / signal if signal > 0 else math.inf,
             "noise_to_max_signal": noise / clip_norm}
+
+
+# ------------------------------------------------------------------------------------ along training
+
+#: Format of a record of :func:`measure_along_training` (``<runs dir>/mechanism/<model>-<key>.json``).
+MECHANISM_SCHEMA = "dpeq-mechanism-1"
+#: The measures averaged over a point's probes (each probe: disjoint training examples); its
+#: noise-to-signal ratio is the noise over the averaged signal.
+POINT_MEASURES = ("median gradient norm", "clipped", "signal_norm", "mean_cosine", "noise_norm")
+
+
+def along_training_key(config, at_steps, probes: int, probe_size: int) -> str:
+    """What decides the measurement: the run (its config key), where along it, and the probes."""
+    from .records import config_key
+
+    values = {"config": config_key(config), "at_steps": sorted(int(s) for s in at_steps), "probes": probes,
+              "probe_size": probe_size}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def along_training_path(config, at_steps, probes: int = 4, probe_size: int = 64, runs_dir=None) -> Path:
+    """``<runs dir>/mechanism/<model>-<key>.json`` (runs dir: the profile's by default)."""
+    from .paths import runs_dir as default_runs_dir
+
+    folder = Path(runs_dir) if runs_dir is not None else default_runs_dir(config.profile)
+    return folder / "mechanism" / f"{config.model}-{along_training_key(config, at_steps, probes, probe_size)}.json"
+
+
+def measure_along_training(config, at_steps, probes: int = 4, probe_size: int = 64, data=None,
+                           progress: bool = False) -> dict:
+    """Train the DP run ``config`` with the trainer's own steps and, at each of ``at_steps``, measure
+    :func:`signal_and_noise` of its raw weights (the weights DP-SGD clips gradients at) on ``probes``
+    disjoint sets of ``probe_size`` training examples, against the run's own noise (its σ, clip and
+    expected batch). The measuring works on a copy of the model with the global generators restored
+    afterwards, so the run trains exactly as it would without it; its final test accuracy (raw and
+    EMA) is stored to show that. Returns the body of a mechanism record."""
+    from tqdm import tqdm
+
+    from .train import (build_model_for, evaluate, global_generator_states, set_global_generator_states, setup,
+                        swapped_parameters, train_step)
+
+    if config.non_private:
+        raise ValueError("the mechanism is measured on a DP run: its noise is what the signal is compared with")
+    at_steps = sorted({int(s) for s in at_steps})
+    state = setup(config, data)
+    if not at_steps or at_steps[0] < 0 or at_steps[-1] > state.steps:
+        raise ValueError(f"at_steps must lie between 0 and the run's {state.steps} steps, got {at_steps}")
+    train_data = state.splits.train
+    if probes * probe_size > len(train_data):
+        raise ValueError(f"{probes} probes of {probe_size} examples need {probes * probe_size} training examples; "
+                         f"the run has {len(train_data)}")
+    chosen = torch.randperm(len(train_data), generator=torch.Generator().manual_seed(config.seed + 7919))
+    probe_sets = chosen[:probes * probe_size].view(probes, probe_size)
+    sigma = state.budget.noise_multiplier
+    points = []
+    bar = tqdm(total=at_steps[-1], disable=not progress, leave=False, desc=f"{config.model} along training")
+    for target in at_steps:
+        while state.step < target:
+            train_step(state)
+            bar.update()
+        saved = global_generator_states()
+        copy = build_model_for(config).to(state.device).train()
+        copy.load_state_dict(state.model.state_dict())
+        measured = [signal_and_noise(copy, train_data.normalized(index, state.device),
+                                     train_data.labels[index].to(state.device), config.clip_norm, sigma,
+                                     config.batch_size) for index in probe_sets]
+        set_global_generator_states(saved)
+        point = {m: float(sum(x[m] for x in measured) / probes) for m in POINT_MEASURES}
+        # the noise against the mean signal (not the mean of per-probe ratios, which one short probe inflates)
+        point["noise_to_signal"] = point["noise_norm"] / point["signal_norm"] if point["signal_norm"] > 0 else math.inf
+        points.append({"step": state.step, "epsilon": state.budget.epsilon() if state.step else 0.0, **point,
+                       "noise_to_signal_probes": [x["noise_to_signal"] for x in measured],
+                       "signal_norm_probes": [x["signal_norm"] for x in measured]})
+    bar.close()
+    accuracy, _ = evaluate(state.model, state.splits.test, state.device)
+    with swapped_parameters(state.model, state.ema.values):
+        accuracy_ema, _ = evaluate(state.model, state.splits.test, state.device)
+    return {"noise_multiplier": sigma, "batch_size": config.batch_size, "clip_norm": config.clip_norm,
+            "parameters": measured[0]["parameters"], "points": points, "steps_trained": state.step,
+            "test_accuracy": accuracy, "test_accuracy_ema": accuracy_ema}
+
+
+def load_or_measure_along_training(config, at_steps, probes: int = 4, probe_size: int = 64, runs_dir=None,
+                                   train_missing: bool = True, write_reference: bool = False,
+                                   progress: bool = False) -> dict | None:
+    """The mechanism record of ``config`` at ``at_steps``: the shipped one
+    (``data/reference/<profile>/mechanism/``) first, then the user's; otherwise measured (it trains the
+    run: as long as the run itself) and written to the user's folder, or None if not ``train_missing``.
+    Verified as run records are: a shipped one against the manifest, any one against its digest and key."""
+    from .provenance import CODE
+    from .runtime import device_name, library_versions, pick_device
+    from .records import RecordError, config_key, find_file, record_digest, write_record
+    from .shipped import guard_write, verify_shipped
+
+    path = along_training_path(config, at_steps, probes, probe_size, runs_dir)
+    key = along_training_key(config, at_steps, probes, probe_size)
+    found = find_file(Path("mechanism") / path.name, config.profile, runs_dir)
+    if found is not None:
+        verify_shipped(found)
+        record = json.loads(found.read_text())
+        if record.get("schema") != MECHANISM_SCHEMA or record.get("key") != key:
+            raise RecordError(f"{found}: not a mechanism record of this run (schema or key differs); delete it")
+        if record_digest(record) != record.get("digest"):
+            raise RecordError(f"{found}: its content was changed after it was written (digest mismatch); delete it")
+        return {**record, "source": str(found)}
+    if not train_missing:
+        return None
+    guard_write(path.parent, write_reference)
+    started = time.perf_counter()
+    body = measure_along_training(config, at_steps, probes, probe_size, progress=progress)
+    record = {"schema": MECHANISM_SCHEMA, "key": key, "run_key": config_key(config), "config": config.to_dict(),
+              "probes": probes, "probe_size": probe_size, **body, "wall_time_s": time.perf_counter() - started,
+              "device": device_name(pick_device(config.device)), "versions": library_versions(),
+              "git_commit": CODE["git_commit"], "source_sha256": CODE["source_sha256"],
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {**write_record(path, record), "source": str(path)}

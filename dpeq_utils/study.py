@@ -233,6 +233,28 @@ class Study:
                         planned.append(Planned("F", "seeds", label, self.base.replace(
                             model=model, lr=rate, non_private=non_private, seed=seed, **self.length_changes(steps))))
 
+    def mechanism_steps(self) -> list[int]:
+        """Where part D's longest run is measured along the way: at initialisation and at each of
+        part D's lengths."""
+        return sorted({0, int(self.base.update_steps), *(int(s) for s in self.spec["lengths"])})
+
+    def mechanism(self, model: str, records: dict[str, dict] | None = None, train_missing: bool = False,
+                  progress: bool = False) -> dict | None:
+        """Signal and noise along part D's longest run of ``model`` (:mod:`dpeq_utils.mechanism`):
+        the shipped or user's record, else measured if ``train_missing`` (it retrains that run), else
+        None (also while the run's learning rate is not chosen)."""
+        from .mechanism import load_or_measure_along_training
+
+        records = self.records() if records is None else records
+        rate = self.chosen_lr(records, model)
+        if rate is None:
+            return None
+        longest = max(self.mechanism_steps())
+        config = self.base.replace(model=model, lr=rate, **self.length_changes(longest))
+        return load_or_measure_along_training(config, self.mechanism_steps(), runs_dir=self.runs_dir,
+                                              train_missing=train_missing, write_reference=self.write_reference,
+                                              progress=progress)
+
     # ------------------------------------------------------------------------------------------ records
 
     def records(self) -> dict[str, dict]:
