@@ -365,3 +365,27 @@ def load_or_audit(config, canary_count: int = 64, seed: int = 0, breakage: str |
     write_json_atomic(path, record)
     record_written(path)
     return _from_record({**record, "source": str(path)}, delta, confidence)
+
+
+def load_or_audit_all(cases, canary_count: int = 64, seed: int = 0, gradient_canaries: int = 0,
+                      train_missing: bool | None = True, runs_dir=None, **options) -> list[CanaryRun]:
+    """:func:`load_or_audit` for every ``(config, breakage, label)`` of ``cases``, deciding first, for
+    all of them together, whether the ones without a record may train: ``train_missing`` True trains
+    them, False refuses, None trains them only if that takes at most a few minutes
+    (:mod:`dpeq_utils.estimate`). A refusal raises :class:`~dpeq_utils.estimate.TrainingNotRequested`
+    saying how long they would take and how to ask, before anything trains."""
+    from .estimate import TrainingNotRequested, training_question
+    from .records import find_file
+
+    cases = list(cases)
+    missing = [config for config, breakage, _ in cases
+               if find_file(Path("audit") / audit_record_path(config, canary_count, seed, breakage, runs_dir,
+                                                              gradient_canaries).name, config.profile, runs_dir) is None]
+    if missing and train_missing is not True:
+        what = f"the {len(missing)} audited runs that have no record"
+        question = (f"[{missing[0].profile}] not training {what}. To train them, set train_missing=True."
+                    if train_missing is False else training_question(what, missing, missing[0].profile, runs_dir))
+        if question:
+            raise TrainingNotRequested(question)
+    return [load_or_audit(config, canary_count, seed, breakage, label, runs_dir=runs_dir,
+                          gradient_canaries=gradient_canaries, **options) for config, breakage, label in cases]

@@ -106,8 +106,15 @@ def measure_along_training(config, at_steps, probes: int = 4, probe_size: int = 
     EMA) is stored to show that. Returns the body of a mechanism record."""
     from tqdm import tqdm
 
-    from .train import (build_model_for, evaluate, global_generator_states, set_global_generator_states, setup,
-                        swapped_parameters, train_step)
+    from .train import (
+        build_model_for,
+        evaluate,
+        global_generator_states,
+        set_global_generator_states,
+        setup,
+        swapped_parameters,
+        train_step,
+    )
 
     if config.non_private:
         raise ValueError("the mechanism is measured on a DP run: its noise is what the signal is compared with")
@@ -158,8 +165,8 @@ def load_or_measure_along_training(config, at_steps, probes: int = 4, probe_size
     run: as long as the run itself) and written to the user's folder, or None if not ``train_missing``.
     Verified as run records are: a shipped one against the manifest, any one against its digest and key."""
     from .provenance import CODE
-    from .runtime import device_name, library_versions, pick_device
     from .records import RecordError, config_key, find_file, record_digest, write_record
+    from .runtime import device_name, library_versions, pick_device
     from .shipped import guard_write, verify_shipped
 
     path = along_training_path(config, at_steps, probes, probe_size, runs_dir)

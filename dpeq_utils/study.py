@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 from .config import RunConfig, baseline_changes, config_from_profile, load_profile
 from .equivariance import can_halve
+from .estimate import minutes_to_train, training_question
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -238,11 +239,11 @@ class Study:
         part D's lengths."""
         return sorted({0, int(self.base.update_steps), *(int(s) for s in self.spec["lengths"])})
 
-    def mechanism(self, model: str, records: dict[str, dict] | None = None, train_missing: bool = False,
-                  progress: bool = False) -> dict | None:
+    def mechanism(self, model: str, records: dict[str, dict] | None = None, train_missing: bool | None = False,
+                  progress: bool = False, echo=print) -> dict | None:
         """Signal and noise along part D's longest run of ``model`` (:mod:`dpeq_utils.mechanism`):
-        the shipped or user's record, else measured if ``train_missing`` (it retrains that run), else
-        None (also while the run's learning rate is not chosen)."""
+        the shipped or user's record, else measured (it retrains that run) as ``train_missing`` says
+        (see :meth:`complete`), else None (also while the run's learning rate is not chosen)."""
         from .mechanism import load_or_measure_along_training
 
         records = self.records() if records is None else records
@@ -251,8 +252,18 @@ class Study:
             return None
         longest = max(self.mechanism_steps())
         config = self.base.replace(model=model, lr=rate, **self.length_changes(longest))
+        found = load_or_measure_along_training(config, self.mechanism_steps(), runs_dir=self.runs_dir,
+                                               train_missing=False)
+        if found is not None or train_missing is False:
+            return found
+        if train_missing is None:
+            question = training_question(f"{model}'s {longest}-step run to measure signal and noise along it",
+                                         [config], self.profile, self.runs_dir)
+            if question:
+                echo(question)
+                return None
         return load_or_measure_along_training(config, self.mechanism_steps(), runs_dir=self.runs_dir,
-                                              train_missing=train_missing, write_reference=self.write_reference,
+                                              train_missing=True, write_reference=self.write_reference,
                                               progress=progress)
 
     # ------------------------------------------------------------------------------------------ records
@@ -294,30 +305,50 @@ class Study:
         return todo
 
     def _announce(self, parts, echo) -> None:
-        """Say what is about to train before it does: a notebook with ``train_missing=True`` under a
-        profile without shipped records (a renamed copy of ``teach``, say) would otherwise start
-        hours of training without a word."""
+        """Say what is about to train before it does, and about how long it takes: a notebook
+        under a profile without shipped records (a renamed copy of ``teach``, say) would otherwise
+        start hours of training without a word."""
         from .paths import reference_dir
 
         todo = self.missing(parts)
         if not todo:
             return
         shipped = reference_dir(self.profile)
+        minutes, _ = minutes_to_train([t.config for t in todo], self.profile, self.runs_dir, measure_unknown=False)
         echo(f"[study {self.profile}] {len(todo)} runs of part(s) {', '.join(sorted({t.part for t in todo}))} have no "
              "record" + ("" if shipped.is_dir() else f" (no shipped records for this profile: {shipped} does not "
-                         "exist)") + "; training them now, and more once their learning rates are chosen. To see only "
-             "the records that exist, set train_missing=False (notebooks) or stop with Ctrl-C (runs resume from "
-             "their checkpoints).")
+                         "exist)") + "; training them now"
+             + ("" if minutes is None else f" (about {minutes:.0f} min)")
+             + ", and more once their learning rates are chosen. To see only the records that exist, set "
+             "train_missing=False (notebooks) or stop with Ctrl-C (runs resume from their checkpoints).")
 
     def complete(self, parts=PARTS, progress: bool = False, max_runs: int | None = None, echo=print,
-                 executor: str = "inprocess", concurrency: int = 1, **executor_options) -> int:
+                 executor: str = "inprocess", concurrency: int = 1, train_missing: bool | None = True,
+                 **executor_options) -> int:
         """Train the missing runs of ``parts`` and return how many were trained.
+
+        ``train_missing`` (the notebooks' parameter): True trains them whatever they cost; False
+        trains nothing; None trains them only if the runs missing now would take at most
+        :data:`dpeq_utils.estimate.ASK_ABOVE_MINUTES` (estimated from records' throughput), and otherwise says how long
+        they would take and how to ask for them.
 
         ``executor="inprocess"``: one at a time in this process, re-planning after each (as rates get
         chosen). ``"local"``, ``"slurm"`` or ``"debug"``: every run that can start now is handed to
         that :mod:`dpeq_utils.sweep` executor at once (``concurrency`` at a time locally; Slurm
         options such as ``partition``, ``gpus_per_run``, ``time_min`` as keywords), then the study
         re-plans and submits the next wave, until nothing is missing."""
+        if train_missing is False:
+            return 0
+        if train_missing is None:
+            todo = self.missing(parts)
+            question = todo and training_question(
+                f"the {len(todo)} runs of part(s) {', '.join(sorted({t.part for t in todo}))} that have no record "
+                "(and more once their learning rates are chosen)", [t.config for t in todo], self.profile,
+                self.runs_dir, f"(notebooks) or run `python -m dpeq_utils study run --profile {self.source}` (runs "
+                "resume from their checkpoints)")
+            if question:
+                echo(question)
+                return 0
         self._announce(parts, echo)
         if executor != "inprocess":
             return self._complete_in_waves(parts, executor, concurrency, echo, executor_options)

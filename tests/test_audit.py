@@ -160,6 +160,16 @@ def test_audit_records_are_written_once_and_read_back_without_training(tmp_path,
     again = audit.load_or_audit(config, 16, runs_dir=tmp_path, label="DP")
     assert again.audit == first.audit and again.roc["auc"] == first.roc["auc"]
     assert (again.scores == first.scores).all() and (again.included == first.included).all()
+    # several audits are allowed to train, or not, together and before any of them trains
+    from dpeq_utils import estimate
+
+    cases = [(config, None, "DP"), (config.replace(target_epsilon=2.0), None, "DP at 2")]
+    assert audit.load_or_audit_all(cases[:1], 16, runs_dir=tmp_path, train_missing=False)[0].audit == first.audit
+    with pytest.raises(estimate.TrainingNotRequested, match="not training the 1 audited runs that have no record"):
+        audit.load_or_audit_all(cases, 16, runs_dir=tmp_path, train_missing=False)
+    monkeypatch.setattr(estimate, "ASK_ABOVE_MINUTES", 0.0)
+    with pytest.raises(estimate.TrainingNotRequested, match="set train_missing=True"):
+        audit.load_or_audit_all(cases, 16, runs_dir=tmp_path, train_missing=None)
 
     shipped = tmp_path / "reference"
     monkeypatch.setenv("DPEQ_REFERENCE_DIR", str(shipped))

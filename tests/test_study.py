@@ -182,3 +182,37 @@ def test_the_part_f_intervals_are_the_preregistered_ones():
     v = [stats.tvar(g) / len(g) for g in (c, a, d, b)]
     df4 = sum(v) ** 2 / sum(x ** 2 / (len(g) - 1) for x, g in zip(v, (c, a, d, b)))
     assert math.isclose(four["df"], df4) and math.isclose(four["ci95"], stats.t.ppf(0.975, df4) * math.sqrt(sum(v)))
+
+
+def test_long_training_is_asked_for_not_started(tiny_profile, tmp_path, monkeypatch):
+    """train_missing=None (the notebooks' default) trains only what takes a few minutes; above that it
+    says how long and how to ask, and trains nothing. False trains nothing."""
+    from dpeq_utils import estimate
+
+    study = Study(tiny_profile, runs_dir=tmp_path / "runs")
+    todo = [p.config for p in study.missing(("A",))]
+    assert estimate.minutes_to_train(todo, study.profile, study.runs_dir, measure_unknown=False)[0] is None
+    minutes, basis = estimate.minutes_to_train(todo, study.profile, study.runs_dir)  # its kinds of step timed here
+    doubled, _ = estimate.minutes_to_train([c.replace(update_steps=4) for c in todo], study.profile, study.runs_dir)
+    assert 0 < minutes and "timed here" in basis and doubled == pytest.approx(2 * minutes, rel=0.5)
+    said = []
+    monkeypatch.setattr(estimate, "ASK_ABOVE_MINUTES", 0.0)
+    assert study.complete(("A",), train_missing=None, echo=said.append) == 0
+    assert len(said) == 1 and said[0].startswith("[tiny] not training the 4 runs of part(s) A that have no record")
+    assert "train_missing=True" in said[0] and "study run --profile" in said[0]
+    assert study.complete(("A",), train_missing=False, echo=said.append) == 0 and len(said) == 1
+    assert study.records() == {}
+
+
+def test_the_estimate_keeps_kinds_of_step_apart():
+    """A DP step of one model says nothing about a non-private step or another group's: an estimate
+    needs a record of the same kind of step."""
+    from dpeq_utils.sweep import estimate_hours
+
+    base = config_from_profile("smoke", update_steps=10, batch_size=64, aug_mult=2)
+    record = {"config": base.to_dict(), "steps": 10, "mean_batch_size": 64.0, "train_time_s": 64.0, "device": "cpu"}
+    hours, basis = estimate_hours([base.replace(update_steps=20)], None, [record])
+    assert hours == pytest.approx(2 * 64 / 3600)  # twice the steps of the recorded 64 s
+    for other in (base.replace(non_private=True), base.replace(group="C4"), base.replace(model="resnet9")):
+        hours, basis = estimate_hours([other], None, [record])
+        assert hours is None and "no record measures a run like" in basis

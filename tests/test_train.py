@@ -347,3 +347,31 @@ def test_the_measured_signal_is_the_length_of_the_mean_clipped_gradient():
     mixed = signal_and_noise(model, torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)), 1.0, 1.0, 256)
     assert mixed["mean_cosine"] < 0.9 and mixed["signal_norm"] < same["signal_norm"]
     assert mixed["noise_to_signal"] > mixed["noise_to_max_signal"]
+
+
+def test_measuring_along_a_run_does_not_change_the_run(tmp_path):
+    """The measurements along training work on a copy with the global generators restored: the run
+    ends where the same run trained without them ends; the record is verified when read back."""
+    from dpeq_utils.mechanism import load_or_measure_along_training
+    from dpeq_utils.records import RecordError
+    from dpeq_utils.train import fit
+
+    config = config_from_profile("smoke", **{**TINY, "eval_every": 0, "aug_mult": 1})
+    model, plain = fit(config, progress=False)
+    record = load_or_measure_along_training(config, [0, 1, 3], probes=2, probe_size=8, runs_dir=tmp_path)
+    assert record["test_accuracy"] == plain["test_accuracy"] and record["test_accuracy_ema"] == plain["test_accuracy_ema"]
+    assert [p["step"] for p in record["points"]] == [0, 1, 3] and record["points"][0]["epsilon"] == 0.0
+    assert record["points"][-1]["epsilon"] == pytest.approx(plain["epsilon_spent"])
+    for point in record["points"]:
+        assert point["noise_norm"] == pytest.approx(record["noise_multiplier"] * config.clip_norm
+                                                    * record["parameters"] ** 0.5 / config.batch_size)
+        assert point["signal_norm"] == pytest.approx(sum(point["signal_norm_probes"]) / 2)
+    again = load_or_measure_along_training(config, [3, 1, 0], probes=2, probe_size=8, runs_dir=tmp_path,
+                                           train_missing=False)
+    assert again["digest"] == record["digest"], "read back, not measured again"
+    path = Path(record["source"])
+    path.write_text(path.read_text().replace('"probe_size": 8', '"probe_size": 9'))
+    with pytest.raises(RecordError, match="digest"):
+        load_or_measure_along_training(config, [0, 1, 3], probes=2, probe_size=8, runs_dir=tmp_path)
+    assert load_or_measure_along_training(config, [0, 2], probes=2, probe_size=8, runs_dir=tmp_path,
+                                          train_missing=False) is None
