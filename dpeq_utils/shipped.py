@@ -1,12 +1,12 @@
 """The records shipped with dpeq (``data/reference/``) are evidence: read-only unless asked, and
 checked against a committed manifest whenever they are read.
 
-- **Writing** a run or audit record into a reference folder needs ``write_reference=True``
+- **Writing** a run, audit or mechanism record into a reference folder needs ``write_reference=True``
   (``--write-reference`` on the command lines): without it, ``train --runs-dir data/reference/teach
   --force`` would silently replace a shipped result. Extending the shipped study on purpose (``study
   run --runs-dir data/reference/teach --write-reference``) updates the manifest with each record.
-- **Reading**: ``data/reference/MANIFEST.json`` lists the SHA-256 of every shipped file (run records
-  and audit records). A file in the repository's reference folder that is missing from the manifest
+- **Reading**: ``data/reference/MANIFEST.json`` lists the SHA-256 of every shipped file (run, audit
+  and mechanism records, the compute record). A file in the repository's reference folder that is missing from the manifest
   or differs from it is refused with a message; ``tests/test_shipped.py`` checks the manifest
   against the folder. A record's own ``digest`` catches casual edits; the manifest is what makes an
   edit with a recomputed digest visible (it lives in git, beside the code that reads it).
@@ -102,7 +102,7 @@ def verify_shipped(path: str | os.PathLike) -> None:
 
 
 def shipped_files(root: Path) -> list[Path]:
-    """Every record a reference folder ships (run records and audit records)."""
+    """Every record a reference folder ships (every JSON file but the manifest)."""
     return sorted(p for p in root.rglob("*.json") if p.name != MANIFEST and not p.name.startswith("."))
 
 

@@ -8,10 +8,12 @@ sampling error, not the seed-to-seed spread).
 
 Rooms: :mod:`.stats` (intervals, with scipy), :mod:`.cost` (seconds per step, the published
 recipes' compute), :mod:`.tables` (each part's table), :mod:`.figures`, :mod:`.readme` (the README's
-generated block, the verdicts, and the ``report`` command).
+generated block, the verdicts, and the ``report`` command), :mod:`.along_training` (signal and noise
+along part D's runs, notebook 03).
 """
 
 from ..plotting import MODEL_LABELS as MODEL_NAMES  # noqa: F401
+from .along_training import along_training, along_training_findings, plot_along_training  # noqa: F401
 from .cost import recipe_compute, step_seconds, typical_step_seconds  # noqa: F401
 from .figures import figure_overview, plot_a, plot_b, plot_c, plot_d, shipped_reference, side_by_side, stamp  # noqa: F401
 from .noise_limited import contrast_interval, part_f, part_g, welch_interval  # noqa: F401
