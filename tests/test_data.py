@@ -278,3 +278,16 @@ def test_a_crafted_cifar_batch_runs_no_code_and_is_named(tmp_path):
     with pytest.raises(DatasetError, match=re.escape(str(folder / data.CIFAR10_TRAIN_BATCHES[0])) + ".*refused"):
         read_cifar10_folder(folder, verify=False)
     assert not marker.exists()
+
+
+def test_a_cell_can_ask_whether_a_dataset_is_on_disk(tmp_path, monkeypatch):
+    """Notebook cells that only illustrate on CIFAR-10 skip themselves rather than start a download."""
+    from dpeq_utils.data import on_disk
+
+    monkeypatch.setenv("DPEQ_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DPEQ_CIFAR10", str(tmp_path / "nowhere"))
+    assert on_disk("synthetic") and not on_disk("cifar10")
+    monkeypatch.delenv("DPEQ_CIFAR10")
+    assert not on_disk("cifar10")
+    (tmp_path / "cache" / "cifar-10-batches-py").mkdir(parents=True)
+    assert on_disk("cifar10")

@@ -46,5 +46,5 @@ from .cifar10 import (  # noqa: F401
     read_cifar10_folder,
 )
 from .images import DatasetError, ImageDataset, content_digest, normalize  # noqa: F401
-from .loading import DATASETS, MAX_SIZES, TRAIN_SIZES, VALIDATION_SEED, Splits, load_dataset, load_splits  # noqa: F401
+from .loading import DATASETS, MAX_SIZES, TRAIN_SIZES, VALIDATION_SEED, Splits, load_dataset, load_splits, on_disk  # noqa: F401
 from .synthetic import SYNTHETIC_MEAN, SYNTHETIC_STATS_SEED, SYNTHETIC_STD, make_synthetic, synthetic_glyphs  # noqa: F401

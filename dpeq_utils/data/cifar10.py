@@ -192,6 +192,17 @@ def download_cifar10(destination: Path, url: str = CIFAR10_URL, md5: str = CIFAR
     return destination
 
 
+def cifar10_on_disk(source: str | os.PathLike | None = None) -> bool:
+    """Whether :func:`load_cifar10` would find a local copy (``source``, ``$DPEQ_CIFAR10`` or the
+    cache) without downloading: a notebook cell that merely illustrates on CIFAR-10 can skip itself
+    instead of starting a 170 MB download."""
+    explicit = source if source is not None else os.environ.get("DPEQ_CIFAR10")
+    if explicit:
+        return Path(explicit).expanduser().exists()
+    cache = cache_dir()
+    return (cache / CIFAR10_FOLDER).is_dir() or (cache / CIFAR10_ARCHIVE).is_file()
+
+
 def load_cifar10(
     source: str | os.PathLike | None = None,
     *,

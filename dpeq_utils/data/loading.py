@@ -31,6 +31,13 @@ class Splits(NamedTuple):
 VALIDATION_SEED = 20231126
 
 
+def on_disk(name: str) -> bool:
+    """Whether dataset ``name`` can be loaded without a download (synthetic data always can)."""
+    from .cifar10 import cifar10_on_disk
+
+    return name != "cifar10" or cifar10_on_disk()
+
+
 def load_splits(
     name: str,
     *,

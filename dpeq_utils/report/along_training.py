@@ -73,8 +73,14 @@ def along_training_findings(table: pd.DataFrame, found: dict[str, dict], records
             f"{record['test_accuracy_ema']:.1%} EMA "
             "test accuracy; " + ("part D's record of the same run: the same (it is that run)." if same else
                                  "part D's record of the same config: "
-                                 + (f"{trained['test_accuracy_ema']:.1%} (not bit-identical: trained under other code)."
-                                    if trained is not None else "not there.")))
+                                 + (f"{trained['test_accuracy_ema']:.1%} (not bit-identical: that record was trained by "
+                                    f"the code of commit {_short(trained.get('git_commit'))}, this measurement by "
+                                    f"{_short(record.get('git_commit'))})." if trained is not None else "not there.")))
+        ratios = part["noise ÷ signal"].astype(float)
+        if ratios.notna().any():
+            lowest = part.loc[ratios.idxmin()]
+            lines[-1] += (f" Its noise-to-signal ratio is lowest at step {lowest['step']} "
+                          f"({_times(lowest['noise ÷ signal'])}), where a step carries the most signal per unit of noise.")
     pair = table.pivot(index="step", columns="model", values="noise ÷ signal")
     if {"eq_resnet9", "resnet9_matched"} <= set(pair.columns):
         both = pair[["eq_resnet9", "resnet9_matched"]].dropna()
@@ -93,6 +99,10 @@ def _unresolved(record: dict) -> str:
     return (" At step " + ", ".join(f"{step} ({k} of {record['probes']} probes)" for step, k in where)
             + f" the signal is below what {record['probe_size']} examples resolve (estimated ≤ 0, counted as 0 in the "
             "average), so the ratio there is uncertain: the signal is at most of the order of the probes' resolution.")
+
+
+def _short(commit) -> str:
+    return "unknown" if not commit else commit[:7] + (" (+dirty)" if commit.endswith("+dirty") else "")
 
 
 def _times(value) -> str:
