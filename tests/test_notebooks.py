@@ -18,6 +18,11 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXPECTED = ["01_equivariance_theory", "02_model_construction", "03_dpsgd_training", "04_ablation_parameters",
             "05_ablation_epsilon", "06_baselines"]
 
+#: No cell of any notebook takes this long under smoke or teach; the limit turns a lost kernel message
+#: (nbclient/papermill can wait forever for a reply that never comes: nteract/papermill#711, seen once
+#: here on a loaded machine) into a failure with a traceback instead of a stalled CI run.
+CELL_TIMEOUT_S = 900
+
 
 def test_the_six_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS][:6] == EXPECTED
@@ -139,7 +144,8 @@ def test_smoke_reproduction_of_every_notebook(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     monkeypatch.setenv("DPEQ_RUNS_DIR", str(runs))
     monkeypatch.delenv("DPEQ_REFERENCE_DIR")  # the shipped teach study, shown beside the smoke runs
-    results = reproduce.run_notebooks("smoke", out_dir=tmp_path / "executed", echo=lambda *_: None)
+    results = reproduce.run_notebooks("smoke", out_dir=tmp_path / "executed", cell_timeout=CELL_TIMEOUT_S,
+                                      echo=lambda *_: None)
     failures = {r.name: r.error for r in results if not r.ok}
     assert not failures, failures
     assert [r.name for r in results][:6] == EXPECTED
@@ -175,6 +181,7 @@ def test_teach_notebooks_render_the_shipped_records_without_training(stem, tmp_p
     monkeypatch.setenv("DPEQ_RUNS_DIR", str(tmp_path / "runs"))
     path = REPO / "notebooks" / f"{stem}.ipynb"
     papermill.execute_notebook(str(path), str(tmp_path / f"{stem}.ipynb"), kernel_name="python3", progress_bar=False,
+                               execution_timeout=CELL_TIMEOUT_S,
                                parameters=reproduce.notebook_parameters(path, "teach"), cwd=str(REPO / "notebooks"))
     assert not (tmp_path / "runs").exists(), "nothing was trained"
     assert (tmp_path / "figures" / "teach").is_dir()
@@ -199,5 +206,6 @@ def test_teach_notebooks_that_compute_on_cifar10_render(stem, tmp_path, monkeypa
     monkeypatch.setenv("DPEQ_CIFAR10", str(REAL_CIFAR))
     path = REPO / "notebooks" / f"{stem}.ipynb"
     papermill.execute_notebook(str(path), str(tmp_path / f"{stem}.ipynb"), kernel_name="python3", progress_bar=False,
+                               execution_timeout=CELL_TIMEOUT_S,
                                parameters=reproduce.notebook_parameters(path, "teach"), cwd=str(REPO / "notebooks"))
     assert not (tmp_path / "runs").exists(), "nothing of the study was trained"
