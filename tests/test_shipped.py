@@ -33,10 +33,18 @@ def test_every_shipped_record_keeps_its_key():
     from dpeq_utils.audit import audit_key
     from dpeq_utils.records import config_key
 
+    from dpeq_utils.mechanism import MECHANISM_SCHEMA, along_training_key
+
     records = [json.loads(p.read_text()) for p in shipped.shipped_files(SHIPPED)]
     audits = [r for r in records if "canaries" in r]
-    runs = [r for r in records if "canaries" not in r and "config" in r]
-    assert len(runs) >= 60 and len(audits) >= 4
+    mechanisms = [r for r in records if r.get("schema") == MECHANISM_SCHEMA]
+    runs = [r for r in records if "canaries" not in r and "config" in r and r not in mechanisms]
+    assert len(runs) >= 60 and len(audits) >= 4 and len(mechanisms) >= 1
+    for record in mechanisms:
+        config = RunConfig(**record["config"])
+        assert record["run_key"] == config_key(config)
+        assert along_training_key(config, [p["step"] for p in record["points"]], record["probes"],
+                                  record["probe_size"]) == record["key"]
     for record in runs:
         assert config_key(RunConfig(**record["config"])) == record["key"]
     for record in audits:
