@@ -85,8 +85,12 @@ def along_training_findings(table: pd.DataFrame, found: dict[str, dict], records
     if {"eq_resnet9", "resnet9_matched"} <= set(pair.columns):
         both = pair[["eq_resnet9", "resnet9_matched"]].dropna()
         lower = int((both["eq_resnet9"] < both["resnet9_matched"]).sum())
+        eq_end, matched_end = found["eq_resnet9"]["test_accuracy_ema"], found["resnet9_matched"]["test_accuracy_ema"]
         lines.append(f"* The equivariant model's noise-to-signal ratio is the lower of the two at {lower} of the "
-                     f"{len(both)} measured points (steps {', '.join(str(s) for s in both.index)}).")
+                     f"{len(both)} measured points (steps {', '.join(str(s) for s in both.index)}); at the end of the "
+                     f"measured runs its EMA test accuracy is {eq_end:.1%} against the matched plain model's "
+                     f"{matched_end:.1%}. A step's noise-to-signal ratio measures what DP-SGD does to the gradient; "
+                     "accuracy also depends on how far a model gets with the signal it keeps, so the two need not agree.")
     return "\n".join(lines)
 
 
