@@ -31,9 +31,8 @@ def test_every_shipped_record_keeps_its_key():
     would silently re-key every record: each shipped run and audit record still hashes to its key,
     and the default config's key is pinned, so the change cannot pass unseen."""
     from dpeq_utils.audit import audit_key
-    from dpeq_utils.records import config_key
-
     from dpeq_utils.mechanism import MECHANISM_SCHEMA, along_training_key
+    from dpeq_utils.records import config_key
 
     records = [json.loads(p.read_text()) for p in shipped.shipped_files(SHIPPED)]
     audits = [r for r in records if "canaries" in r]
