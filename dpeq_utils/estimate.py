@@ -14,6 +14,7 @@ one logical step after a warm-up one.
 
 from __future__ import annotations
 
+import functools
 import time
 
 from .config import RunConfig
@@ -41,14 +42,16 @@ def minutes_to_train(configs: list[RunConfig], profile: str, runs_dir=None,
         measured = {step_kind(r["config"]) for r in timings}
         for config in {step_kind(c.to_dict()): c for c in configs}.values():
             if step_kind(config.to_dict()) not in measured:
-                timings.append(one_step_timing(config))
+                # one timing per kind of step: the same cache entry whatever the run's length
+                timings.append(one_step_timing(config.replace(update_steps=2, eval_every=0)))
         hours, basis = estimate_hours(configs, None, timings)
     return (None if hours is None else hours * 60), basis
 
 
+@functools.lru_cache(maxsize=64)
 def one_step_timing(config: RunConfig) -> dict:
     """A record-shaped timing of ``config``'s second logical step on this machine (the first warms
-    up the kernels and the allocator)."""
+    up the kernels and the allocator); timed once per process (a kind of step costs what it cost)."""
     from .train import setup, train_step
 
     state = setup(config.replace(update_steps=2, eval_every=0))
