@@ -342,23 +342,16 @@ def load_or_audit(config, canary_count: int = 64, seed: int = 0, breakage: str |
     from the stored scores. Audit records are verified as run records are: a shipped one against the
     manifest (:mod:`dpeq_utils.shipped`), any one against its ``digest``; a reference folder is
     written only with ``write_reference``."""
-    from .records import find_file, record_digest, write_json_atomic
-    from .shipped import guard_write, record_written, verify_shipped
+    from .records import find_file, read_keyed_record, record_digest, write_json_atomic
+    from .shipped import guard_write, record_written
 
     _check_breakage(breakage)
     path = audit_record_path(config, canary_count, seed, breakage, runs_dir, gradient_canaries)
     found = None if force else find_file(Path("audit") / path.name, config.profile, runs_dir)
     if found is not None:
-        verify_shipped(found)
-        record = json.loads(found.read_text())
-        expected = audit_key(config, canary_count, seed, breakage, gradient_canaries)
-        if record.get("schema") != AUDIT_SCHEMA or record.get("key") != expected:
-            raise ValueError(f"{found}: not an audit record of this run (schema or key differs); "
-                             "delete it or rerun with force=True")
-        if "digest" in record and record_digest(record) != record["digest"]:
-            raise ValueError(f"{found}: its content was changed after it was written (digest mismatch); delete it "
-                             "or rerun with force=True")
-        return _from_record({**record, "label": label or record["label"], "source": str(found)}, delta, confidence)
+        record = read_keyed_record(found, AUDIT_SCHEMA, audit_key(config, canary_count, seed, breakage, gradient_canaries),
+                                   "an audit record of this run", "delete it or rerun with force=True")
+        return _from_record({**record, "label": label or record["label"]}, delta, confidence)
     guard_write(path.parent, write_reference)
     record = _train_audited(config, canary_count, seed, breakage, label, gradient_canaries)
     record["digest"] = record_digest(record)
@@ -374,7 +367,7 @@ def load_or_audit_all(cases, canary_count: int = 64, seed: int = 0, gradient_can
     them, False refuses, None trains them only if that takes at most a few minutes
     (:mod:`dpeq_utils.estimate`). A refusal raises :class:`~dpeq_utils.estimate.TrainingNotRequested`
     saying how long they would take and how to ask, before anything trains."""
-    from .estimate import TrainingNotRequested, training_question
+    from .estimate import TrainingNotRequested, minutes_to_train, training_question
     from .records import find_file
 
     cases = list(cases)
@@ -384,7 +377,8 @@ def load_or_audit_all(cases, canary_count: int = 64, seed: int = 0, gradient_can
     if missing and train_missing is not True:
         what = f"the {len(missing)} audited runs that have no record"
         question = (f"[{missing[0].profile}] not training {what}. To train them, set train_missing=True."
-                    if train_missing is False else training_question(what, missing, missing[0].profile, runs_dir))
+                    if train_missing is False else
+                    training_question(what, minutes_to_train(missing, missing[0].profile, runs_dir), missing[0].profile))
         if question:
             raise TrainingNotRequested(question)
     return [load_or_audit(config, canary_count, seed, breakage, label, runs_dir=runs_dir,

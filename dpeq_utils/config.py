@@ -253,6 +253,13 @@ def cost_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(RunConfig) if _meta(f)["cost"])
 
 
+def cost_key(values: dict, leave_out: tuple[str, ...] = ()) -> tuple:
+    """The values of :func:`cost_fields` in ``values`` (a config as a dict; lists as tuples), less
+    ``leave_out``: runs with equal keys do the same arithmetic per step (the report's seconds per
+    step; the estimate's throughput per example·view, which leaves out what the count already scales by)."""
+    return tuple(tuple(v) if isinstance(v := values.get(f), list) else v for f in cost_fields() if f not in leave_out)
+
+
 def performance_fields() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(RunConfig) if _meta(f)["role"] == PERFORMANCE)
 

@@ -39,9 +39,9 @@ def minutes_to_train(configs: list[RunConfig], profile: str, runs_dir=None,
             timings += load_records(folder)
     hours, basis = estimate_hours(configs, None, timings)
     if hours is None and measure_unknown:
-        measured = {step_kind(r["config"]) for r in timings}
-        for config in {step_kind(c.to_dict()): c for c in configs}.values():
-            if step_kind(config.to_dict()) not in measured:
+        measured = {step_kind(RunConfig(**r["config"])) for r in timings}
+        for kind, config in {step_kind(c): c for c in configs}.items():
+            if kind not in measured:
                 # one timing per kind of step: the same cache entry whatever the run's length
                 timings.append(one_step_timing(config.replace(update_steps=2, eval_every=0)))
         hours, basis = estimate_hours(configs, None, timings)
@@ -67,11 +67,11 @@ class TrainingNotRequested(DpeqError, RuntimeError):
     and the training would be long)."""
 
 
-def training_question(what: str, configs: list[RunConfig], profile: str, runs_dir=None, how: str = "") -> str | None:
-    """Under ``train_missing=None``: None when ``configs`` would train at most
+def training_question(what: str, estimate: tuple[float | None, str], profile: str, how: str = "") -> str | None:
+    """Under ``train_missing=None``: None when the ``estimate`` (:func:`minutes_to_train`) is at most
     :data:`ASK_ABOVE_MINUTES` (go ahead); otherwise what to tell the user: how long ``what`` would
     train and how to ask for it."""
-    minutes, basis = minutes_to_train(configs, profile, runs_dir)
+    minutes, basis = estimate
     if minutes is not None and minutes <= ASK_ABOVE_MINUTES:
         return None
     return (f"[{profile}] not training {what}: " + ("an unknown time" if minutes is None else f"about {minutes:.0f} min")

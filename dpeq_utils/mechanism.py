@@ -130,13 +130,15 @@ def measure_along_training(config, at_steps, probes: int = 4, probe_size: int = 
     probe_sets = chosen[:probes * probe_size].view(probes, probe_size)
     sigma = state.budget.noise_multiplier
     points = []
+    saved = global_generator_states()
+    copy = build_model_for(config).to(state.device).train()  # what is measured: the run's weights, loaded into it
+    set_global_generator_states(saved)
     bar = tqdm(total=at_steps[-1], disable=not progress, leave=False, desc=f"{config.model} along training")
     for target in at_steps:
         while state.step < target:
             train_step(state)
             bar.update()
         saved = global_generator_states()
-        copy = build_model_for(config).to(state.device).train()
         copy.load_state_dict(state.model.state_dict())
         measured = [signal_and_noise(copy, train_data.normalized(index, state.device),
                                      train_data.labels[index].to(state.device), config.clip_norm, sigma,
@@ -157,37 +159,48 @@ def measure_along_training(config, at_steps, probes: int = 4, probe_size: int = 
             "test_accuracy": accuracy, "test_accuracy_ema": accuracy_ema}
 
 
-def load_or_measure_along_training(config, at_steps, probes: int = 4, probe_size: int = 64, runs_dir=None,
-                                   train_missing: bool = True, write_reference: bool = False,
-                                   progress: bool = False) -> dict | None:
-    """The mechanism record of ``config`` at ``at_steps``: the shipped one
-    (``data/reference/<profile>/mechanism/``) first, then the user's; otherwise measured (it trains the
-    run: as long as the run itself) and written to the user's folder, or None if not ``train_missing``.
-    Verified as run records are: a shipped one against the manifest, any one against its digest and key."""
-    from .provenance import CODE
-    from .records import RecordError, config_key, find_file, record_digest, write_record
-    from .runtime import device_name, library_versions, pick_device
-    from .shipped import guard_write, verify_shipped
+def find_along_training(config, at_steps, probes: int = 4, probe_size: int = 64, runs_dir=None) -> dict | None:
+    """The mechanism record of ``config`` at ``at_steps``, verified, or None: the shipped one
+    (``data/reference/<profile>/mechanism/``) first, then the user's (checked as run records are: a
+    shipped one against the manifest, any one against its digest and key)."""
+    from .records import find_file, read_keyed_record
 
     path = along_training_path(config, at_steps, probes, probe_size, runs_dir)
-    key = along_training_key(config, at_steps, probes, probe_size)
     found = find_file(Path("mechanism") / path.name, config.profile, runs_dir)
-    if found is not None:
-        verify_shipped(found)
-        record = json.loads(found.read_text())
-        if record.get("schema") != MECHANISM_SCHEMA or record.get("key") != key:
-            raise RecordError(f"{found}: not a mechanism record of this run (schema or key differs); delete it")
-        if record_digest(record) != record.get("digest"):
-            raise RecordError(f"{found}: its content was changed after it was written (digest mismatch); delete it")
-        return {**record, "source": str(found)}
-    if not train_missing:
+    if found is None:
         return None
+    return read_keyed_record(found, MECHANISM_SCHEMA, along_training_key(config, at_steps, probes, probe_size),
+                             "a mechanism record of this run", "delete it", require_digest=True)
+
+
+def measure_and_write_along_training(config, at_steps, probes: int = 4, probe_size: int = 64, runs_dir=None,
+                                     write_reference: bool = False, progress: bool = False) -> dict:
+    """:func:`measure_along_training` (it trains the run: as long as the run itself), written as a
+    mechanism record to the user's folder (a reference folder only with ``write_reference``)."""
+    from .provenance import CODE
+    from .records import config_key, write_record
+    from .runtime import device_name, library_versions, pick_device
+    from .shipped import guard_write
+
+    path = along_training_path(config, at_steps, probes, probe_size, runs_dir)
     guard_write(path.parent, write_reference)
     started = time.perf_counter()
     body = measure_along_training(config, at_steps, probes, probe_size, progress=progress)
-    record = {"schema": MECHANISM_SCHEMA, "key": key, "run_key": config_key(config), "config": config.to_dict(),
+    record = {"schema": MECHANISM_SCHEMA, "key": along_training_key(config, at_steps, probes, probe_size),
+              "run_key": config_key(config), "config": config.to_dict(),
               "probes": probes, "probe_size": probe_size, **body, "wall_time_s": time.perf_counter() - started,
               "device": device_name(pick_device(config.device)), "versions": library_versions(),
               "git_commit": CODE["git_commit"], "source_sha256": CODE["source_sha256"],
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return {**write_record(path, record), "source": str(path)}
+
+
+def load_or_measure_along_training(config, at_steps, probes: int = 4, probe_size: int = 64, runs_dir=None,
+                                   train_missing: bool = True, write_reference: bool = False,
+                                   progress: bool = False) -> dict | None:
+    """:func:`find_along_training`, else (if ``train_missing``) :func:`measure_and_write_along_training`,
+    else None."""
+    found = find_along_training(config, at_steps, probes, probe_size, runs_dir)
+    if found is not None or not train_missing:
+        return found
+    return measure_and_write_along_training(config, at_steps, probes, probe_size, runs_dir, write_reference, progress)

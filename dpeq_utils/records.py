@@ -140,6 +140,21 @@ def read_record(path: str | os.PathLike) -> dict:
     return record
 
 
+def read_keyed_record(path: Path, schema: str, key: str, what: str, remedy: str, require_digest: bool = False) -> dict:
+    """A record kept beside the run records (an audit's, a mechanism measurement's), verified: a
+    shipped one against the manifest, its ``schema`` and ``key`` against what the caller expects
+    (``what``: "an audit record of this run"), its content against its digest; ``remedy`` ends each
+    message (a record without a digest passes unless ``require_digest``: audit records from before
+    digests existed). Returned with its ``source``."""
+    verify_shipped(path)
+    record = json.loads(path.read_text())
+    if record.get("schema") != schema or record.get("key") != key:
+        raise RecordError(f"{path}: not {what} (schema or key differs); {remedy}")
+    if ("digest" in record or require_digest) and record_digest(record) != record.get("digest"):
+        raise RecordError(f"{path}: its content was changed after it was written (digest mismatch); {remedy}")
+    return {**record, "source": str(path)}
+
+
 def find_record(config: RunConfig, runs_dir: str | os.PathLike | None = None) -> Path | None:
     """Where the record of ``config`` is, if anywhere. Lookup order: the records shipped with the
     project (``data/reference/<profile>/``), then the user's runs folder (``runs_dir``, default

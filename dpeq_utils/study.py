@@ -244,7 +244,7 @@ class Study:
         """Signal and noise along part D's longest run of ``model`` (:mod:`dpeq_utils.mechanism`):
         the shipped or user's record, else measured (it retrains that run) as ``train_missing`` says
         (see :meth:`complete`), else None (also while the run's learning rate is not chosen)."""
-        from .mechanism import load_or_measure_along_training
+        from .mechanism import find_along_training, measure_and_write_along_training
 
         records = self.records() if records is None else records
         rate = self.chosen_lr(records, model)
@@ -252,19 +252,17 @@ class Study:
             return None
         longest = max(self.mechanism_steps())
         config = self.base.replace(model=model, lr=rate, **self.length_changes(longest))
-        found = load_or_measure_along_training(config, self.mechanism_steps(), runs_dir=self.runs_dir,
-                                               train_missing=False)
+        found = find_along_training(config, self.mechanism_steps(), runs_dir=self.runs_dir)
         if found is not None or train_missing is False:
             return found
         if train_missing is None:
             question = training_question(f"{model}'s {longest}-step run to measure signal and noise along it",
-                                         [config], self.profile, self.runs_dir)
+                                         minutes_to_train([config], self.profile, self.runs_dir), self.profile)
             if question:
                 echo(question)
                 return None
-        return load_or_measure_along_training(config, self.mechanism_steps(), runs_dir=self.runs_dir,
-                                              train_missing=True, write_reference=self.write_reference,
-                                              progress=progress)
+        return measure_and_write_along_training(config, self.mechanism_steps(), runs_dir=self.runs_dir,
+                                                write_reference=self.write_reference, progress=progress)
 
     # ------------------------------------------------------------------------------------------ records
 
@@ -304,17 +302,13 @@ class Study:
                 todo.append(item)
         return todo
 
-    def _announce(self, parts, echo) -> None:
+    def _announce(self, todo: list[Planned], minutes: float | None, echo) -> None:
         """Say what is about to train before it does, and about how long it takes: a notebook
         under a profile without shipped records (a renamed copy of ``teach``, say) would otherwise
         start hours of training without a word."""
         from .paths import reference_dir
 
-        todo = self.missing(parts)
-        if not todo:
-            return
         shipped = reference_dir(self.profile)
-        minutes, _ = minutes_to_train([t.config for t in todo], self.profile, self.runs_dir, measure_unknown=False)
         echo(f"[study {self.profile}] {len(todo)} runs of part(s) {', '.join(sorted({t.part for t in todo}))} have no "
              "record" + ("" if shipped.is_dir() else f" (no shipped records for this profile: {shipped} does not "
                          "exist)") + "; training them now"
@@ -339,17 +333,20 @@ class Study:
         re-plans and submits the next wave, until nothing is missing."""
         if train_missing is False:
             return 0
-        if train_missing is None:
-            todo = self.missing(parts)
-            question = todo and training_question(
+        todo = self.missing(parts)
+        if todo:
+            # timed here only when the answer decides whether to train (train_missing=None)
+            estimate = minutes_to_train([t.config for t in todo], self.profile, self.runs_dir,
+                                        measure_unknown=train_missing is None)
+            question = train_missing is None and training_question(
                 f"the {len(todo)} runs of part(s) {', '.join(sorted({t.part for t in todo}))} that have no record "
-                "(and more once their learning rates are chosen)", [t.config for t in todo], self.profile,
-                self.runs_dir, f"(notebooks) or run `python -m dpeq_utils study run --profile {self.source}` (runs "
+                "(and more once their learning rates are chosen)", estimate, self.profile,
+                f"(notebooks) or run `python -m dpeq_utils study run --profile {self.source}` (runs "
                 "resume from their checkpoints)")
             if question:
                 echo(question)
                 return 0
-        self._announce(parts, echo)
+            self._announce(todo, estimate[0], echo)
         if executor != "inprocess":
             return self._complete_in_waves(parts, executor, concurrency, echo, executor_options)
         from .data import load_splits

@@ -23,7 +23,6 @@ checkpoints and reading a runs folder's status are one lifecycle; records and tr
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import pickle
 import signal
@@ -34,7 +33,7 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
-from .config import RunConfig, cost_fields, parse_assignment
+from .config import RunConfig, cost_key, parse_assignment
 
 EXECUTORS = ("slurm", "local", "debug")
 
@@ -214,34 +213,36 @@ def _stop_local_jobs(running: list, echo, grace_s: float) -> None:
             process.wait()
 
 
-def step_kind(values: dict) -> tuple:
-    """What sets the throughput (examples·views per second) of a run's steps on one device: the fields
-    that set a step's arithmetic (:func:`dpeq_utils.config.cost_fields`) except those a count of
-    examples·views already scales by, and the device (a record's own)."""
-    return tuple(json.dumps(values.get(f), sort_keys=True) for f in cost_fields()
-                 if f not in ("dataset", "batch_size", "aug_mult", "device"))
+def step_kind(config: RunConfig) -> tuple:
+    """What sets the throughput (examples·views per second) of a run's steps on one device: its
+    :func:`~dpeq_utils.config.cost_key` without what a count of examples·views already scales by, and
+    without the device (a record's own)."""
+    return cost_key(config.to_dict(), leave_out=("dataset", "batch_size", "aug_mult", "device"))
 
 
 def estimate_hours(configs: list[RunConfig], throughput: float | None, records: list[dict]) -> tuple[float | None, str]:
     """Device hours for ``configs``: their examples × views divided by a throughput (examples·views
-    per second), given, or measured by existing records of the same model on any device."""
+    per second), given, or measured by existing records of the same kind of step (:func:`step_kind`)
+    on any device."""
+    from .models import MODEL_REGISTRY
+
     work: dict[tuple, int] = {}
     names: dict[tuple, str] = {}
     for config in configs:
         steps = config.update_steps if config.update_steps is not None else None
         if steps is None:
             return None, "runs sized by epochs: pass --throughput and count steps yourself"
-        values = config.to_dict()
-        work[step_kind(values)] = work.get(step_kind(values), 0) + steps * config.batch_size * config.aug_mult
-        names[step_kind(values)] = f"{config.model}{'' if config.model != 'eq_resnet9' else ' ' + config.group}" + (
-            " (non-private)" if config.non_private else "")
+        kind = step_kind(config)
+        work[kind] = work.get(kind, 0) + steps * config.batch_size * config.aug_mult
+        names[kind] = (f"{config.model}{' ' + config.group if MODEL_REGISTRY[config.model].takes_group else ''}"
+                       + (" (non-private)" if config.non_private else ""))
     if throughput:
         return sum(work.values()) / throughput / 3600, f"at the given {throughput:g} examples·views/s"
     rates: dict[tuple, list[tuple[float, str]]] = {}
     for record in records:
         views = record["steps"] * record["mean_batch_size"] * record["config"]["aug_mult"]
         if record.get("train_time_s"):
-            rates.setdefault(step_kind(RunConfig(**record["config"]).to_dict()), []).append(
+            rates.setdefault(step_kind(RunConfig(**record["config"])), []).append(
                 (views / record["train_time_s"], record["device"]))
     missing = sorted({names[k] for k in work if k not in rates})
     if missing:

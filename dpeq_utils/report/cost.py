@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ..config import cost_fields
+from ..config import cost_key
 from ..study import Study
 
 # ---------------------------------------------------------------------------------------------- cost
@@ -27,8 +27,7 @@ def step_seconds(records: dict[str, dict]) -> dict[tuple, float]:
 
 
 def _cost_key(config: dict, device: str) -> tuple:
-    values = {**config, "device": device}
-    return tuple(tuple(values[f]) if isinstance(values[f], list) else values[f] for f in cost_fields())
+    return cost_key({**config, "device": device})
 
 
 def typical_step_seconds(record: dict, records: dict[str, dict]) -> float:
