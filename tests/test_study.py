@@ -216,3 +216,30 @@ def test_the_estimate_keeps_kinds_of_step_apart():
     for other in (base.replace(non_private=True), base.replace(group="C4"), base.replace(model="resnet9")):
         hours, basis = estimate_hours([other], None, [record])
         assert hours is None and "no record measures a run like" in basis
+
+
+def test_the_seed_spread_of_single_runs_is_pooled_over_part_a(monkeypatch):
+    """A one-seed row's interval against another comes from part A's seeds: the pooled SD of the
+    paired gaps (each model's seeds at its chosen rate), which with equal seed counts is the root
+    mean of the per-pair variances; the README's verdict (a) uses exactly that interval."""
+    import numpy as np
+    from scipy import stats
+
+    from dpeq_utils import report
+
+    monkeypatch.delenv("DPEQ_REFERENCE_DIR")  # the shipped records
+    study = Study("teach")
+    records = study.records()
+    table = study.table("A", records)
+    runs = {m: table[(table["model"] == m) & (table["lr"] == study.chosen_lr(records, m))].set_index("seed")["test_accuracy_ema"]
+            for m in study.spec["models"]}
+    first, *others = study.spec["models"]
+    assert all(len(r) == 3 for r in runs.values()), "the shipped part A has three seeds of every model"
+    gap_variances = [np.var((runs[first] - runs[o]).to_numpy(), ddof=1) for o in others]
+    spread = report.seed_spread(study, records)
+    assert spread["gap"]["df"] == 2 * len(others) and spread["run"]["df"] == 2 * len(runs)
+    assert np.isclose(spread["gap"]["sd"], np.sqrt(np.mean(gap_variances)))
+    assert np.isclose(spread["run"]["sd"], np.sqrt(np.mean([np.var(r.to_numpy(), ddof=1) for r in runs.values()])))
+    assert np.isclose(spread["gap"]["ci95"], stats.t.ppf(0.975, spread["gap"]["df"]) * spread["gap"]["sd"])
+    line = next(v for v in report.verdicts(study, records) if v.startswith("**(a)"))
+    assert f"± {100 * spread['gap']['ci95']:.1f} points (one seed each" in line

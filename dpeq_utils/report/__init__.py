@@ -19,4 +19,4 @@ from .figures import figure_overview, plot_a, plot_b, plot_c, plot_d, shipped_re
 from .noise_limited import contrast_interval, part_f, part_g, welch_interval  # noqa: F401
 from .readme import PARTS_WITH_TABLES, RESULTS_BEGIN, RESULTS_END, main, results_markdown, update_readme, verdicts  # noqa: F401
 from .stats import STAMP, binomial_ci95, mean_interval, paired_interval, percent, summarise  # noqa: F401
-from .tables import paired_gap, part_a, part_b, part_c, part_d  # noqa: F401
+from .tables import paired_gap, part_a, part_b, part_c, part_d, seed_spread  # noqa: F401

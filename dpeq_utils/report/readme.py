@@ -16,7 +16,7 @@ from .cost import recipe_compute, typical_step_seconds
 from .figures import figure_overview
 from .noise_limited import part_f, part_g
 from .stats import binomial_ci95, percent, runs_interval
-from .tables import paired_gap, part_a, part_b, part_c, part_d
+from .tables import paired_gap, part_a, part_b, part_c, part_d, seed_spread
 
 # ---------------------------------------------------------------------------------------------- README
 
@@ -45,7 +45,8 @@ def results_markdown(study: Study, records=None) -> str:
              f"{b.update_steps} steps (~{epochs:.1f} epochs), clip {b.clip_norm:g}, no augmentation, EMA {b.ema_decay:g}; "
              f"learning rate per model chosen on {b.validation_size:,} validation examples held out of the training set; "
              f"test accuracy on {b.test_size:,} test images. ± is a 95 % interval: "
-             "Student-t over seeds, or 1.96 binomial standard errors for a single run. Seconds per step: the fastest "
+             "Student-t over seeds, or 1.96 binomial standard errors for a single run (the test set's sampling "
+             "error only: seeds move a run by more, see below the part-C table). Seconds per step: the fastest "
              "training loop among the runs with the same arithmetic (runs sometimes shared the CPU with other work, "
              "which only slows them).", "", "**Verdicts at this scale** (each computed from the records below):", ""]
     lines += [f"* {line}" for line in verdicts(study, records)]
@@ -79,6 +80,7 @@ def results_markdown(study: Study, records=None) -> str:
     if len(table_c):
         lines += ["", "**C · Which symmetry** (equivariant ResNet-9, one seed)", ""]
         lines += _single_runs_table(table_c, records, "variant", "num_params", "parameters")
+        lines += _spread_lines(study, records)
     curves = part_d(study, records)
     if len(curves):
         finals = curves[curves["step"] == curves["length"]]
@@ -89,6 +91,7 @@ def results_markdown(study: Study, records=None) -> str:
             by = part.set_index("length")["test_accuracy_ema"]
             lines.append(f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(
                 percent(by[n]) if n in by.index else "—" for n in sorted(finals["length"].unique())) + " |")
+        lines += _longest_with_seeds(study, records, int(finals["length"].max()))
     table_e = study.table("E", records)
     if len(table_e):
         lines += ["", "**E · Other ways of making DP-SGD work, same budget** (one seed; baselines at their profile's rates)", ""]
@@ -115,18 +118,33 @@ PARTS_WITH_TABLES = ("A", "B", "C", "D", "E", "F", "G")
 
 
 def verdicts(study: Study, records=None) -> list[str]:
-    """One sentence per claim of the paper, computed from the records (nothing here is typed by hand)."""
+    """One sentence per claim of the paper, computed from the records (nothing here is typed by hand):
+    (a) the paper's own comparison, against WRN-16-4 and De et al.'s recipe; (b) against a plain ResNet-9
+    with the same parameters, at 40 steps, across ε and along training; (c) what the longer runs (F) and
+    the augmentation (G) add; then parameters and compute."""
     from ..models import WideResNet, build_model, count_params
 
     records = study.records() if records is None else records
     lines = []
+    eps = f"ε = {study.base.target_epsilon:g}"
+    wide = paired_gap(study, "eq_resnet9", "wrn16_4", records)
+    recipe = _single_seed_gap(study, records, "E", "equivariant (this paper)", "de_et_al")
+    if wide is not None or recipe is not None:
+        parts = []
+        if wide is not None:
+            parts.append(f"**{_verdict(wide)}** WRN-16-4 (GroupNorm, weight standardisation) trained the same way: "
+                         f"{_points(wide)} (paired over {wide['seeds']} seeds)")
+        if recipe is not None:
+            parts.append(f"**{_verdict(recipe)}** De et al.'s recipe at this budget (WRN-16-4, {recipe['aug_mult']} views, "
+                         f"clip {recipe['clip_norm']:g}): {_points(recipe)} (one seed each; ± from part A's seed spread "
+                         f"of a paired gap, pooled SD {100 * recipe['sd']:.1f} points, {recipe['df']} df)")
+        lines.append(f"**(a) The paper's own comparison** (A, E; 40 steps, {eps}, EMA test accuracy): the equivariant "
+                     "ResNet-9 is " + "; and ".join(parts) + ".")
     gap = paired_gap(study, "eq_resnet9", "resnet9_matched", records)
     if gap is not None:
-        verdict = ("higher than" if gap["mean"] - gap["ci95"] > 0 else "lower than" if gap["mean"] + gap["ci95"] < 0
-                   else "not distinguishable from")
-        lines.append(f"**Accuracy at equal budget and equal parameters** (A): the equivariant ResNet-9 is **{verdict}** "
-                     f"the plain ResNet-9 with the same parameter count: {100 * gap['mean']:+.1f} ± {100 * gap['ci95']:.1f} "
-                     f"points (EMA test accuracy, paired over {gap['seeds']} seeds, ε = {study.base.target_epsilon:g}).")
+        lines.append(f"**(b) Equal parameters** (A): the equivariant ResNet-9 is **{_verdict(gap)}** the plain "
+                     f"ResNet-9 with the same parameter count: {_points(gap)} (EMA test accuracy, paired over "
+                     f"{gap['seeds']} seeds, {eps}, 40 steps).")
     table_b = part_b(study, records)
     if len(table_b) and {"eq_resnet9", "resnet9_matched"} <= set(table_b["model"]):
         wide = table_b.pivot(index="epsilon", columns="model", values="mean").dropna()
@@ -136,9 +154,9 @@ def verdicts(study: Study, records=None) -> list[str]:
                      < (private["resnet9_matched"] - half.loc[private.index, "resnet9_matched"])).sum())
         above = int(((private["eq_resnet9"] - half.loc[private.index, "eq_resnet9"])
                      > (private["resnet9_matched"] + half.loc[private.index, "resnet9_matched"])).sum())
-        lines.append(f"**Across ε** (B): of {len(private)} values of ε with records for both models, the equivariant model is "
-                     f"below the matched one beyond both intervals at {below}, above at {above}, and within the intervals "
-                     f"at {len(private) - below - above}."
+        lines.append(f"**(b) Across ε** (B): of {len(private)} values of ε with records for both models, the equivariant "
+                     f"model is below the matched one beyond both intervals at {below}, above at {above}, and within the "
+                     f"intervals at {len(private) - below - above}."
                      + (f" Without privacy (each at its own rate): {percent(wide.loc[np.inf, 'eq_resnet9'])} against "
                         f"{percent(wide.loc[np.inf, 'resnet9_matched'])}." if np.inf in wide.index else ""))
     curves = part_d(study, records)
@@ -146,10 +164,14 @@ def verdicts(study: Study, records=None) -> list[str]:
         finals = curves[curves["step"] == curves["length"]].pivot(index="length", columns="model", values="test_accuracy_ema")
         if {"eq_resnet9", "resnet9_matched"} <= set(finals.columns):
             finals = finals.dropna()
-            lines.append("**Training length** (D, one seed): equivariant minus matched at the end of a run of "
+            lines.append("**(b) Training length** (D, one seed): equivariant minus matched at the end of a run of "
                          + ", ".join(f"{n} steps: {100 * (r['eq_resnet9'] - r['resnet9_matched']):+.1f} points"
-                                     for n, r in finals.iterrows()) + ".")
+                                     for n, r in finals.iterrows()) + " (a single-seed gap moves by "
+                         + (f"±{100 * spread['gap']['ci95']:.1f} points between seeds, part A; "
+                            if (spread := seed_spread(study, records)) and spread["gap"] else "an unmeasured amount; ")
+                         + "the seeds at the longest length are part F's, below).")
     lines += noise_limited_verdicts(study, records)
+    lines += augmentation_verdicts(study, records)
     paper = count_params(build_model("eq_resnet9"))
     wrn40, wrn16 = count_params(WideResNet(depth=40, width=4)), count_params(WideResNet(depth=16, width=4))
     lines.append(f"**Parameters:** the paper model has {paper:,}; De et al.'s headline WRN-40-4 has {wrn40:,} "
@@ -169,9 +191,52 @@ def verdicts(study: Study, records=None) -> list[str]:
     return lines
 
 
+def _verdict(interval: dict) -> str:
+    """'higher than', 'lower than' or 'not distinguishable from': where the 95 % interval lies against 0."""
+    return ("higher than" if interval["mean"] - interval["ci95"] > 0 else
+            "lower than" if interval["mean"] + interval["ci95"] < 0 else "not distinguishable from")
+
+
+def _single_seed_gap(study: Study, records, part: str, label: str, other: str) -> dict | None:
+    """``label`` minus ``other`` in a part of one-seed runs, with the 95 % interval of a single-seed
+    gap from part A's pooled seed spread (:func:`.tables.seed_spread`); None when either is missing."""
+    table = study.table(part, records)
+    spread = seed_spread(study, records)
+    if table.empty or not spread or not spread["gap"] or not {label, other} <= set(table["label"]):
+        return None
+    first, second = (table[table["label"] == name].iloc[0] for name in (label, other))
+    return {"mean": float(first["test_accuracy_ema"] - second["test_accuracy_ema"]), "ci95": spread["gap"]["ci95"],
+            "sd": spread["gap"]["sd"], "df": spread["gap"]["df"], "aug_mult": int(second["aug_mult"]),
+            "clip_norm": float(second["clip_norm"])}
+
+
+def _spread_lines(study: Study, records) -> list[str]:
+    """The sentence under a table of one-seed runs: how far seeds move a run and a gap (part A, pooled)."""
+    spread = seed_spread(study, records)
+    if not spread:
+        return ["", "± here is binomial (the test set's sampling error); no part-A seeds measure how far seeds move a run."]
+    gap = spread["gap"]
+    return ["", f"± in the one-seed tables (C, E) is binomial: the test set's sampling error only. Seeds move a run by "
+                f"more: pooled over part A's models, one run's seed-to-seed SD is {100 * spread['run']['sd']:.1f} points "
+                f"({spread['run']['df']} df; a new run falls within ±{100 * spread['run']['ci95']:.1f} points of the mean)"
+            + (f", and a difference between two one-seed rows within ±{100 * gap['ci95']:.1f} points (pooled SD of part "
+               f"A's paired gaps {100 * gap['sd']:.1f} points, {gap['df']} df)." if gap else ".")]
+
+
+def _longest_with_seeds(study: Study, records, length: int) -> list[str]:
+    """Part D's longest length is part F's: its seeds there, each model at the rate chosen at that length."""
+    f = part_f(study, records)
+    if not f or f["steps"] != length or not any(len(v) > 1 for v in f["private"].values()):
+        return []
+    cells = [f"{MODEL_NAMES.get(m, m)} {_mean_cell(list(f['private'][m].values()), study.base.test_size)} "
+             f"({len(f['private'][m])} seeds, lr {study.chosen_lr(records, m, False, length):g})" for m in f["models"]]
+    return ["", f"At {length} steps over part F's seeds (each model at the rate chosen on validation at that length): "
+                + "; ".join(cells) + "."]
+
+
 def _single_runs_table(table: pd.DataFrame, records: dict, name: str, params: str, params_header: str) -> list[str]:
     """Markdown rows of one-seed runs: label, parameters, EMA test accuracy ± binomial interval, s per step."""
-    lines = [f"| {name} | {params_header} | test accuracy (EMA) | s per step |", "|---|---|---|---|"]
+    lines = [f"| {name} | {params_header} | test accuracy (EMA) ± binomial | s per step |", "|---|---|---|---|"]
     for _, r in table.iterrows():
         acc = float(r["test_accuracy_ema"])
         lines.append(f"| {r['label']} | {int(r[params]):,} | {percent(acc, binomial_ci95(acc, float(r['test_size'])))} | "
@@ -262,24 +327,47 @@ def noise_limited_verdicts(study: Study, records) -> list[str]:
     eq, matched = f["models"]
     if f["F1"] is None:
         have = {m: len(f["private"][m]) for m in (eq, matched)}
-        return [f"**Noise-limited regime** (F, {f['steps']} steps): not decided yet, the primary test needs at "
+        return [f"**(c) Noise-limited regime** (F, {f['steps']} steps): not decided yet, the primary test needs at "
                 f"least two paired seeds at each model's chosen rate (records so far: {have[eq]} equivariant, "
-                f"{have[matched]} matched; 4 planned)."]
+                f"{have[matched]} matched; {len(study.spec['noise_limited']['seeds'])} planned)."]
     gap = f["F1"]
-    verdict = ("higher than" if gap["mean"] - gap["ci95"] > 0 else "lower than" if gap["mean"] + gap["ci95"] < 0
-               else "not distinguishable from")
-    line = (f"**Noise-limited regime** (F, primary test, {f['steps']} steps, ε = {study.base.target_epsilon:g}): the "
-            f"equivariant ResNet-9 is **{verdict}** the matched plain ResNet-9: {_points(gap)} (paired over seeds "
+    planned = len(study.spec["noise_limited"]["seeds"])
+    line = (f"**(c) Noise-limited regime** (F, primary test, {f['steps']} steps, ε = {study.base.target_epsilon:g}): the "
+            f"equivariant ResNet-9 is **{_verdict(gap)}** the matched plain ResNet-9: {_points(gap)} (paired over seeds "
             f"{', '.join(map(str, gap['seeds']))}"
-            + ("" if len(gap["seeds"]) >= len(study.spec["noise_limited"]["seeds"]) else
-               f"; {len(gap['seeds'])} of the {len(study.spec['noise_limited']['seeds'])} planned, so provisional") + ").")
+            + ("" if len(gap["seeds"]) >= planned else f"; {len(gap['seeds'])} of the {planned} planned, so provisional")
+            + ").")
     if f["F2"]:
         line += (f" Against {study.base.update_steps} steps the gap changes by {_points(f['F2'])} (Welch, "
                  f"{f['F2']['df']:.1f} df).")
     if f["F3_difference"]:
         line += (f" Privacy cost (non-private − ε = {study.base.target_epsilon:g}): equivariant {_points(f['F3'][eq])}, "
                  f"matched {_points(f['F3'][matched])}; difference {_points(f['F3_difference'])}.")
+    else:
+        have = {m: len(f["non_private"][m]) for m in (eq, matched)}
+        line += (f" Privacy cost of each model: not measured yet (non-private {f['steps']}-step seeds so far: "
+                 f"{have[eq]} equivariant, {have[matched]} matched; 2 of each needed).")
     return [line]
+
+
+def augmentation_verdicts(study: Study, records) -> list[str]:
+    """Part G in one sentence: the change of the gap with K views, paired over seeds (docs/study.md)."""
+    g = part_g(study, records)
+    if not g:
+        return []
+    eq, matched = g["models"]
+    k = g["views"]
+    head = f"**(c) Augmentation multiplicity** (G, {g['steps']} steps, {k} views against 1)"
+    if g["delta_interval"] is None:
+        have = sum(len(v) for v in g["accuracy"].values())
+        planned = 4 * len(study.spec["augmentation"]["seeds"])
+        return [f"{head}: not decided yet, the paired change of the gap needs two seeds of all four arms "
+                f"(records so far: {have} of {planned} runs)."]
+    delta = g["delta_interval"]
+    own = [f"{MODEL_NAMES.get(m, m)} {_points(g['own_change'][m])}" for m in (eq, matched) if g["own_change"][m]]
+    return [f"{head}: with {k} views the gap (equivariant − matched) changes by {_points(delta)} (paired t over seeds "
+            f"{', '.join(map(str, delta['seeds']))}, {len(delta['seeds']) - 1} df: only a change far beyond the seed "
+            f"spread can show); each model's own change: " + ", ".join(own) + "."]
 
 
 def augmentation_lines(study: Study, records) -> list[str]:

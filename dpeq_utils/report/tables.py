@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from ..study import Study
 from .cost import typical_step_seconds
@@ -51,6 +52,41 @@ def paired_gap(study: Study, model: str, other: str, records=None, value: str = 
         return None
     mean, half = paired_interval([picks[model][s] for s in common], [picks[other][s] for s in common])
     return {"mean": mean, "ci95": half, "seeds": len(common)}
+
+
+def seed_spread(study: Study, records=None, value: str = "test_accuracy_ema") -> dict | None:
+    """How far runs that differ only in their seed move, pooled over part A's models at their chosen
+    rates: ``run`` is the standard deviation of one run's accuracy, ``gap`` that of the paired gap
+    between the first model (the equivariant one) and each other model; each with its degrees of
+    freedom (pooled variance Σ(nᵢ − 1)·sᵢ² / Σ(nᵢ − 1)) and the 95 % half-width ``t·sd`` that one new
+    run, or one new single-seed gap, falls within. None without two seeds of some model.
+
+    This is the spread a single run's binomial interval leaves out (the test set is the same for every
+    seed; the training subset, initialisation, batches and noise are not)."""
+    records = study.records() if records is None else records
+    table = study.table("A", records)
+    if table.empty:
+        return None
+    by_model = {}
+    for model in study.spec["models"]:
+        rows = table[(table["model"] == model) & (table["lr"] == study.chosen_lr(records, model))]
+        by_model[model] = rows.set_index("seed")[value].astype(float)
+    first, *others = study.spec["models"]
+    gaps = []
+    for other in others:
+        common = sorted(set(by_model[first].index) & set(by_model[other].index))
+        gaps.append(np.array([by_model[first][s] - by_model[other][s] for s in common]))
+
+    def pooled(groups) -> dict | None:
+        groups = [np.asarray(g, dtype=float) for g in groups if len(g) >= 2]
+        df = sum(len(g) - 1 for g in groups)
+        if not df:
+            return None
+        sd = float(np.sqrt(sum((len(g) - 1) * g.var(ddof=1) for g in groups) / df))
+        return {"sd": sd, "df": df, "ci95": float(stats.t.ppf(0.975, df) * sd)}
+
+    run = pooled(by_model.values())
+    return None if run is None else {"run": run, "gap": pooled(gaps)}
 
 
 # ---------------------------------------------------------------------------------------------- B, C, D
