@@ -15,8 +15,20 @@ along part D's runs, notebook 03).
 from ..plotting import MODEL_LABELS as MODEL_NAMES  # noqa: F401
 from .along_training import along_training, along_training_findings, plot_along_training  # noqa: F401
 from .cost import recipe_compute, step_seconds, typical_step_seconds  # noqa: F401
-from .figures import figure_overview, plot_a, plot_b, plot_c, plot_d, shipped_reference, side_by_side, stamp  # noqa: F401
+from .figures import figure_overview, plot_a, plot_b, plot_c, plot_d, plot_f, shipped_reference, side_by_side, stamp  # noqa: F401
 from .noise_limited import contrast_interval, part_f, part_g, welch_interval  # noqa: F401
-from .readme import PARTS_WITH_TABLES, RESULTS_BEGIN, RESULTS_END, main, results_markdown, update_readme, verdicts  # noqa: F401
+from .readme import (  # noqa: F401
+    PARTS_WITH_TABLES,
+    RESULTS_BEGIN,
+    RESULTS_END,
+    augmentation_lines,
+    augmentation_verdicts,
+    main,
+    noise_limited_lines,
+    noise_limited_verdicts,
+    results_markdown,
+    update_readme,
+    verdicts,
+)
 from .stats import STAMP, binomial_ci95, mean_interval, paired_interval, percent, summarise  # noqa: F401
 from .tables import paired_gap, part_a, part_b, part_c, part_d, seed_spread  # noqa: F401

@@ -133,6 +133,35 @@ def side_by_side(plot, study: Study, reference: Study | None, records=None, widt
     return fig
 
 
+def plot_f(ax, study: Study, records=None) -> None:
+    """Part F: each seed's EMA test accuracy at the long length, at ε and without privacy, per model
+    (each at its rate chosen at that length); a bar marks the mean of two or more seeds."""
+    from ..plotting import MODEL_COLOURS
+    from .noise_limited import part_f
+
+    f = part_f(study, records)
+    for i, model in enumerate(f.get("models", ())):
+        for j, (label, values) in enumerate((("ε", f["private"][model]), ("non-private", f["non_private"][model]))):
+            x = 3 * i + j
+            ax.scatter([x] * len(values), list(values.values()), color=MODEL_COLOURS.get(model), alpha=0.8,
+                       marker="o" if j == 0 else "s")
+            if len(values) > 1:
+                ax.hlines(np.mean(list(values.values())), x - 0.3, x + 0.3, color=MODEL_COLOURS.get(model))
+    if f:
+        eps = f"ε = {study.base.target_epsilon:g}"
+        ax.set_xticks([0, 1, 3, 4], [eps, "non-private"] * 2)
+        ax.set_xlim(-0.7, 4.7)
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.15 * (high - low))  # room for the names above the points
+        for i, model in enumerate(f["models"]):  # the model's name over its pair of columns
+            ax.text(3 * i + 0.5, 0.97, MODEL_NAMES.get(model, model), transform=ax.get_xaxis_transform(),
+                    ha="center", va="top", fontsize=8, color=MODEL_COLOURS.get(model))
+    ax.set(ylabel="test accuracy (EMA), one point per seed",
+           title=f"F · {f.get('steps', '')} steps ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)
+
+
 def shipped_reference(profile: str) -> Study | None:
     """The teach study to show beside a smoke run (None under any other profile)."""
     return Study("teach") if Path(profile).stem == "smoke" else None

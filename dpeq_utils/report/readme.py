@@ -170,8 +170,7 @@ def verdicts(study: Study, records=None) -> list[str]:
                          + (f"±{100 * spread['gap']['ci95']:.1f} points between seeds, part A; "
                             if (spread := seed_spread(study, records)) and spread["gap"] else "an unmeasured amount; ")
                          + "the seeds at the longest length are part F's, below).")
-    lines += noise_limited_verdicts(study, records)
-    lines += augmentation_verdicts(study, records)
+    lines += [f"**(c)** {line}" for line in noise_limited_verdicts(study, records) + augmentation_verdicts(study, records)]
     paper = count_params(build_model("eq_resnet9"))
     wrn40, wrn16 = count_params(WideResNet(depth=40, width=4)), count_params(WideResNet(depth=16, width=4))
     lines.append(f"**Parameters:** the paper model has {paper:,}; De et al.'s headline WRN-40-4 has {wrn40:,} "
@@ -327,12 +326,12 @@ def noise_limited_verdicts(study: Study, records) -> list[str]:
     eq, matched = f["models"]
     if f["F1"] is None:
         have = {m: len(f["private"][m]) for m in (eq, matched)}
-        return [f"**(c) Noise-limited regime** (F, {f['steps']} steps): not decided yet, the primary test needs at "
+        return [f"**Noise-limited regime** (F, {f['steps']} steps): not decided yet, the primary test needs at "
                 f"least two paired seeds at each model's chosen rate (records so far: {have[eq]} equivariant, "
                 f"{have[matched]} matched; {len(study.spec['noise_limited']['seeds'])} planned)."]
     gap = f["F1"]
     planned = len(study.spec["noise_limited"]["seeds"])
-    line = (f"**(c) Noise-limited regime** (F, primary test, {f['steps']} steps, ε = {study.base.target_epsilon:g}): the "
+    line = (f"**Noise-limited regime** (F, primary test, {f['steps']} steps, ε = {study.base.target_epsilon:g}): the "
             f"equivariant ResNet-9 is **{_verdict(gap)}** the matched plain ResNet-9: {_points(gap)} (paired over seeds "
             f"{', '.join(map(str, gap['seeds']))}"
             + ("" if len(gap["seeds"]) >= planned else f"; {len(gap['seeds'])} of the {planned} planned, so provisional")
@@ -357,7 +356,7 @@ def augmentation_verdicts(study: Study, records) -> list[str]:
         return []
     eq, matched = g["models"]
     k = g["views"]
-    head = f"**(c) Augmentation multiplicity** (G, {g['steps']} steps, {k} views against 1)"
+    head = f"**Augmentation multiplicity** (G, {g['steps']} steps, {k} views against 1)"
     if g["delta_interval"] is None:
         have = sum(len(v) for v in g["accuracy"].values())
         planned = 4 * len(study.spec["augmentation"]["seeds"])
