@@ -1,13 +1,15 @@
 """Parts F and G: the analyses fixed in ``docs/study.md`` before their runs finished, computed from
-the records (F1 the primary test; F2, F3 and G secondary, reported with their intervals)."""
+the records (F1 the primary test; F2, F3 and G secondary, reported with their intervals), and the
+tables and sentences that show them (the README's block, notebooks 03 and 05)."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import stats
 
+from ..plotting import MODEL_LABELS as MODEL_NAMES
 from ..study import Study
-from .stats import paired_interval
+from .stats import mean_cell, paired_interval, percent, points, verdict_words
 
 
 def welch_interval(values, others) -> dict:
@@ -92,3 +94,98 @@ def part_g(study: Study, records=None, value: str = "test_accuracy_ema") -> dict
     change = {m: _paired(acc[m, views], acc[m, 1]) for m in (eq, matched)}
     return {"views": views, "steps": int(spec["steps"]), "models": (eq, matched), "accuracy": acc, "gaps": gaps,
             "delta": delta, "delta_interval": _paired(gaps[views], gaps[1]), "own_change": change}
+
+
+def noise_limited_lines(study: Study, records) -> list[str]:
+    """Part F's table and its pre-registered analyses (``docs/study.md``), as far as records exist."""
+    f = part_f(study, records)
+    if not f or not any(f["private"].values()) and not any(f["non_private"].values()):
+        return []
+    eq, matched = f["models"]
+    lines = ["", f"**F · The noise-limited regime** ({f['steps']} steps, ε = {study.base.target_epsilon:g} and "
+                 "non-private, each at its own rate chosen on validation at this length; EMA test accuracy, mean ± "
+                 "95 % Student-t over seeds, or ± 1.96 binomial standard errors for one seed)", "",
+             "| model | ε = 8 | seeds | non-private | seeds | privacy cost (non-private − ε = 8, Welch) |",
+             "|---|---|---|---|---|---|"]
+    for model in (eq, matched):
+        cells = []
+        for values in (f["private"][model], f["non_private"][model]):
+            cells += [mean_cell(list(values.values()), study.base.test_size), str(len(values))]
+        cost = f["F3"][model]
+        lines.append(f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(cells) + " | "
+                     + (points(cost) if cost else "needs 2 seeds of each") + " |")
+    return lines
+
+
+def noise_limited_verdicts(study: Study, records) -> list[str]:
+    f = part_f(study, records)
+    if not f:
+        return []
+    eq, matched = f["models"]
+    if f["F1"] is None:
+        have = {m: len(f["private"][m]) for m in (eq, matched)}
+        return [f"**Noise-limited regime** (F, {f['steps']} steps): not decided yet, the primary test needs at "
+                f"least two paired seeds at each model's chosen rate (records so far: {have[eq]} equivariant, "
+                f"{have[matched]} matched; {len(study.spec['noise_limited']['seeds'])} planned)."]
+    gap = f["F1"]
+    planned = len(study.spec["noise_limited"]["seeds"])
+    line = (f"**Noise-limited regime** (F, primary test, {f['steps']} steps, ε = {study.base.target_epsilon:g}): the "
+            f"equivariant ResNet-9 is **{verdict_words(gap)}** the matched plain ResNet-9: {points(gap)} (paired over seeds "
+            f"{', '.join(map(str, gap['seeds']))}"
+            + ("" if len(gap["seeds"]) >= planned else f"; {len(gap['seeds'])} of the {planned} planned, so provisional")
+            + ").")
+    if f["F2"]:
+        line += (f" Against {study.base.update_steps} steps the gap changes by {points(f['F2'])} (Welch, "
+                 f"{f['F2']['df']:.1f} df).")
+    if f["F3_difference"]:
+        line += (f" Privacy cost (non-private − ε = {study.base.target_epsilon:g}): equivariant {points(f['F3'][eq])}, "
+                 f"matched {points(f['F3'][matched])}; difference {points(f['F3_difference'])}.")
+    else:
+        have = {m: len(f["non_private"][m]) for m in (eq, matched)}
+        line += (f" Privacy cost of each model: not measured yet (non-private {f['steps']}-step seeds so far: "
+                 f"{have[eq]} equivariant, {have[matched]} matched; 2 of each needed).")
+    return [line]
+
+
+def augmentation_verdicts(study: Study, records) -> list[str]:
+    """Part G in one sentence: the change of the gap with K views, paired over seeds (docs/study.md)."""
+    g = part_g(study, records)
+    if not g:
+        return []
+    eq, matched = g["models"]
+    k = g["views"]
+    head = f"**Augmentation multiplicity** (G, {g['steps']} steps, {k} views against 1)"
+    if g["delta_interval"] is None:
+        have = sum(len(v) for v in g["accuracy"].values())
+        planned = 4 * len(study.spec["augmentation"]["seeds"])
+        return [f"{head}: not decided yet, the paired change of the gap needs two seeds of all four arms "
+                f"(records so far: {have} of {planned} runs)."]
+    delta = g["delta_interval"]
+    own = [f"{MODEL_NAMES.get(m, m)} {points(g['own_change'][m])}" for m in (eq, matched) if g["own_change"][m]]
+    return [f"{head}: with {k} views the gap (equivariant − matched) changes by {points(delta)} (paired t over seeds "
+            f"{', '.join(map(str, delta['seeds']))}, {len(delta['seeds']) - 1} df: only a change far beyond the seed "
+            f"spread can show); each model's own change: " + ", ".join(own) + "."]
+
+
+def augmentation_lines(study: Study, records) -> list[str]:
+    g = part_g(study, records)
+    if not g or not any(g["accuracy"].values()):
+        return []
+    eq, matched = g["models"]
+    k = g["views"]
+    lines = ["", f"**G · Augmentation multiplicity** ({g['steps']} steps, ε = {study.base.target_epsilon:g}, each "
+                 f"model at its part-A rate; EMA test accuracy per seed, 1 view → {k} views)", "",
+             "| seed | equivariant | matched plain | gap, 1 view | gap, " + f"{k} views | Δ gap |", "|---|---|---|---|---|---|"]
+    seeds = sorted(set().union(*(set(v) for v in g["accuracy"].values())))
+    for s in seeds:
+        def pair(model):
+            one, many = g["accuracy"][model, 1].get(s), g["accuracy"][model, k].get(s)
+            return f"{'—' if one is None else percent(one)} → {'—' if many is None else percent(many)}"
+        gap1, gapk = g["gaps"][1].get(s), g["gaps"][k].get(s)
+        cells = [pair(eq), pair(matched), "—" if gap1 is None else f"{100 * gap1:+.1f}",
+                 "—" if gapk is None else f"{100 * gapk:+.1f}", "—" if s not in g["delta"] else f"{100 * g['delta'][s]:+.1f}"]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    if g["delta_interval"]:
+        lines += ["", f"Mean change of the gap with {k} views: {points(g['delta_interval'])} (paired t over "
+                      f"{len(g['delta_interval']['seeds'])} seeds)."]
+    return lines

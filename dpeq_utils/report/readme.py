@@ -14,8 +14,8 @@ from ..reference import paper_claims
 from ..study import Study
 from .cost import recipe_compute, typical_step_seconds
 from .figures import figure_overview
-from .noise_limited import part_f, part_g
-from .stats import binomial_ci95, percent, runs_interval
+from .noise_limited import augmentation_lines, augmentation_verdicts, noise_limited_lines, noise_limited_verdicts, part_f
+from .stats import binomial_ci95, mean_cell, percent, points, verdict_words
 from .tables import paired_gap, part_a, part_b, part_c, part_d, seed_spread
 
 # ---------------------------------------------------------------------------------------------- README
@@ -132,18 +132,18 @@ def verdicts(study: Study, records=None) -> list[str]:
     if wide is not None or recipe is not None:
         parts = []
         if wide is not None:
-            parts.append(f"**{_verdict(wide)}** WRN-16-4 (GroupNorm, weight standardisation) trained the same way: "
-                         f"{_points(wide)} (paired over {wide['seeds']} seeds)")
+            parts.append(f"**{verdict_words(wide)}** WRN-16-4 (GroupNorm, weight standardisation) trained the same way: "
+                         f"{points(wide)} (paired over {wide['seeds']} seeds)")
         if recipe is not None:
-            parts.append(f"**{_verdict(recipe)}** De et al.'s recipe at this budget (WRN-16-4, {recipe['aug_mult']} views, "
-                         f"clip {recipe['clip_norm']:g}): {_points(recipe)} (one seed each; ± from part A's seed spread "
+            parts.append(f"**{verdict_words(recipe)}** De et al.'s recipe at this budget (WRN-16-4, {recipe['aug_mult']} views, "
+                         f"clip {recipe['clip_norm']:g}): {points(recipe)} (one seed each; ± from part A's seed spread "
                          f"of a paired gap, pooled SD {100 * recipe['sd']:.1f} points, {recipe['df']} df)")
         lines.append(f"**(a) The paper's own comparison** (A, E; 40 steps, {eps}, EMA test accuracy): the equivariant "
                      "ResNet-9 is " + "; and ".join(parts) + ".")
     gap = paired_gap(study, "eq_resnet9", "resnet9_matched", records)
     if gap is not None:
-        lines.append(f"**(b) Equal parameters** (A): the equivariant ResNet-9 is **{_verdict(gap)}** the plain "
-                     f"ResNet-9 with the same parameter count: {_points(gap)} (EMA test accuracy, paired over "
+        lines.append(f"**(b) Equal parameters** (A): the equivariant ResNet-9 is **{verdict_words(gap)}** the plain "
+                     f"ResNet-9 with the same parameter count: {points(gap)} (EMA test accuracy, paired over "
                      f"{gap['seeds']} seeds, {eps}, 40 steps).")
     table_b = part_b(study, records)
     if len(table_b) and {"eq_resnet9", "resnet9_matched"} <= set(table_b["model"]):
@@ -190,12 +190,6 @@ def verdicts(study: Study, records=None) -> list[str]:
     return lines
 
 
-def _verdict(interval: dict) -> str:
-    """'higher than', 'lower than' or 'not distinguishable from': where the 95 % interval lies against 0."""
-    return ("higher than" if interval["mean"] - interval["ci95"] > 0 else
-            "lower than" if interval["mean"] + interval["ci95"] < 0 else "not distinguishable from")
-
-
 def _single_seed_gap(study: Study, records, part: str, label: str, other: str) -> dict | None:
     """``label`` minus ``other`` in a part of one-seed runs, with the 95 % interval of a single-seed
     gap from part A's pooled seed spread (:func:`.tables.seed_spread`); None when either is missing."""
@@ -227,7 +221,7 @@ def _longest_with_seeds(study: Study, records, length: int) -> list[str]:
     f = part_f(study, records)
     if not f or f["steps"] != length or not any(len(v) > 1 for v in f["private"].values()):
         return []
-    cells = [f"{MODEL_NAMES.get(m, m)} {_mean_cell(list(f['private'][m].values()), study.base.test_size)} "
+    cells = [f"{MODEL_NAMES.get(m, m)} {mean_cell(list(f['private'][m].values()), study.base.test_size)} "
              f"({len(f['private'][m])} seeds, lr {study.chosen_lr(records, m, False, length):g})" for m in f["models"]]
     return ["", f"At {length} steps over part F's seeds (each model at the rate chosen on validation at that length): "
                 + "; ".join(cells) + "."]
@@ -285,109 +279,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-def _points(interval: dict) -> str:
-    return f"{100 * interval['mean']:+.1f} ± {100 * interval['ci95']:.1f} points"
-
-
-def noise_limited_lines(study: Study, records) -> list[str]:
-    """Part F's table and its pre-registered analyses (``docs/study.md``), as far as records exist."""
-    f = part_f(study, records)
-    if not f or not any(f["private"].values()) and not any(f["non_private"].values()):
-        return []
-    eq, matched = f["models"]
-    lines = ["", f"**F · The noise-limited regime** ({f['steps']} steps, ε = {study.base.target_epsilon:g} and "
-                 "non-private, each at its own rate chosen on validation at this length; EMA test accuracy, mean ± "
-                 "95 % Student-t over seeds, or ± 1.96 binomial standard errors for one seed)", "",
-             "| model | ε = 8 | seeds | non-private | seeds | privacy cost (non-private − ε = 8, Welch) |",
-             "|---|---|---|---|---|---|"]
-    for model in (eq, matched):
-        cells = []
-        for values in (f["private"][model], f["non_private"][model]):
-            cells += [_mean_cell(list(values.values()), study.base.test_size), str(len(values))]
-        cost = f["F3"][model]
-        lines.append(f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(cells) + " | "
-                     + (_points(cost) if cost else "needs 2 seeds of each") + " |")
-    return lines
-
-
-def _mean_cell(values: list[float], test_size: int) -> str:
-    if not values:
-        return "—"
-    mean, _, half = runs_interval(values, test_size)
-    return percent(mean, half)
-
-
-def noise_limited_verdicts(study: Study, records) -> list[str]:
-    f = part_f(study, records)
-    if not f:
-        return []
-    eq, matched = f["models"]
-    if f["F1"] is None:
-        have = {m: len(f["private"][m]) for m in (eq, matched)}
-        return [f"**Noise-limited regime** (F, {f['steps']} steps): not decided yet, the primary test needs at "
-                f"least two paired seeds at each model's chosen rate (records so far: {have[eq]} equivariant, "
-                f"{have[matched]} matched; {len(study.spec['noise_limited']['seeds'])} planned)."]
-    gap = f["F1"]
-    planned = len(study.spec["noise_limited"]["seeds"])
-    line = (f"**Noise-limited regime** (F, primary test, {f['steps']} steps, ε = {study.base.target_epsilon:g}): the "
-            f"equivariant ResNet-9 is **{_verdict(gap)}** the matched plain ResNet-9: {_points(gap)} (paired over seeds "
-            f"{', '.join(map(str, gap['seeds']))}"
-            + ("" if len(gap["seeds"]) >= planned else f"; {len(gap['seeds'])} of the {planned} planned, so provisional")
-            + ").")
-    if f["F2"]:
-        line += (f" Against {study.base.update_steps} steps the gap changes by {_points(f['F2'])} (Welch, "
-                 f"{f['F2']['df']:.1f} df).")
-    if f["F3_difference"]:
-        line += (f" Privacy cost (non-private − ε = {study.base.target_epsilon:g}): equivariant {_points(f['F3'][eq])}, "
-                 f"matched {_points(f['F3'][matched])}; difference {_points(f['F3_difference'])}.")
-    else:
-        have = {m: len(f["non_private"][m]) for m in (eq, matched)}
-        line += (f" Privacy cost of each model: not measured yet (non-private {f['steps']}-step seeds so far: "
-                 f"{have[eq]} equivariant, {have[matched]} matched; 2 of each needed).")
-    return [line]
-
-
-def augmentation_verdicts(study: Study, records) -> list[str]:
-    """Part G in one sentence: the change of the gap with K views, paired over seeds (docs/study.md)."""
-    g = part_g(study, records)
-    if not g:
-        return []
-    eq, matched = g["models"]
-    k = g["views"]
-    head = f"**Augmentation multiplicity** (G, {g['steps']} steps, {k} views against 1)"
-    if g["delta_interval"] is None:
-        have = sum(len(v) for v in g["accuracy"].values())
-        planned = 4 * len(study.spec["augmentation"]["seeds"])
-        return [f"{head}: not decided yet, the paired change of the gap needs two seeds of all four arms "
-                f"(records so far: {have} of {planned} runs)."]
-    delta = g["delta_interval"]
-    own = [f"{MODEL_NAMES.get(m, m)} {_points(g['own_change'][m])}" for m in (eq, matched) if g["own_change"][m]]
-    return [f"{head}: with {k} views the gap (equivariant − matched) changes by {_points(delta)} (paired t over seeds "
-            f"{', '.join(map(str, delta['seeds']))}, {len(delta['seeds']) - 1} df: only a change far beyond the seed "
-            f"spread can show); each model's own change: " + ", ".join(own) + "."]
-
-
-def augmentation_lines(study: Study, records) -> list[str]:
-    g = part_g(study, records)
-    if not g or not any(g["accuracy"].values()):
-        return []
-    eq, matched = g["models"]
-    k = g["views"]
-    lines = ["", f"**G · Augmentation multiplicity** ({g['steps']} steps, ε = {study.base.target_epsilon:g}, each "
-                 f"model at its part-A rate; EMA test accuracy per seed, 1 view → {k} views)", "",
-             "| seed | equivariant | matched plain | gap, 1 view | gap, " + f"{k} views | Δ gap |", "|---|---|---|---|---|---|"]
-    seeds = sorted(set().union(*(set(v) for v in g["accuracy"].values())))
-    for s in seeds:
-        def pair(model):
-            one, many = g["accuracy"][model, 1].get(s), g["accuracy"][model, k].get(s)
-            return f"{'—' if one is None else percent(one)} → {'—' if many is None else percent(many)}"
-        gap1, gapk = g["gaps"][1].get(s), g["gaps"][k].get(s)
-        cells = [pair(eq), pair(matched), "—" if gap1 is None else f"{100 * gap1:+.1f}",
-                 "—" if gapk is None else f"{100 * gapk:+.1f}", "—" if s not in g["delta"] else f"{100 * g['delta'][s]:+.1f}"]
-        lines.append(f"| {s} | " + " | ".join(cells) + " |")
-    if g["delta_interval"]:
-        lines += ["", f"Mean change of the gap with {k} views: {_points(g['delta_interval'])} (paired t over "
-                      f"{len(g['delta_interval']['seeds'])} seeds)."]
-    return lines

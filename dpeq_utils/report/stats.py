@@ -67,3 +67,22 @@ def percent(mean: float, half: float | None = None) -> str:
 def binomial_ci95(accuracy, size):
     """Half-width of the 95 % normal-approximation interval of an accuracy measured on ``size`` examples."""
     return 1.96 * np.sqrt(accuracy * (1 - accuracy) / size)
+
+
+def verdict_words(interval: dict) -> str:
+    """'higher than', 'lower than' or 'not distinguishable from': where the 95 % interval lies against 0."""
+    return ("higher than" if interval["mean"] - interval["ci95"] > 0 else
+            "lower than" if interval["mean"] + interval["ci95"] < 0 else "not distinguishable from")
+
+
+def points(interval: dict) -> str:
+    """``'+1.2 ± 3.4 points'`` from an interval's mean and half-width (fractions)."""
+    return f"{100 * interval['mean']:+.1f} ± {100 * interval['ci95']:.1f} points"
+
+
+def mean_cell(values: list[float], test_size: int) -> str:
+    """Mean ± 95 % of runs that differ only in their seed (binomial for one run), or '—' for none."""
+    if not values:
+        return "—"
+    mean, _, half = runs_interval(values, test_size)
+    return percent(mean, half)
