@@ -16,7 +16,7 @@ from .cost import recipe_compute, typical_step_seconds
 from .figures import figure_overview
 from .noise_limited import augmentation_lines, augmentation_verdicts, noise_limited_lines, noise_limited_verdicts, part_f
 from .stats import binomial_ci95, mean_cell, percent, points, verdict_words
-from .tables import paired_gap, part_a, part_b, part_c, part_d, seed_spread
+from .tables import paired_gap, part_a, part_b, part_c, part_d, seed_spread, seed_spread_sentence
 
 # ---------------------------------------------------------------------------------------------- README
 
@@ -80,7 +80,7 @@ def results_markdown(study: Study, records=None) -> str:
     if len(table_c):
         lines += ["", "**C · Which symmetry** (equivariant ResNet-9, one seed)", ""]
         lines += _single_runs_table(table_c, records, "variant", "num_params", "parameters")
-        lines += _spread_lines(study, records)
+        lines += ["", seed_spread_sentence(study, records)]
     curves = part_d(study, records)
     if len(curves):
         finals = curves[curves["step"] == curves["length"]]
@@ -201,19 +201,6 @@ def _single_seed_gap(study: Study, records, part: str, label: str, other: str) -
     return {"mean": float(first["test_accuracy_ema"] - second["test_accuracy_ema"]), "ci95": spread["gap"]["ci95"],
             "sd": spread["gap"]["sd"], "df": spread["gap"]["df"], "aug_mult": int(second["aug_mult"]),
             "clip_norm": float(second["clip_norm"])}
-
-
-def _spread_lines(study: Study, records) -> list[str]:
-    """The sentence under a table of one-seed runs: how far seeds move a run and a gap (part A, pooled)."""
-    spread = seed_spread(study, records)
-    if not spread:
-        return ["", "± here is binomial (the test set's sampling error); no part-A seeds measure how far seeds move a run."]
-    gap = spread["gap"]
-    return ["", f"± in the one-seed tables (C, E) is binomial: the test set's sampling error only. Seeds move a run by "
-                f"more: pooled over part A's models, one run's seed-to-seed SD is {100 * spread['run']['sd']:.1f} points "
-                f"({spread['run']['df']} df; a new run falls within ±{100 * spread['run']['ci95']:.1f} points of the mean)"
-            + (f", and a difference between two one-seed rows within ±{100 * gap['ci95']:.1f} points (pooled SD of part "
-               f"A's paired gaps {100 * gap['sd']:.1f} points, {gap['df']} df)." if gap else ".")]
 
 
 def _longest_with_seeds(study: Study, records, length: int) -> list[str]:

@@ -89,6 +89,20 @@ def seed_spread(study: Study, records=None, value: str = "test_accuracy_ema") ->
     return None if run is None else {"run": run, "gap": pooled(gaps)}
 
 
+
+def seed_spread_sentence(study: Study, records=None) -> str:
+    """What a one-seed table's binomial ± leaves out, in one sentence (the README under part C,
+    notebook 06 under part E): how far seeds move one run and one gap, from :func:`seed_spread`."""
+    spread = seed_spread(study, records)
+    if not spread:
+        return "± in a one-seed table is binomial (the test set's sampling error); no part-A seeds measure how far seeds move a run."
+    gap = spread["gap"]
+    return (f"± in the one-seed tables (C, E) is binomial: the test set's sampling error only. Seeds move a run by "
+            f"more: pooled over part A's models, one run's seed-to-seed SD is {100 * spread['run']['sd']:.1f} points "
+            f"({spread['run']['df']} df; a new run falls within ±{100 * spread['run']['ci95']:.1f} points of the mean)"
+            + (f", and a difference between two one-seed rows within ±{100 * gap['ci95']:.1f} points (pooled SD of part "
+               f"A's paired gaps {100 * gap['sd']:.1f} points, {gap['df']} df)." if gap else "."))
+
 # ---------------------------------------------------------------------------------------------- B, C, D
 
 
