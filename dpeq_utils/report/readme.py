@@ -127,13 +127,13 @@ def verdicts(study: Study, records=None) -> list[str]:
     records = study.records() if records is None else records
     lines = []
     eps = f"ε = {study.base.target_epsilon:g}"
-    wide = paired_gap(study, "eq_resnet9", "wrn16_4", records)
+    against_wrn = paired_gap(study, "eq_resnet9", "wrn16_4", records)
     recipe = _single_seed_gap(study, records, "E", "equivariant (this paper)", "de_et_al")
-    if wide is not None or recipe is not None:
+    if against_wrn is not None or recipe is not None:
         parts = []
-        if wide is not None:
-            parts.append(f"**{verdict_words(wide)}** WRN-16-4 (GroupNorm, weight standardisation) trained the same way: "
-                         f"{points(wide)} (paired over {wide['seeds']} seeds)")
+        if against_wrn is not None:
+            parts.append(f"**{verdict_words(against_wrn)}** WRN-16-4 (GroupNorm, weight standardisation) trained the same "
+                         f"way: {points(against_wrn)} (paired over {against_wrn['seeds']} seeds)")
         if recipe is not None:
             parts.append(f"**{verdict_words(recipe)}** De et al.'s recipe at this budget (WRN-16-4, {recipe['aug_mult']} views, "
                          f"clip {recipe['clip_norm']:g}): {points(recipe)} (one seed each; ± from part A's seed spread "
