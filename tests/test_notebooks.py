@@ -1,5 +1,6 @@
 """The notebooks: structure, a full smoke reproduction through papermill, and the runner's failure path."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -30,6 +31,9 @@ def test_the_six_notebooks_exist():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_structure(path):
+    raw = json.loads(Path(path).read_text())  # nbformat.read would fill in missing cell ids, with only a warning
+    ids = [cell.get("id") for cell in raw["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids), "every cell needs its own id (nbformat 4.5)"
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
