@@ -9,7 +9,8 @@ from scipy import stats
 
 from ..plotting import MODEL_LABELS as MODEL_NAMES
 from ..study import Study
-from .stats import mean_cell, paired_interval, percent, points, verdict_words
+from .stats import mean_cell, percent, points, verdict_words
+from .tables import paired_by_seed, runs_by_seed
 
 
 def welch_interval(values, others) -> dict:
@@ -32,24 +33,6 @@ def contrast_interval(groups: list[tuple[float, list[float]]]) -> dict:
     return {"mean": float(estimate), "ci95": float(stats.t.ppf(0.975, df) * np.sqrt(sum(variances))), "df": float(df)}
 
 
-def _by_seed(table, model: str, lr: float | None, value: str = "test_accuracy_ema", **fields) -> dict[int, float]:
-    """``value`` per seed of ``model``'s runs at rate ``lr`` (and ``fields``) in a part's table."""
-    if lr is None or table.empty:
-        return {}
-    rows = table[(table["model"] == model) & (table["lr"] == lr)]
-    for name, wanted in fields.items():
-        rows = rows[rows[name] == wanted]
-    return {int(s): float(v) for s, v in zip(rows["seed"], rows[value])}
-
-
-def _paired(first: dict[int, float], second: dict[int, float]) -> dict | None:
-    seeds = sorted(set(first) & set(second))
-    if len(seeds) < 2:
-        return None
-    mean, half = paired_interval([first[s] for s in seeds], [second[s] for s in seeds])
-    return {"mean": mean, "ci95": half, "seeds": seeds, "gaps": [first[s] - second[s] for s in seeds]}
-
-
 def part_f(study: Study, records=None, value: str = "test_accuracy_ema") -> dict:
     """F1, F2, F3 (``docs/study.md``); each entry is None until its runs have records."""
     records = study.records() if records is None else records
@@ -61,11 +44,11 @@ def part_f(study: Study, records=None, value: str = "test_accuracy_ema") -> dict
     table = study.table("F", records)
     private, public = {}, {}
     for model in (eq, matched):
-        private[model] = _by_seed(table, model, study.chosen_lr(records, model, False, steps), value, non_private=False)
-        public[model] = _by_seed(table, model, study.chosen_lr(records, model, True, steps), value, non_private=True)
-    f1 = _paired(private[eq], private[matched])
+        private[model] = runs_by_seed(table, model, study.chosen_lr(records, model, False, steps), value, non_private=False)
+        public[model] = runs_by_seed(table, model, study.chosen_lr(records, model, True, steps), value, non_private=True)
+    f1 = paired_by_seed(private[eq], private[matched])
     table_a = study.table("A", records)
-    at_40 = _paired(*(_by_seed(table_a, m, study.chosen_lr(records, m), value) for m in (eq, matched)))
+    at_40 = paired_by_seed(*(runs_by_seed(table_a, m, study.chosen_lr(records, m), value) for m in (eq, matched)))
     f2 = welch_interval(f1["gaps"], at_40["gaps"]) if f1 and at_40 else None
     costs = {m: welch_interval(list(public[m].values()), list(private[m].values()))
              if len(public[m]) >= 2 and len(private[m]) >= 2 else None for m in (eq, matched)}
@@ -85,15 +68,15 @@ def part_g(study: Study, records=None, value: str = "test_accuracy_ema") -> dict
     views = int(spec["aug_mult"])
     eq, matched = study.spec["epsilon_models"][:2]
     table = study.table("G", records)
-    acc = {(m, k): _by_seed(table, m, study.chosen_lr(records, m), value, aug_mult=k)
+    acc = {(m, k): runs_by_seed(table, m, study.chosen_lr(records, m), value, aug_mult=k)
            for m in (eq, matched) for k in (1, views)}
     gaps = {k: {s: acc[eq, k][s] - acc[matched, k][s] for s in set(acc[eq, k]) & set(acc[matched, k])}
             for k in (1, views)}
     seeds = sorted(set(gaps[1]) & set(gaps[views]))
     delta = {s: gaps[views][s] - gaps[1][s] for s in seeds}
-    change = {m: _paired(acc[m, views], acc[m, 1]) for m in (eq, matched)}
+    change = {m: paired_by_seed(acc[m, views], acc[m, 1]) for m in (eq, matched)}
     return {"views": views, "steps": int(spec["steps"]), "models": (eq, matched), "accuracy": acc, "gaps": gaps,
-            "delta": delta, "delta_interval": _paired(gaps[views], gaps[1]), "own_change": change}
+            "delta": delta, "delta_interval": paired_by_seed(gaps[views], gaps[1]), "own_change": change}
 
 
 def noise_limited_lines(study: Study, records) -> list[str]:

@@ -61,7 +61,7 @@ def results_markdown(study: Study, records=None) -> str:
                      f"{r['s per step']:.2f} |")
     gap = paired_gap(study, "eq_resnet9", "resnet9_matched", records)
     if gap is not None:
-        lines += ["", f"Paired on {gap['seeds']} seeds, equivariant minus parameter-matched (EMA): "
+        lines += ["", f"Paired on {len(gap['seeds'])} seeds, equivariant minus parameter-matched (EMA): "
                       f"{100 * gap['mean']:+.1f} ± {100 * gap['ci95']:.1f} points."]
     table_b = part_b(study, records)
     if len(table_b):
@@ -133,7 +133,7 @@ def verdicts(study: Study, records=None) -> list[str]:
         parts = []
         if against_wrn is not None:
             parts.append(f"**{verdict_words(against_wrn)}** WRN-16-4 (GroupNorm, weight standardisation) trained the same "
-                         f"way: {points(against_wrn)} (paired over {against_wrn['seeds']} seeds)")
+                         f"way: {points(against_wrn)} (paired over {len(against_wrn['seeds'])} seeds)")
         if recipe is not None:
             parts.append(f"**{verdict_words(recipe)}** De et al.'s recipe at this budget (WRN-16-4, {recipe['aug_mult']} views, "
                          f"clip {recipe['clip_norm']:g}): {points(recipe)} (one seed each; ± from part A's seed spread "
@@ -144,7 +144,7 @@ def verdicts(study: Study, records=None) -> list[str]:
     if gap is not None:
         lines.append(f"**(b) Equal parameters** (A): the equivariant ResNet-9 is **{verdict_words(gap)}** the plain "
                      f"ResNet-9 with the same parameter count: {points(gap)} (EMA test accuracy, paired over "
-                     f"{gap['seeds']} seeds, {eps}, 40 steps).")
+                     f"{len(gap['seeds'])} seeds, {eps}, 40 steps).")
     table_b = part_b(study, records)
     if len(table_b) and {"eq_resnet9", "resnet9_matched"} <= set(table_b["model"]):
         wide = table_b.pivot(index="epsilon", columns="model", values="mean").dropna()

@@ -35,23 +35,34 @@ def part_a(study: Study, records=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     return grid.reset_index(drop=True), pd.DataFrame(rows)
 
 
+def runs_by_seed(table: pd.DataFrame, model: str, lr: float | None, value: str = "test_accuracy_ema",
+                 **fields) -> dict[int, float]:
+    """``value`` per seed of ``model``'s runs at rate ``lr`` (and ``fields``, e.g. ``aug_mult=4``) in a
+    part's table; empty when the rate is not chosen yet or the part has no records."""
+    if lr is None or table.empty:
+        return {}
+    rows = table[(table["model"] == model) & (table["lr"] == lr)]
+    for name, wanted in fields.items():
+        rows = rows[rows[name] == wanted]
+    return {int(s): float(v) for s, v in zip(rows["seed"], rows[value])}
+
+
+def paired_by_seed(first: dict[int, float], second: dict[int, float]) -> dict | None:
+    """``first`` minus ``second`` on their common seeds: mean difference, its 95 % paired t half-width,
+    the seeds and the per-seed gaps; None without two common seeds."""
+    seeds = sorted(set(first) & set(second))
+    if len(seeds) < 2:
+        return None
+    mean, half = paired_interval([first[s] for s in seeds], [second[s] for s in seeds])
+    return {"mean": mean, "ci95": half, "seeds": seeds, "gaps": [first[s] - second[s] for s in seeds]}
+
+
 def paired_gap(study: Study, model: str, other: str, records=None, value: str = "test_accuracy_ema") -> dict | None:
-    """``model`` minus ``other`` on the same seeds (same training subset and batches' seed), each at its
-    chosen rate: mean difference and its 95 % interval; None without two common seeds."""
+    """Part A's ``model`` minus ``other`` on the same seeds (same training subset and batches' seed),
+    each at its chosen rate (:func:`paired_by_seed`); None without two common seeds."""
     records = study.records() if records is None else records
     table = study.table("A", records)
-    if table.empty:
-        return None
-    picks = {}
-    for name in (model, other):
-        lr = study.chosen_lr(records, name)
-        part = table[(table["model"] == name) & (table["lr"] == lr)]
-        picks[name] = part.set_index("seed")[value]
-    common = sorted(set(picks[model].index) & set(picks[other].index))
-    if len(common) < 2:
-        return None
-    mean, half = paired_interval([picks[model][s] for s in common], [picks[other][s] for s in common])
-    return {"mean": mean, "ci95": half, "seeds": len(common)}
+    return paired_by_seed(*(runs_by_seed(table, name, study.chosen_lr(records, name), value) for name in (model, other)))
 
 
 def seed_spread(study: Study, records=None, value: str = "test_accuracy_ema") -> dict | None:
@@ -67,15 +78,10 @@ def seed_spread(study: Study, records=None, value: str = "test_accuracy_ema") ->
     table = study.table("A", records)
     if table.empty:
         return None
-    by_model = {}
-    for model in study.spec["models"]:
-        rows = table[(table["model"] == model) & (table["lr"] == study.chosen_lr(records, model))]
-        by_model[model] = rows.set_index("seed")[value].astype(float)
+    by_model = {model: runs_by_seed(table, model, study.chosen_lr(records, model), value) for model in study.spec["models"]}
     first, *others = study.spec["models"]
-    gaps = []
-    for other in others:
-        common = sorted(set(by_model[first].index) & set(by_model[other].index))
-        gaps.append(np.array([by_model[first][s] - by_model[other][s] for s in common]))
+    gaps = [[by_model[first][s] - by_model[other][s] for s in sorted(set(by_model[first]) & set(by_model[other]))]
+            for other in others]
 
     def pooled(groups) -> dict | None:
         groups = [np.asarray(g, dtype=float) for g in groups if len(g) >= 2]
@@ -85,7 +91,7 @@ def seed_spread(study: Study, records=None, value: str = "test_accuracy_ema") ->
         sd = float(np.sqrt(sum((len(g) - 1) * g.var(ddof=1) for g in groups) / df))
         return {"sd": sd, "df": df, "ci95": float(stats.t.ppf(0.975, df) * sd)}
 
-    run = pooled(by_model.values())
+    run = pooled([list(runs.values()) for runs in by_model.values()])
     return None if run is None else {"run": run, "gap": pooled(gaps)}
 
 
