@@ -229,7 +229,8 @@ class Study:
                 for seed in seeds:
                     label = f"{model} {kind} {steps} steps seed {seed}"
                     if rate is None:
-                        waiting.append(f"part F: {label} (its learning rate at {steps} steps is not chosen yet)")
+                        if seed != self.base.seed:  # the grid ran this seed: its run at the chosen rate is this one
+                            waiting.append(f"part F: {label} (its learning rate at {steps} steps is not chosen yet)")
                     else:
                         planned.append(Planned("F", "seeds", label, self.base.replace(
                             model=model, lr=rate, non_private=non_private, seed=seed, **self.length_changes(steps))))
