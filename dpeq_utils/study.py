@@ -158,6 +158,25 @@ class Study:
             return None
         return max(zip(candidates, results), key=lambda cr: (cr[1]["val_accuracy_ema"], -cr[0].lr))[0].lr
 
+    def grids(self, records: dict[str, dict]) -> list[dict]:
+        """Every learning-rate grid the study searches, with its candidates and the rate chosen on
+        validation (None until every candidate has a record): part A per model, part B's non-private
+        grids, part F's two grids per model at its length. A choice at either end of its grid may have
+        a better rate beyond it (the report says so)."""
+        s = self.spec
+        wanted = [("A", m, False, None) for m in dict.fromkeys([*s["models"], *s["epsilon_models"], self.base.model])]
+        wanted += [("B", m, True, None) for m in s["epsilon_models"]]
+        if s.get("noise_limited"):
+            steps = int(s["noise_limited"]["steps"])
+            wanted += [("F", m, np_, steps) for m in s["epsilon_models"] for np_ in (False, True)]
+        rows = []
+        for part, model, non_private, steps in wanted:
+            rates = sorted(c.lr for c in self.grid(model, non_private, steps))
+            if len(rates) > 1:
+                rows.append({"part": part, "model": model, "non_private": non_private, "steps": steps,
+                             "rates": rates, "chosen": self.chosen_lr(records, model, non_private, steps)})
+        return rows
+
     def plan(self, records: dict[str, dict]) -> tuple[list[Planned], list[str]]:
         """Every run that can be named now, in the order of the parts, and what still waits for a
         learning rate. ``records`` maps config keys to records."""

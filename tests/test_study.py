@@ -243,3 +243,29 @@ def test_the_seed_spread_of_single_runs_is_pooled_over_part_a(monkeypatch):
     assert np.isclose(spread["gap"]["ci95"], stats.t.ppf(0.975, spread["gap"]["df"]) * spread["gap"]["sd"])
     line = next(v for v in report.verdicts(study, records) if v.startswith("**(a)"))
     assert f"± {100 * spread['gap']['ci95']:.1f} points (one seed each" in line
+
+
+def test_a_rate_chosen_at_an_end_of_its_grid_is_named(monkeypatch):
+    """The report names each learning rate chosen at an end of its grid (a better rate may lie beyond
+    it) and only those: moving which candidate validates best moves the sentence with it."""
+    from dpeq_utils import report
+    from dpeq_utils.plotting import MODEL_LABELS
+
+    monkeypatch.delenv("DPEQ_REFERENCE_DIR")  # the shipped records
+    study = Study("teach")
+    records = study.records()
+    grids = {(g["part"], g["model"], g["non_private"], g["steps"]): g for g in study.grids(records)}
+    assert grids["A", "eq_resnet9", False, None]["rates"] == [0.5, 1.0, 2.0]
+
+    def with_best(model, lr):  # part A's grid of `model` now validates best at `lr`
+        key = next(config_key(c) for c in study.grid(model) if c.lr == lr)
+        return {**records, key: {**records[key], "val_accuracy_ema": 1.0}}
+
+    inside = with_best("resnet9", 1.0)
+    assert study.chosen_lr(inside, "resnet9") == 1.0
+    sentence = report.grid_edge_sentence(study, inside)
+    assert MODEL_LABELS["resnet9"] + " in part A" not in sentence
+    at_top = with_best("eq_resnet9", 2.0)
+    sentence = report.grid_edge_sentence(study, at_top)
+    assert f"{MODEL_LABELS['eq_resnet9']} in part A, lr 2 (the largest of 0.5, 1, 2)" in sentence
+    assert f"{MODEL_LABELS['resnet9']} in part A, lr 0.5 (the smallest of 0.5, 1, 2)" in sentence

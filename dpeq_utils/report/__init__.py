@@ -38,4 +38,4 @@ from .readme import (  # noqa: F401
     verdicts,
 )
 from .stats import STAMP, binomial_ci95, mean_interval, paired_interval, percent, summarise  # noqa: F401
-from .tables import paired_gap, part_a, part_b, part_c, part_d, seed_spread, seed_spread_sentence  # noqa: F401
+from .tables import grid_edge_sentence, paired_gap, part_a, part_b, part_c, part_d, seed_spread, seed_spread_sentence  # noqa: F401

@@ -16,7 +16,7 @@ from .cost import recipe_compute, typical_step_seconds
 from .figures import figure_overview
 from .noise_limited import augmentation_lines, augmentation_verdicts, noise_limited_lines, noise_limited_verdicts, part_f
 from .stats import binomial_ci95, mean_cell, percent, points, verdict_words
-from .tables import paired_gap, part_a, part_b, part_c, part_d, seed_spread, seed_spread_sentence
+from .tables import grid_edge_sentence, paired_gap, part_a, part_b, part_c, part_d, seed_spread, seed_spread_sentence
 
 # ---------------------------------------------------------------------------------------------- README
 
@@ -63,6 +63,8 @@ def results_markdown(study: Study, records=None) -> str:
     if gap is not None:
         lines += ["", f"Paired on {len(gap['seeds'])} seeds, equivariant minus parameter-matched (EMA): "
                       f"{100 * gap['mean']:+.1f} ± {100 * gap['ci95']:.1f} points."]
+    if edges := grid_edge_sentence(study, records):
+        lines += ["", edges]
     table_b = part_b(study, records)
     if len(table_b):
         eps = sorted(table_b["epsilon"].unique())

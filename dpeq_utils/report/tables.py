@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from ..plotting import MODEL_LABELS
 from ..study import Study
 from .cost import typical_step_seconds
 from .stats import paired_interval, summarise
@@ -108,6 +109,25 @@ def seed_spread_sentence(study: Study, records=None) -> str:
             f"({spread['run']['df']} df; a new run falls within ±{100 * spread['run']['ci95']:.1f} points of the mean)"
             + (f", and a difference between two one-seed rows within ±{100 * gap['ci95']:.1f} points (pooled SD of part "
                f"A's paired gaps {100 * gap['sd']:.1f} points, {gap['df']} df)." if gap else "."))
+
+def grid_edge_sentence(study: Study, records=None) -> str:
+    """Which chosen learning rates sit at an end of their grid (:meth:`Study.grids`): there a better
+    rate may lie beyond the grid, so that model's accuracy may be understated. Empty before any choice."""
+    records = study.records() if records is None else records
+    grids = [g for g in study.grids(records) if g["chosen"] is not None]
+    if not grids:
+        return ""
+    edges = [f"{MODEL_LABELS.get(g['model'], g['model'])} in part {g['part']}"
+             + (" non-private" if g["non_private"] else "") + (f" at {g['steps']} steps" if g["steps"] else "")
+             + f", lr {g['chosen']:g} (the {'smallest' if g['chosen'] == g['rates'][0] else 'largest'} of "
+             + ", ".join(f"{r:g}" for r in g["rates"]) + ")"
+             for g in grids if g["chosen"] in (g["rates"][0], g["rates"][-1])]
+    if not edges:
+        return f"Every chosen learning rate ({len(grids)} grids) lies inside its grid."
+    return (f"Learning rates chosen at an end of their grid, where a better rate may lie beyond it (so that model's "
+            f"accuracy may be understated): {'; '.join(edges)}. The other {len(grids) - len(edges)} chosen rates lie "
+            "inside their grids.")
+
 
 # ---------------------------------------------------------------------------------------------- B, C, D
 
