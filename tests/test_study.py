@@ -269,3 +269,79 @@ def test_a_rate_chosen_at_an_end_of_its_grid_is_named(monkeypatch):
     sentence = report.grid_edge_sentence(study, at_top)
     assert f"{MODEL_LABELS['eq_resnet9']} in part A, lr 2 (the largest of 0.5, 1, 2)" in sentence
     assert f"{MODEL_LABELS['resnet9']} in part A, lr 0.5 (the smallest of 0.5, 1, 2)" in sentence
+
+
+def test_parts_f_and_g_recomputed_from_the_raw_json_agree_with_the_report(monkeypatch):
+    """An independent path to the README's part-F and part-G numbers: the shipped JSON files read with
+    ``json``, selected by their config fields, rates chosen by the rule in docs/study.md, intervals by
+    hand (mean ± t·sd/√n, Welch–Satterthwaite); nothing of dpeq_utils.study or its tables is used."""
+    import json
+    import math
+
+    import numpy as np
+    from scipy import stats
+
+    from dpeq_utils.report import part_f, part_g
+
+    monkeypatch.delenv("DPEQ_REFERENCE_DIR")
+    runs = [json.loads(p.read_text()) for p in sorted((reference_dir("teach")).glob("*.json"))]
+    recipe = {"group": "D4", "restrict": True, "head": "pool2x2", "clip_norm": 2.0, "batch_size": 256,
+              "target_epsilon": 8.0, "prune_rate": 0.0, "drop_rate": 0.0, "modelmix": False, "train_size": 10000}
+
+    def results(model, steps, non_private=False, views=1):
+        """{lr: {seed: EMA val/test accuracy}} of the runs with this recipe."""
+        out = {}
+        for r in runs:
+            c = r["config"]
+            if (c["model"], c["update_steps"], c["non_private"], c["aug_mult"]) == (model, steps, non_private, views) \
+                    and all(c[k] == v for k, v in recipe.items()):
+                seeds = out.setdefault(c["lr"], {})
+                assert c["seed"] not in seeds, "one record per rate and seed"
+                seeds[c["seed"]] = (r["val_accuracy_ema"], r["test_accuracy_ema"])
+        return out
+
+    def chosen(by_lr):  # best seed-0 EMA validation accuracy, ties to the smaller rate
+        return max((lr for lr in by_lr if 0 in by_lr[lr]), key=lambda lr: (by_lr[lr][0][0], -lr))
+
+    def test_acc(by_lr, lr=None):
+        lr = chosen(by_lr) if lr is None else lr
+        return {s: v[1] for s, v in by_lr[lr].items()}
+
+    def paired(a, b):
+        d = np.array([a[s] - b[s] for s in sorted(set(a) & set(b))])
+        return d.mean(), stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)), d
+
+    def welch(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+        return a.mean() - b.mean(), stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+
+    def agree(mine, theirs):
+        assert math.isclose(mine[0], theirs["mean"], abs_tol=1e-12) and math.isclose(mine[1], theirs["ci95"], rel_tol=1e-9)
+
+    eq, matched = "eq_resnet9", "resnet9_matched"
+    f = part_f(Study("teach"))
+    dp = {m: test_acc(results(m, 640)) for m in (eq, matched)}
+    public = {m: test_acc(results(m, 640, non_private=True)) for m in (eq, matched)}
+    assert min(len(dp[eq]), len(dp[matched])) >= 4 and min(len(public[eq]), len(public[matched])) >= 2
+    f1 = paired(dp[eq], dp[matched])
+    agree(f1, f["F1"])
+    at_40 = paired(*(test_acc(results(m, 40)) for m in (eq, matched)))
+    agree(welch(f1[2], at_40[2]), f["F2"])
+    for m in (eq, matched):
+        agree(welch(list(public[m].values()), list(dp[m].values())), f["F3"][m])
+    groups = [(1, public[eq]), (-1, dp[eq]), (-1, public[matched]), (1, dp[matched])]
+    var = [np.var(list(g.values()), ddof=1) / len(g) for _, g in groups]
+    df = sum(var) ** 2 / sum(v ** 2 / (len(g) - 1) for v, (_, g) in zip(var, groups))
+    difference = (sum(w * np.mean(list(g.values())) for w, g in groups), stats.t.ppf(0.975, df) * math.sqrt(sum(var)))
+    agree(difference, f["F3_difference"])
+
+    g = part_g(Study("teach"))
+    rate = {m: chosen(results(m, 40)) for m in (eq, matched)}  # part G runs each model at its part-A rate
+    acc = {(m, k): test_acc(results(m, 160, views=k), rate[m]) for m in (eq, matched) for k in (1, 4)}
+    gaps = {k: {s: acc[eq, k][s] - acc[matched, k][s] for s in acc[eq, k] if s in acc[matched, k]} for k in (1, 4)}
+    assert set(gaps[1]) == set(gaps[4]) == {0, 1}, "part G: two seeds of all four arms"
+    agree(paired(gaps[4], gaps[1]), g["delta_interval"])
+    for m in (eq, matched):
+        agree(paired(acc[m, 4], acc[m, 1]), g["own_change"][m])
