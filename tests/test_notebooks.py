@@ -25,6 +25,26 @@ EXPECTED = ["01_equivariance_theory", "02_model_construction", "03_dpsgd_trainin
 CELL_TIMEOUT_S = 900
 
 
+def run_in_lanes(profile: str, lanes: list[list[str]], out_dir: Path, monkeypatch) -> list[reproduce.NotebookResult]:
+    """Every notebook of ``lanes`` under ``profile``: each lane (notebook prefixes, run in order) in its
+    own thread, side by side, each kernel on one CPU thread; the results in notebook order.
+
+    Why: at smoke and teach sizes a kernel gains little from torch's second thread (notebook 03 under
+    smoke: 57 s with one thread or two), so two one-thread lanes nearly halve the wall time on a 2-core
+    machine, while two kernels of two threads each oversubscribe it (measured here: the smoke
+    reproduction took 512 s that way, 134 s in one-thread lanes, 223 s one notebook after another).
+    Notebooks that share records stay in one lane (03-06 train and read one study)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # read by torch in each kernel this process starts
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    with ThreadPoolExecutor(len(lanes)) as pool:
+        done = pool.map(lambda only: reproduce.run_notebooks(profile, out_dir=out_dir, only=only,
+                                                            cell_timeout=CELL_TIMEOUT_S, echo=lambda *_: None), lanes)
+        results = sorted((r for lane in done for r in lane), key=lambda r: r.name)
+    return results
+
+
 def test_the_six_notebooks_exist():
     assert [p.stem for p in NOTEBOOKS][:6] == EXPECTED
 
@@ -148,11 +168,11 @@ def test_smoke_reproduction_of_every_notebook(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     monkeypatch.setenv("DPEQ_RUNS_DIR", str(runs))
     monkeypatch.delenv("DPEQ_REFERENCE_DIR")  # the shipped teach study, shown beside the smoke runs
-    results = reproduce.run_notebooks("smoke", out_dir=tmp_path / "executed", cell_timeout=CELL_TIMEOUT_S,
-                                      echo=lambda *_: None)
+    # 01, 02 and 07 read no study records; 03-06 share the smoke study
+    results = run_in_lanes("smoke", [["01", "02", "07"], ["03", "04", "05", "06"]], tmp_path / "executed", monkeypatch)
     failures = {r.name: r.error for r in results if not r.ok}
     assert not failures, failures
-    assert [r.name for r in results][:6] == EXPECTED
+    assert [r.name for r in results] == [p.stem for p in NOTEBOOKS], "every notebook, none left out of the lanes"
     records = load_records(runs / "smoke")
     # the smoke study (notebooks 03-06): every run of parts A-E
     from dpeq_utils.study import Study
@@ -200,16 +220,16 @@ REAL_CIFAR = Path(os.environ.get("DPEQ_TEST_CIFAR10", "/nonexistent")).expanduse
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_CIFAR.exists(), reason="set DPEQ_TEST_CIFAR10 to a local CIFAR-10 copy to run this")
-@pytest.mark.parametrize("stem", ["01_equivariance_theory", "02_model_construction", "03_dpsgd_training"])
-def test_teach_notebooks_that_compute_on_cifar10_render(stem, tmp_path, monkeypatch):
+def test_teach_notebooks_that_compute_on_cifar10_render(tmp_path, monkeypatch):
     """Notebooks 01-03 compute on CIFAR-10 itself under teach (03 reads the shipped study for its
     section 7 and trains none of it): with a local copy (``.ci/run`` passes one when the machine has
-    it) they render with the teach profile's own parameters; 04-07 are rendered by the test above."""
+    it) they render with the teach profile's own parameters (01 beside 02 then 03:
+    :func:`run_in_lanes`); 04-07 are rendered by the test above."""
     monkeypatch.delenv("DPEQ_REFERENCE_DIR")
     monkeypatch.setenv("DPEQ_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("DPEQ_CIFAR10", str(REAL_CIFAR))
-    path = REPO / "notebooks" / f"{stem}.ipynb"
-    papermill.execute_notebook(str(path), str(tmp_path / f"{stem}.ipynb"), kernel_name="python3", progress_bar=False,
-                               execution_timeout=CELL_TIMEOUT_S,
-                               parameters=reproduce.notebook_parameters(path, "teach"), cwd=str(REPO / "notebooks"))
+    results = run_in_lanes("teach", [["01"], ["02", "03"]], tmp_path / "executed", monkeypatch)
+    failures = {r.name: r.error for r in results if not r.ok}
+    assert not failures, failures
+    assert [r.name for r in results] == EXPECTED[:3]
     assert not (tmp_path / "runs").exists(), "nothing of the study was trained"
