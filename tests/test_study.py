@@ -256,6 +256,10 @@ def test_a_rate_chosen_at_an_end_of_its_grid_is_named(monkeypatch):
     records = study.records()
     grids = {(g["part"], g["model"], g["non_private"], g["steps"]): g for g in study.grids(records)}
     assert grids["A", "eq_resnet9", False, None]["rates"] == [0.5, 1.0, 2.0]
+    # Study.grids and Study.plan enumerate the searches separately: every grid run the plan trains
+    # belongs to a grid the report checks, and no listed grid is one the plan does not train
+    searched = {config_key(c) for part, model, non_private, steps in grids for c in study.grid(model, non_private, steps)}
+    assert {config_key(p.config) for p in study.plan(records)[0] if p.stage == "grid"} == searched
 
     def with_best(model, lr):  # part A's grid of `model` now validates best at `lr`
         key = next(config_key(c) for c in study.grid(model) if c.lr == lr)
