@@ -27,7 +27,8 @@ CELL_TIMEOUT_S = 900
 
 def run_in_lanes(profile: str, lanes: list[list[str]], out_dir: Path, monkeypatch) -> list[reproduce.NotebookResult]:
     """Every notebook of ``lanes`` under ``profile``: each lane (notebook prefixes, run in order) in its
-    own thread, side by side, each kernel on one CPU thread; the results in notebook order.
+    own thread, side by side, each kernel on one CPU thread; the results in notebook order, every
+    notebook having run without error.
 
     Why: at smoke and teach sizes a kernel gains little from torch's second thread (notebook 03 under
     smoke: 57 s with one thread or two), so two one-thread lanes nearly halve the wall time on a 2-core
@@ -42,6 +43,8 @@ def run_in_lanes(profile: str, lanes: list[list[str]], out_dir: Path, monkeypatc
         done = pool.map(lambda only: reproduce.run_notebooks(profile, out_dir=out_dir, only=only,
                                                             cell_timeout=CELL_TIMEOUT_S, echo=lambda *_: None), lanes)
         results = sorted((r for lane in done for r in lane), key=lambda r: r.name)
+    failures = {r.name: r.error for r in results if not r.ok}
+    assert not failures, failures
     return results
 
 
@@ -170,8 +173,6 @@ def test_smoke_reproduction_of_every_notebook(tmp_path, monkeypatch):
     monkeypatch.delenv("DPEQ_REFERENCE_DIR")  # the shipped teach study, shown beside the smoke runs
     # 01, 02 and 07 read no study records; 03-06 share the smoke study
     results = run_in_lanes("smoke", [["01", "02", "07"], ["03", "04", "05", "06"]], tmp_path / "executed", monkeypatch)
-    failures = {r.name: r.error for r in results if not r.ok}
-    assert not failures, failures
     assert [r.name for r in results] == [p.stem for p in NOTEBOOKS], "every notebook, none left out of the lanes"
     records = load_records(runs / "smoke")
     # the smoke study (notebooks 03-06): every run of parts A-E
@@ -229,7 +230,5 @@ def test_teach_notebooks_that_compute_on_cifar10_render(tmp_path, monkeypatch):
     monkeypatch.setenv("DPEQ_RUNS_DIR", str(tmp_path / "runs"))
     monkeypatch.setenv("DPEQ_CIFAR10", str(REAL_CIFAR))
     results = run_in_lanes("teach", [["01"], ["02", "03"]], tmp_path / "executed", monkeypatch)
-    failures = {r.name: r.error for r in results if not r.ok}
-    assert not failures, failures
     assert [r.name for r in results] == EXPECTED[:3]
     assert not (tmp_path / "runs").exists(), "nothing of the study was trained"

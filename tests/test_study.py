@@ -315,17 +315,22 @@ def test_parts_f_and_g_recomputed_from_the_raw_json_agree_with_the_report(monkey
         d = np.array([a[s] - b[s] for s in sorted(set(a) & set(b))])
         return d.mean(), stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d)), d
 
+    def contrast(groups):  # Σ w·mean over independent groups, Welch–Satterthwaite degrees of freedom
+        groups = [(w, np.asarray(list(g), dtype=float)) for w, g in groups]
+        var = [g.var(ddof=1) / len(g) for _, g in groups]
+        df = sum(var) ** 2 / sum(v ** 2 / (len(g) - 1) for v, (_, g) in zip(var, groups))
+        return sum(w * g.mean() for w, g in groups), stats.t.ppf(0.975, df) * math.sqrt(sum(var))
+
     def welch(a, b):
-        a, b = np.asarray(a), np.asarray(b)
-        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-        return a.mean() - b.mean(), stats.t.ppf(0.975, df) * math.sqrt(va + vb)
+        return contrast([(1, a), (-1, b)])
 
     def agree(mine, theirs):
         assert math.isclose(mine[0], theirs["mean"], abs_tol=1e-12) and math.isclose(mine[1], theirs["ci95"], rel_tol=1e-9)
 
     eq, matched = "eq_resnet9", "resnet9_matched"
-    f = part_f(Study("teach"))
+    study = Study("teach")
+    records = study.records()
+    f = part_f(study, records)
     dp = {m: test_acc(results(m, 640)) for m in (eq, matched)}
     public = {m: test_acc(results(m, 640, non_private=True)) for m in (eq, matched)}
     assert min(len(dp[eq]), len(dp[matched])) >= 4 and min(len(public[eq]), len(public[matched])) >= 2
@@ -334,14 +339,11 @@ def test_parts_f_and_g_recomputed_from_the_raw_json_agree_with_the_report(monkey
     at_40 = paired(*(test_acc(results(m, 40)) for m in (eq, matched)))
     agree(welch(f1[2], at_40[2]), f["F2"])
     for m in (eq, matched):
-        agree(welch(list(public[m].values()), list(dp[m].values())), f["F3"][m])
-    groups = [(1, public[eq]), (-1, dp[eq]), (-1, public[matched]), (1, dp[matched])]
-    var = [np.var(list(g.values()), ddof=1) / len(g) for _, g in groups]
-    df = sum(var) ** 2 / sum(v ** 2 / (len(g) - 1) for v, (_, g) in zip(var, groups))
-    difference = (sum(w * np.mean(list(g.values())) for w, g in groups), stats.t.ppf(0.975, df) * math.sqrt(sum(var)))
-    agree(difference, f["F3_difference"])
+        agree(welch(public[m].values(), dp[m].values()), f["F3"][m])
+    agree(contrast([(1, public[eq].values()), (-1, dp[eq].values()), (-1, public[matched].values()),
+                    (1, dp[matched].values())]), f["F3_difference"])
 
-    g = part_g(Study("teach"))
+    g = part_g(study, records)
     rate = {m: chosen(results(m, 40)) for m in (eq, matched)}  # part G runs each model at its part-A rate
     acc = {(m, k): test_acc(results(m, 160, views=k), rate[m]) for m in (eq, matched) for k in (1, 4)}
     gaps = {k: {s: acc[eq, k][s] - acc[matched, k][s] for s in acc[eq, k] if s in acc[matched, k]} for k in (1, 4)}
