@@ -256,6 +256,7 @@ def _train_audited(config, canary_count: int, seed: int, breakage: str | None, l
                           if state.private else None, "sample_rate": state.sample_rate, "steps": state.step}}}
            if white is not None else {}),
         "wall_time_s": time.perf_counter() - started, "device": device_name(state.device),
+        "machine": state.machine_history[-1]["machine"],
         "versions": library_versions(), "git_commit": git_commit(), "source_sha256": CODE["source_sha256"],
     }
 

@@ -177,6 +177,7 @@ def measure_and_write_along_training(config, at_steps, probes: int = 4, probe_si
                                      write_reference: bool = False, progress: bool = False) -> dict:
     """:func:`measure_along_training` (it trains the run: as long as the run itself), written as a
     mechanism record to the user's folder (a reference folder only with ``write_reference``)."""
+    from .machine import machine_kind
     from .provenance import CODE
     from .records import config_key, write_record
     from .runtime import device_name, library_versions, pick_device
@@ -189,7 +190,8 @@ def measure_and_write_along_training(config, at_steps, probes: int = 4, probe_si
     record = {"schema": MECHANISM_SCHEMA, "key": along_training_key(config, at_steps, probes, probe_size),
               "run_key": config_key(config), "config": config.to_dict(),
               "probes": probes, "probe_size": probe_size, **body, "wall_time_s": time.perf_counter() - started,
-              "device": device_name(pick_device(config.device)), "versions": library_versions(),
+              "device": device_name(pick_device(config.device)),
+              "machine": machine_kind(pick_device(config.device)), "versions": library_versions(),
               "git_commit": CODE["git_commit"], "source_sha256": CODE["source_sha256"],
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     return {**write_record(path, record), "source": str(path)}

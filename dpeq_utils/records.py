@@ -19,7 +19,10 @@ what produced it.
 
 Record fields (top level): ``key``, ``config``, ``noise_multiplier``, ``sample_rate``, ``steps``,
 ``epsilon_spent`` (null for a non-private run), ``test_accuracy``, ``test_accuracy_ema``,
-``test_loss``, ``num_params``, ``wall_time_s``, ``device``, ``versions``, ``git_commit`` and
+``test_loss``, ``num_params``, ``wall_time_s``, ``device``, ``machine`` (the CPU model, its vector
+units, torch's CPU capability and threads, and on CUDA the GPU with its TF32 and determinism settings:
+:mod:`dpeq_utils.machine`; records before 2026-12-06 have none; ``machine_history`` only for a run
+resumed on another kind of machine), ``versions``, ``git_commit`` and
 ``source_sha256`` (the code that ran, read when the package was imported: :mod:`dpeq_utils.provenance`;
 records before 2026-12-05 name the checkout at write time and carry no hash), ``seed``,
 ``dataset_size``, ``test_size``, ``mean_batch_size``, ``epochs``, ``train_time_s``, ``history``

@@ -49,6 +49,7 @@ from opacus.optimizers import DPOptimizer
 from .config import RunConfig
 from .data import ImageDataset, Splits, apply_views, draw_views, load_splits
 from .equivariance import evaluation_mode
+from .machine import machine_kind
 from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
 from .preflight import check_memory
@@ -180,6 +181,9 @@ class RunState:
     # the code each stretch of the run was trained with (dpeq_utils.provenance): one entry, unless
     # the user let a checkpoint written by other code continue
     code_history: list[dict] = field(default_factory=lambda: [{"from_step": 0, **CODE}])
+    # the machine each stretch of the run was trained on (dpeq_utils.machine): one entry, unless the
+    # run was resumed on another kind of machine (CPU kernels round differently across vector units)
+    machine_history: list[dict] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -206,7 +210,7 @@ class RunState:
             "variants": [variant.state_dict() for variant in self.variants],
             "history": self.history, "batch_sizes": self.batch_sizes,
             "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s, "resumes": self.resumes,
-            "code_history": self.code_history,
+            "code_history": self.code_history, "machine_history": self.machine_history,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -233,6 +237,10 @@ class RunState:
         self.code_history = [dict(entry) for entry in state["code_history"]]
         if self.code_history[-1]["source_sha256"] != CODE["source_sha256"]:  # allowed by the caller
             self.code_history.append({"from_step": self.step, **CODE})
+        here = self.machine_history[-1]["machine"]
+        self.machine_history = [dict(entry) for entry in state.get("machine_history", [])] or self.machine_history
+        if self.machine_history[-1]["machine"] != here:
+            self.machine_history.append({"from_step": self.step, "machine": here})
         self.started = time.perf_counter()
 
 
@@ -306,6 +314,7 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
                                 generator=generators["noise"])
     variants = build_variants(config, model, generators["variants"])  # prunes now
     return RunState(config=config, device=device, splits=splits, sample_rate=q, steps=steps, budget=budget,
+                    machine_history=[{"from_step": 0, "machine": machine_kind(device)}],
                     model=model, optimizer=optimizer, generators=generators, variants=variants,
                     ema=WeightEMA(model, config.ema_decay),
                     horizons={decay: WeightEMA(model, decay) for decay in config.ema_horizons},
@@ -407,6 +416,8 @@ def summary(state: RunState) -> dict:
         "wall_time_s": state.wall_time_s,  # over every process of a resumed run
         **({"resumed_at_steps": state.resumes} if state.resumes else {}),
         **({"code_history": state.code_history} if len(state.code_history) > 1 else {}),
+        "machine": state.machine_history[-1]["machine"],
+        **({"machine_history": state.machine_history} if len(state.machine_history) > 1 else {}),
         "history": state.history,
     }
 

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dpeq_utils.benchmark import machine as benchmark_machine
-from dpeq_utils.benchmark.machine import machine_description
+from dpeq_utils import machine as machine_module
 from dpeq_utils.benchmark.measure import (
     benchmark_model,
     epoch_ratio,
@@ -19,6 +18,7 @@ from dpeq_utils.benchmark.measure import (
     reference_speeds,
     summary_table,
 )
+from dpeq_utils.machine import machine_description
 from dpeq_utils.models import build_model
 from dpeq_utils.per_sample import GROUPED_MIN_PIXELS
 from dpeq_utils.runtime import measure_phases, phase, tune_cpu_allocator
@@ -122,14 +122,14 @@ def test_machine_description_tells_apart_machines_with_one_cpu_model(tmp_path, m
         (caches / index / "level").write_text(f"{level}\n")
         (caches / index / "size").write_text(f"{size}\n")
     (caches / "uevent").write_text("")
-    monkeypatch.setattr(benchmark_machine, "CPUINFO", str(cpuinfo))
-    monkeypatch.setattr(benchmark_machine, "CPU_CACHES", str(caches))
+    monkeypatch.setattr(machine_module, "CPUINFO", str(cpuinfo))
+    monkeypatch.setattr(machine_module, "CPU_CACHES", str(caches))
     description = machine_description()
     assert description["cpu"] == "AMD EPYC (family 25, model 1, stepping 1) in a virtual machine"
     assert description["clock"] == "2445 MHz as reported"
     assert description["caches"] == "L1 32K, L2 512K, L3 32768K"
     assert description["isa"] == "avx2 fma"
-    monkeypatch.setattr(benchmark_machine, "CPU_CACHES", str(tmp_path / "absent"))
+    monkeypatch.setattr(machine_module, "CPU_CACHES", str(tmp_path / "absent"))
     description = machine_description()
     assert description["caches"] == "512 KB (/proc/cpuinfo's cache size)"
     cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: sse2\n")

@@ -271,6 +271,24 @@ def test_a_record_names_the_code_that_was_imported(tmp_path):
     assert record["git_commit"] == CODE["git_commit"] and "code_history" not in record
 
 
+def test_a_record_names_the_machine_and_a_resume_on_another_kind_of_cpu_is_listed(tmp_path, monkeypatch):
+    """CPU kernels round differently across vector units: a record names the CPU it ran on (model, ISA,
+    torch's CPU capability, threads); a run continued on another kind of CPU lists both, from the step
+    where the second took over."""
+    from dpeq_utils.machine import machine_kind
+
+    here = machine_kind()
+    record = run(TINY.replace(update_steps=1), tmp_path / "one", progress=False)
+    assert record["machine"] == here and "machine_history" not in record
+    assert record["machine"]["torch cpu capability"] == torch.backends.cpu.get_cpu_capability()
+    _checkpointed(tmp_path, monkeypatch)
+    elsewhere = {**here, "cpu": "Some other CPU", "torch cpu capability": "AVX2"}
+    monkeypatch.setattr(train_module, "machine_kind", lambda device=None: elsewhere)
+    record = run(TINY, tmp_path, progress=False)
+    assert record["machine"] == elsewhere
+    assert record["machine_history"] == [{"from_step": 0, "machine": here}, {"from_step": 3, "machine": elsewhere}]
+
+
 def test_a_secure_run_resumes_with_fresh_entropy_and_says_so(tmp_path, monkeypatch, capsys):
     config = TINY.replace(secure_noise=True)
     path = _checkpointed(tmp_path, monkeypatch, config)

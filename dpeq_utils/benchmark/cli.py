@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..machine import machine_description
 from ..per_sample import ENGINE_FUNCTIONS
 from ..runtime import (
     device_name,
@@ -15,7 +16,6 @@ from ..runtime import (
 )
 from . import measure
 from .compute import COMPUTE_RECORD, compute_record
-from .machine import machine_description
 
 
 def main(argv: list[str] | None = None) -> int:

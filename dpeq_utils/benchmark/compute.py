@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
+from ..machine import machine_description
 from ..runtime import (
     device_name,
     pick_device,
 )
-from .machine import machine_description
 from .measure import benchmark_model, reference_speeds
 
 #: Where the compute comparison the report prints is recorded (one benchmark run, see :func:`compute_record`).

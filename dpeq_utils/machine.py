@@ -1,5 +1,11 @@
-"""What a speed figure depends on, read from the machine: CPU model, clock, caches, vector units,
-torch's CPU capability and threads.
+"""The machine a run or a speed figure came from, read from the machine itself: CPU model, clock,
+caches, vector units, torch's CPU capability and threads; on CUDA the GPU, its libraries and the
+precision and determinism settings in force.
+
+Every run record carries it (``machine``): CPU kernels round differently across vector units
+(oneDNN and MKL pick their kernels by the ISA: AVX2, AVX-512, AMX), so a run repeats bit for bit
+only on the same kind of CPU with the same code; the benchmark's figures carry it because speed
+depends on all of it.
 """
 
 from __future__ import annotations
@@ -71,8 +77,30 @@ def machine_description(device: torch.device | None = None) -> dict[str, str]:
         "isa": " ".join(f for f in ISA_FLAGS if f in flags) or "unknown",
         "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
         "torch threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion, which torch.load(weights_only=True) refuses
     })
     if device is not None and device.type == "cuda":
-        description["gpu"] = torch.cuda.get_device_name(device)
+        description.update(gpu_description(device))
     return description
+
+
+def gpu_description(device: torch.device) -> dict[str, str]:
+    """The GPU and what decides its rounding: capability, CUDA and cuDNN versions, whether TF32 is
+    allowed for matmuls and convolutions (on Ampere and later it rounds their inputs to 10 mantissa
+    bits), and whether deterministic algorithms are enforced."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return {
+        "gpu": torch.cuda.get_device_name(device),
+        "gpu capability": f"{major}.{minor}",
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()),
+        "tf32 matmul": str(torch.backends.cuda.matmul.allow_tf32),
+        "tf32 cudnn": str(torch.backends.cudnn.allow_tf32),
+        "deterministic algorithms": str(torch.are_deterministic_algorithms_enabled()),
+    }
+
+
+def machine_kind(device: torch.device | None = None) -> dict[str, str]:
+    """:func:`machine_description` without the clock (on bare metal ``cpu MHz`` changes from one read
+    to the next): what a run record names, and what must match for two runs to round alike."""
+    return {key: value for key, value in machine_description(device).items() if key != "clock"}
