@@ -27,13 +27,21 @@ A profile's ``study`` section fixes a shared budget (``run``: data sizes, batch,
 ``G``  one ingredient of the paper's recipe (optional section ``augmentation``): augmentation
        multiplicity ``aug_mult`` against one view, for ``epsilon_models`` at ``steps`` logical steps
        and part-A rates, ``seeds``; one view at seed 0 is part D's run of that length.
+``H``  sparsity where noise limits (optional section ``sparsity``, with part F): a dense ``model``
+       with more parameters than part F's, trained as part F trains its models (``steps`` of
+       ``noise_limited``, its own learning-rate grids on the validation split at that length, at ε
+       and non-private, ``seeds`` and ``non_private_seeds``), so that its privacy cost can be set
+       beside theirs: does a model with more parameters pay more for privacy at equal budget?
+
+Part E's baselines run at seed 0; the optional section ``baseline_seeds`` runs the ones it names at
+further ``seeds`` too, paired with part A's runs of the equivariant model at those seeds.
 
 The test set is never used to choose anything. :func:`plan` turns the records that exist into the
 runs that can be named now, so a study can be stopped and restarted at any time and trains only
 what is missing: ``python -m dpeq_utils study run --profile teach`` (records of the shipped
 studies live in ``data/reference/<profile>/``, see :mod:`dpeq_utils.runs`).
 
-Why one file of ~380 lines: the parts' plans (which runs, at which rates, in which order) and
+Why one file of ~510 lines: the parts' plans (which runs, at which rates, in which order) and
 their execution read the same spec and records; its tables and figures are :mod:`dpeq_utils.report`.
 """
 
@@ -52,10 +60,10 @@ from .estimate import minutes_to_train, training_question
 if TYPE_CHECKING:
     import pandas as pd
 
-PARTS = ("A", "B", "C", "D", "E", "F", "G")
+PARTS = ("A", "B", "C", "D", "E", "F", "G", "H")
 #: The order parts are trained in: the training-length question (D) before the choice of group (C);
 #: part B's seeds after the first come after D.
-TRAINING_ORDER = ("A", "B", "D", "C", "E", "F", "G")
+TRAINING_ORDER = ("A", "B", "D", "C", "E", "F", "G", "H")
 #: The protocol's fields and what each means (a profile's ``study`` section sets every one).
 FIELDS = {
     "run": "changes to the profile's run section shared by every study run (the budget)",
@@ -84,6 +92,17 @@ OPTIONAL_SECTIONS = {
         "steps": "logical steps of part G's runs",
         "aug_mult": "views per example compared with one",
         "seeds": "seeds of part G (both view counts)",
+    },
+    "sparsity": {
+        "model": "part H's dense model (not one of epsilon_models), trained at part F's length",
+        "lr_grid": "its learning rates tried under DP at that length (seed 0, chosen on the validation split)",
+        "seeds": "seeds of its private runs (seed 0 is the grid's run at the chosen rate)",
+        "lr_grid_non_private": "its learning rates tried for the non-private runs at that length",
+        "non_private_seeds": "seeds of its non-private runs",
+    },
+    "baseline_seeds": {
+        "baselines": "entries of part E's baselines that also run at the seeds below",
+        "seeds": "their seeds (paired with part A's runs of the equivariant model)",
     },
 }
 
@@ -116,6 +135,13 @@ class Study:
             section = spec.get(name)
             if section is not None and (not isinstance(section, dict) or set(section) != set(fields)):
                 raise ValueError(f"profile {profile!r}: study.{name} must set exactly {', '.join(fields)}")
+        if spec.get("sparsity") is not None and (not spec.get("noise_limited")
+                                                  or spec["sparsity"]["model"] in spec["epsilon_models"]):
+            raise ValueError(f"profile {profile!r}: study.sparsity (part H) trains at part F's length, so it needs "
+                             "study.noise_limited, and its model must not be one of epsilon_models (part F's)")
+        if spec.get("baseline_seeds") is not None and not set(spec["baseline_seeds"]["baselines"]) <= set(
+                spec["baselines"]):
+            raise ValueError(f"profile {profile!r}: study.baseline_seeds.baselines must be among study.baselines")
         self.source = profile  # a name or a path: where the profile is read from
         self.profile = Path(profile).stem  # the name records are filed under
         self.runs_dir = runs_dir
@@ -137,9 +163,15 @@ class Study:
         return {"update_steps": steps, "eval_every": max(1, steps // 4),
                 "ema_horizons": tuple(float(d) for d in self.spec["ema_horizons"])}
 
+    def long_section(self, model: str) -> dict:
+        """The spec of ``model``'s runs at part F's length: part H's section for its model, else part F's."""
+        h = self.spec.get("sparsity")
+        return h if h and model == h["model"] else self.spec["noise_limited"]
+
     def grid(self, model: str, non_private: bool = False, steps: int | None = None) -> list[RunConfig]:
-        """The learning-rate candidates of ``model`` (seed 0); ``steps``: part F's grid at that length."""
-        spec = self.spec if steps is None else self.spec["noise_limited"]
+        """The learning-rate candidates of ``model`` (seed 0); ``steps``: its grid at part F's length
+        (part H's grids for part H's model)."""
+        spec = self.spec if steps is None else self.long_section(model)
         rates = spec["lr_grid_non_private" if non_private else "lr_grid"]
         changes = {} if steps is None else self.length_changes(steps)
         return [self.base.replace(model=model, lr=float(lr), non_private=non_private, **changes) for lr in rates]
@@ -161,7 +193,7 @@ class Study:
     def grids(self, records: dict[str, dict]) -> list[dict]:
         """Every learning-rate grid the study searches, with its candidates and the rate chosen on
         validation (None until every candidate has a record): part A per model, part B's non-private
-        grids, part F's two grids per model at its length. A choice at either end of its grid may have
+        grids, part F's two grids per model at its length, part H's two. A choice at either end of its grid may have
         a better rate beyond it (the report says so)."""
         s = self.spec
         wanted = [("A", m, False, None) for m in dict.fromkeys([*s["models"], *s["epsilon_models"], self.base.model])]
@@ -169,6 +201,8 @@ class Study:
         if s.get("noise_limited"):
             steps = int(s["noise_limited"]["steps"])
             wanted += [("F", m, np_, steps) for m in s["epsilon_models"] for np_ in (False, True)]
+            if s.get("sparsity"):
+                wanted += [("H", s["sparsity"]["model"], np_, steps) for np_ in (False, True)]
         rows = []
         for part, model, non_private, steps in wanted:
             rates = sorted(c.lr for c in self.grid(model, non_private, steps))
@@ -223,8 +257,13 @@ class Study:
         at_rate("E", "equivariant (this paper)", eq_model)
         for name, change in baseline_changes(self.source, s["baselines"], equal_budget=True).items():
             planned.append(Planned("E", "", name, base.replace(**change)))
+        if s.get("baseline_seeds"):
+            paired = s["baseline_seeds"]
+            for name, change in baseline_changes(self.source, paired["baselines"], equal_budget=True).items():
+                planned += [Planned("E", "", f"{name} seed {seed}", base.replace(**change, seed=seed))
+                            for seed in paired["seeds"] if seed != base.seed]
         if s.get("noise_limited"):
-            self._plan_noise_limited(records, planned, waiting)
+            self._plan_long("F", s["epsilon_models"], records, planned, waiting)
         if s.get("augmentation"):
             g = s["augmentation"]
             for model in s["epsilon_models"]:
@@ -232,16 +271,18 @@ class Study:
                     for seed in g["seeds"]:
                         at_rate("G", f"{model} {views} view{'s' if views > 1 else ''} seed {seed}", model, seed=seed,
                                 aug_mult=views, **self.length_changes(int(g["steps"])))
+        if s.get("sparsity"):
+            self._plan_long("H", [s["sparsity"]["model"]], records, planned, waiting)
         return planned, waiting
 
-    def _plan_noise_limited(self, records: dict[str, dict], planned: list, waiting: list) -> None:
-        """Part F: per model and privacy setting, a learning-rate grid at the longer length, then seeds."""
-        f = self.spec["noise_limited"]
-        steps = int(f["steps"])
-        for model in self.spec["epsilon_models"]:
+    def _plan_long(self, part: str, models: list[str], records: dict[str, dict], planned: list, waiting: list) -> None:
+        """Parts F and H: per model and privacy setting, a learning-rate grid at part F's length, then seeds."""
+        steps = int(self.spec["noise_limited"]["steps"])
+        for model in models:
+            f = self.long_section(model)
             for non_private in (False, True):
                 kind = "non-private" if non_private else f"ε {self.base.target_epsilon:g}"
-                planned.extend(Planned("F", "grid", f"{model} {kind} {steps} steps lr {c.lr:g}", c)
+                planned.extend(Planned(part, "grid", f"{model} {kind} {steps} steps lr {c.lr:g}", c)
                                for c in self.grid(model, non_private, steps))
                 rate = self.chosen_lr(records, model, non_private, steps)
                 seeds = f["non_private_seeds" if non_private else "seeds"]
@@ -249,9 +290,9 @@ class Study:
                     label = f"{model} {kind} {steps} steps seed {seed}"
                     if rate is None:
                         if seed != self.base.seed:  # the grid ran this seed: its run at the chosen rate is this one
-                            waiting.append(f"part F: {label} (its learning rate at {steps} steps is not chosen yet)")
+                            waiting.append(f"part {part}: {label} (its learning rate at {steps} steps is not chosen yet)")
                     else:
-                        planned.append(Planned("F", "seeds", label, self.base.replace(
+                        planned.append(Planned(part, "seeds", label, self.base.replace(
                             model=model, lr=rate, non_private=non_private, seed=seed, **self.length_changes(steps))))
 
     def mechanism_steps(self) -> list[int]:
@@ -307,7 +348,7 @@ class Study:
 
         def order(p: Planned):
             steps = p.config.update_steps or 0
-            if p.part in ("F", "G"):  # after A-E; F's private runs, then its non-private ones, then G
+            if p.part in ("F", "G", "H"):  # after A-E; F's private runs, then its non-private ones, then G, then H
                 return (True, True, p.part, p.config.non_private, p.stage != "grid", p.config.seed, 0)
             rank = TRAINING_ORDER.index(p.part)
             if p.part == "B" and p.config.seed != self.base.seed:
@@ -427,8 +468,8 @@ class Study:
 def _grid_needed(item: Planned, parts, spec) -> bool:
     """Is this learning-rate candidate needed by one of ``parts``?"""
     model = item.config.model
-    if item.part == "F":  # its own grids, at its own length
-        return "F" in parts
+    if item.part in ("F", "H"):  # their own grids, at their own length
+        return item.part in parts
     if item.part == "B":  # the non-private grid
         return "B" in parts
     return ("A" in parts and model in spec["models"]) or (

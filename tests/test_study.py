@@ -23,7 +23,10 @@ def tiny_profile(tmp_path):
         baselines=["modelmix"],
         noise_limited={"steps": 4, "lr_grid": [0.2, 0.5], "seeds": [0, 1], "lr_grid_non_private": [0.05, 0.2],
                        "non_private_seeds": [0]},
-        augmentation={"steps": 4, "aug_mult": 2, "seeds": [0]})
+        augmentation={"steps": 4, "aug_mult": 2, "seeds": [0]},
+        sparsity={"model": "resnet9", "lr_grid": [0.2, 0.5], "seeds": [0, 1], "lr_grid_non_private": [0.05, 0.2],
+                  "non_private_seeds": [0]},
+        baseline_seeds={"baselines": ["modelmix"], "seeds": [0, 1]})
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(content))
     return str(path)
@@ -49,13 +52,14 @@ def test_study_chooses_rates_on_validation_and_completes_every_part(tiny_profile
     # the test set chooses nothing: changing a test accuracy does not change any choice
     altered = {k: {**r, "test_accuracy": 1.0 - r["test_accuracy"], "test_accuracy_ema": 0.0} for k, r in records.items()}
     assert study.plan(altered)[0] == study.plan(records)[0]
-    parts = {part: study.table(part, records) for part in "ABCDEFG"}
+    parts = {part: study.table(part, records) for part in "ABCDEFGH"}
     assert set(parts["B"]["non_private"]) == {True, False}
     assert sorted(parts["D"]["update_steps"]) == [2, 2, 4, 4]
     longer = [records[key] for key in parts["D"].query("update_steps == 4")["key"]]
     assert [[h["step"] for h in r["history"]] for r in longer] == [[0, 1, 2, 3, 4]] * 2, "learning curves from step 0"
     assert all(set(r["history"][-1]["test_accuracy_ema_horizons"]) == {"0.9", "0.999"} for r in longer)
-    assert list(parts["E"]["label"]) == ["equivariant (this paper)", "modelmix"]
+    assert list(parts["E"]["label"]) == ["equivariant (this paper)", "modelmix", "modelmix seed 1"]
+    assert list(parts["E"]["seed"]) == [0, 0, 1], "baseline_seeds adds paired seeds of the baselines it names"
     # F: rates re-chosen at the longer length, on validation, for each model with and without privacy;
     # part D's run at that length is F's grid candidate at the part-A rate when the rates coincide
     for model in ("eq_resnet9", "resnet9_matched"):
@@ -66,6 +70,16 @@ def test_study_chooses_rates_on_validation_and_completes_every_part(tiny_profile
             seeds = parts["F"].query("model == @model and non_private == @non_private and stage == 'seeds'")
             assert set(seeds["lr"]) == {best["config"]["lr"]} and list(seeds["seed"]) == ([0] if non_private else [0, 1])
     assert set(parts["D"]["key"]) & set(parts["F"]["key"]), "part D's 4-step run at the part-A rate is an F candidate"
+    # H: part H's model at part F's length with its own grids (not F's), chosen on validation, then its seeds
+    assert set(parts["H"]["model"]) == {"resnet9"} and set(parts["H"]["update_steps"]) == {4}
+    for non_private, rates, seeds in ((False, [0.2, 0.5], [0, 1]), (True, [0.05, 0.2], [0])):
+        grid = [records[config_key(c)] for c in study.grid("resnet9", non_private, steps=4)]
+        assert sorted(r["config"]["lr"] for r in grid) == rates
+        best = max(grid, key=lambda r: (r["val_accuracy_ema"], -r["config"]["lr"]))
+        assert study.chosen_lr(records, "resnet9", non_private, steps=4) == best["config"]["lr"]
+        runs = parts["H"].query("non_private == @non_private and stage == 'seeds'")
+        assert set(runs["lr"]) == {best["config"]["lr"]} and list(runs["seed"]) == seeds
+    assert [g["part"] for g in study.grids(records)].count("H") == 2
     # G: one view against two at the longer length, seed 0; one view at seed 0 is part D's run
     assert sorted(parts["G"]["aug_mult"]) == [1, 1, 2, 2] and set(parts["G"]["update_steps"]) == {4}
     assert len(set(parts["G"]["key"]) & set(parts["D"]["key"])) == 2
@@ -99,6 +113,12 @@ def test_study_section_is_checked(tmp_path):
     content["study"]["augmentation"] = {"steps": 8, "aug_mult": 4}
     path.write_text(yaml.safe_dump(content))
     with pytest.raises(ValueError, match="study.augmentation must set exactly steps, aug_mult, seeds"):
+        Study(str(path))
+    content["study"]["augmentation"] = {"steps": 8, "aug_mult": 4, "seeds": [0]}
+    content["study"]["sparsity"] = {"model": "resnet9", "lr_grid": [1.0], "seeds": [0], "lr_grid_non_private": [0.1],
+                                    "non_private_seeds": [0]}
+    path.write_text(yaml.safe_dump(content))
+    with pytest.raises(ValueError, match="study.sparsity .* needs study.noise_limited"):
         Study(str(path))
 
 
