@@ -2,7 +2,7 @@
 exactly as if it never stopped.
 
 A checkpoint sits beside the run's record, named like it with ``.ckpt`` instead of ``.json`` (so it
-is keyed by the same config key), and holds :meth:`dpeq_utils.train.RunState.state_dict`: the
+is keyed by the same config key), and holds :meth:`dpeq_utils.run_state.RunState.state_dict`: the
 parameters, the optimiser's momentum, the EMAs, the steps the privacy budget has counted, the state
 of every random generator (sampler, augmentation, noise, variants, and Python's, NumPy's and torch's
 global ones), the variants' state (pruning masks, ModelMix's previous iterate), the history, the
@@ -46,7 +46,7 @@ import torch
 from .errors import DpeqError
 from .paths import write_atomic
 from .provenance import CODE
-from .runtime import library_versions
+from .runtime import library_versions, to_device
 
 #: 2: loadable with weights_only=True, carries the writing code's source hash (format 1 was neither)
 FORMAT = 2
@@ -55,6 +55,7 @@ MAGIC = "dpeq-checkpoint"
 DEFAULT_INTERVAL_S = 300.0
 #: Libraries whose version changes the arithmetic of a step: a checkpoint must come from the same ones.
 ARITHMETIC_LIBRARIES = ("python", "torch", "escnn", "opacus", "numpy")
+CPU = torch.device("cpu")
 
 
 class CheckpointError(DpeqError, ValueError):
@@ -184,7 +185,8 @@ class Checkpoints:
                               "training goes on, the previous checkpoint is kept", RuntimeWarning, stacklevel=2)
 
     def save(self, state) -> None:
-        write_checkpoint(self.path, {"identity": self.identity(state), "state": state.state_dict()})
+        # host copies: a checkpoint is read onto the CPU and put back on the run's device by RunState.load_state_dict
+        write_checkpoint(self.path, {"identity": self.identity(state), "state": to_device(state.state_dict(), CPU)})
         self.last_saved = time.monotonic()
 
     def remove(self) -> None:

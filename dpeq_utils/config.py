@@ -74,7 +74,8 @@ FIELD_CHECKS = {
     "checkpoint_every": (_optional(lambda v: _is_int(v) and v >= 0), "be an integer >= 0 or None"),
     "modelmix_gap_rate": (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "be a finite number >= 0"),
     **{name: (lambda v: isinstance(v, bool), "be true or false") for name in ("restrict", "non_private", "modelmix",
-                                                                                        "secure_noise")},
+                                                                                        "secure_noise", "allow_tf32",
+                                                                                        "deterministic")},
 }
 
 
@@ -165,6 +166,13 @@ class RunConfig:
     # the sampler and augmentation joining the noise; kept so that records keep their keys.)
     secure_noise: bool = setting(False, keyed_when_set=True)
     device: str = setting("auto", role=PERFORMANCE, cost=True)
+    # GPU arithmetic (nothing changes on a CPU). TF32 rounds the inputs of float32 matrix products and
+    # convolutions to 10 mantissa bits on Ampere and later GPUs (PyTorch allows it for convolutions by
+    # default): off unless asked, so that every layer computes in float32, as on a CPU
+    allow_tf32: bool = setting(False, role=PERFORMANCE, cost=True)
+    # deterministic algorithms on CUDA (torch.use_deterministic_algorithms, cuDNN's deterministic
+    # kernels, a fixed cuBLAS workspace): a GPU run that repeats bit for bit, a little slower
+    deterministic: bool = setting(False, role=PERFORMANCE)
 
     def __post_init__(self):
         if isinstance(self.widths, (list, tuple)):
@@ -257,7 +265,9 @@ def cost_key(values: dict, leave_out: tuple[str, ...] = ()) -> tuple:
     """The values of :func:`cost_fields` in ``values`` (a config as a dict; lists as tuples), less
     ``leave_out``: runs with equal keys do the same arithmetic per step (the report's seconds per
     step; the estimate's throughput per example·view, which leaves out what the count already scales by)."""
-    return tuple(tuple(v) if isinstance(v := values.get(f), list) else v for f in cost_fields() if f not in leave_out)
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}  # a field newer than the record: its default
+    return tuple(tuple(v) if isinstance(v := values.get(f, defaults[f]), list) else v for f in cost_fields()
+                 if f not in leave_out)
 
 
 def performance_fields() -> tuple[str, ...]:

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .runtime import to_device_async
+
 
 class GradientCanaries:
     """Dirac gradient canaries as a trainer variant (:class:`dpeq_utils.variants.Variant`)."""
@@ -90,10 +92,11 @@ class GradientCanaries:
             p = parameters[name]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            flat, where = p.grad.view(-1), positions.to(p.grad.device)
+            flat, where = p.grad.view(-1), to_device_async(positions, p.grad.device)
             if not self.private:
                 flat[where] = 0
-            flat[where] += (self.clip_norm * self.sampled[index].to(flat.dtype) / self.batch_size).to(flat.device)
+            flat[where] += to_device_async(self.clip_norm * self.sampled[index].to(flat.dtype) / self.batch_size,
+                                           flat.device)
 
     def summary(self, model: nn.Module) -> dict:
         return {}

@@ -106,15 +106,8 @@ def measure_along_training(config, at_steps, probes: int = 4, probe_size: int = 
     EMA) is stored to show that. Returns the body of a mechanism record."""
     from tqdm import tqdm
 
-    from .train import (
-        build_model_for,
-        evaluate,
-        global_generator_states,
-        set_global_generator_states,
-        setup,
-        swapped_parameters,
-        train_step,
-    )
+    from .run_state import global_generator_states, set_global_generator_states, swapped_parameters
+    from .train import build_model_for, evaluate, setup, train_step
 
     if config.non_private:
         raise ValueError("the mechanism is measured on a DP run: its noise is what the signal is compared with")
@@ -130,20 +123,20 @@ def measure_along_training(config, at_steps, probes: int = 4, probe_size: int = 
     probe_sets = chosen[:probes * probe_size].view(probes, probe_size)
     sigma = state.budget.noise_multiplier
     points = []
-    saved = global_generator_states()
+    saved = global_generator_states(state.device)
     copy = build_model_for(config).to(state.device).train()  # what is measured: the run's weights, loaded into it
-    set_global_generator_states(saved)
+    set_global_generator_states(saved, state.device)
+    placed = train_data.on(state.device)
     bar = tqdm(total=at_steps[-1], disable=not progress, leave=False, desc=f"{config.model} along training")
     for target in at_steps:
         while state.step < target:
             train_step(state)
             bar.update()
-        saved = global_generator_states()
+        saved = global_generator_states(state.device)
         copy.load_state_dict(state.model.state_dict())
-        measured = [signal_and_noise(copy, train_data.normalized(index, state.device),
-                                     train_data.labels[index].to(state.device), config.clip_norm, sigma,
-                                     config.batch_size) for index in probe_sets]
-        set_global_generator_states(saved)
+        measured = [signal_and_noise(copy, placed.normalized(index), placed.labels[index], config.clip_norm, sigma,
+                                     config.batch_size) for index in probe_sets.to(state.device)]
+        set_global_generator_states(saved, state.device)
         point = {m: float(sum(x[m] for x in measured) / probes) for m in POINT_MEASURES}
         # the noise against the mean signal (not the mean of per-probe ratios, which one short probe inflates)
         point["noise_to_signal"] = point["noise_norm"] / point["signal_norm"] if point["signal_norm"] > 0 else math.inf

@@ -3,11 +3,17 @@
 A run that cannot write its record, or that will exhaust the machine's memory, should say so before
 its first step, not after hours of training.
 
-Memory is estimated from measurements, not derived from first principles: the benchmark
-(``benchmarks/per_sample_speed.py``, 2-core CPU, paper widths) measured the peak memory of one DP
-step and one non-private step at physical batches 64 and 256; the slope per example is what a
-larger batch costs. Other widths and groups are scaled by their activation size per example
-(counted with one forward pass of one example), which is what the cost follows.
+Memory is estimated from measurements, not derived from first principles.
+
+- **On a CPU** the benchmark (``benchmarks/per_sample_speed.py``, 2-core CPU, paper widths) measured
+  the peak memory of one DP step and one non-private step at physical batches 64 and 256; the slope
+  per example is what a larger batch costs. Other widths and groups are scaled by their activation
+  size per example (counted with one forward pass of one example), which is what the cost follows.
+- **On a GPU** the run's own model is measured on the device before the first step: the peak memory
+  of the step's per-example gradients (or, non-private, its forward and backward) on chunks of one
+  and two examples of blank images (no data is read, no parameter changes), extrapolated linearly to
+  ``physical_batch_size`` examples, plus the data placed on the device, the parameters, EMAs and
+  optimiser state; refused when above the device's free memory.
 """
 
 from __future__ import annotations
@@ -111,19 +117,70 @@ def estimate_memory_mb(config, model: nn.Module, data_examples: int) -> float:
     return BASE_MB + data_examples * 3 * 32 * 32 / 2 ** 20 + SLACK * (step + evaluation)
 
 
-def check_memory(config, model: nn.Module, data_examples: int, force: bool = False) -> float:
-    """Warn when the estimate is above 80 % of the available memory, refuse above 100 % unless
-    ``force``. Returns the estimate (MB)."""
-    estimate = estimate_memory_mb(config, model, data_examples)
-    available = available_memory_mb()
+def check_memory(config, model: nn.Module, splits, device: torch.device | None = None, force: bool = False) -> float:
+    """Warn when the run's estimated peak memory is above 80 % of what is available, refuse above 100 %
+    unless ``force``: host RAM on a CPU, the device's free memory on a GPU (where the model is measured,
+    see the module docstring). ``splits``: the run's datasets (or their total number of examples).
+    Returns the estimate (MB)."""
+    device = torch.device("cpu") if device is None else device
+    examples = splits if isinstance(splits, int) else sum(len(part) for part in splits if part is not None)
+    if device.type == "cpu":
+        estimate, available, where = estimate_memory_mb(config, model, examples), available_memory_mb(), ""
+    else:
+        free = device_free_mb(device)
+        if free is None:  # a device without memory statistics: nothing to check against
+            return float("nan")
+        estimate, available, where = estimate_device_memory_mb(config, model, examples, device), free, " on the GPU"
     if available is None:
         return estimate
     advice = (f"lower physical_batch_size (now {config.physical_batch_size}; it changes memory, not the result)"
               + (f" or aug_mult (now {config.aug_mult})" if config.aug_mult > 1 else ""))
     if estimate > available and not force:
-        raise PreflightError(f"this run needs about {estimate / 1024:.1f} GB of memory, {available / 1024:.1f} GB is "
-                             f"available: {advice}, or force it (--force-memory) if you know better; nothing was trained")
+        raise PreflightError(f"this run needs about {estimate / 1024:.1f} GB of memory{where}, {available / 1024:.1f} GB "
+                             f"is available: {advice}, or force it (--force-memory) if you know better; nothing was trained")
     if estimate > 0.8 * available:
-        warnings.warn(f"this run needs about {estimate / 1024:.1f} GB of memory, close to the {available / 1024:.1f} GB "
-                      f"available; if it fails, {advice}", ResourceWarning, stacklevel=2)
+        warnings.warn(f"this run needs about {estimate / 1024:.1f} GB of memory{where}, close to the "
+                      f"{available / 1024:.1f} GB available; if it fails, {advice}", ResourceWarning, stacklevel=2)
     return estimate
+
+
+def device_free_mb(device: torch.device) -> float | None:
+    """Free memory on a GPU (``torch.cuda.mem_get_info``), None on devices that do not report it."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free / 2 ** 20
+
+
+def measured_chunk_mb(config, model: nn.Module, examples: int, device: torch.device) -> float:
+    """Peak device memory (MB) of one chunk of ``examples`` blank examples with the run's views: its
+    per-example gradients (private) or its forward and backward (non-private), above what was
+    allocated before. Reads no data and leaves the parameters as they were (no gradient stays)."""
+    from .dp_step import _accumulate_plain_gradient
+    from .per_sample import per_sample_grads
+
+    views = torch.zeros(examples, config.aug_mult, 3, 32, 32, device=device)
+    labels = torch.zeros(examples, dtype=torch.long, device=device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    if config.non_private:
+        _accumulate_plain_gradient(model, views, labels, examples)
+        model.zero_grad(set_to_none=True)
+    else:
+        grads, _ = per_sample_grads(model, views, labels, config.per_sample_engine)
+        del grads
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def estimate_device_memory_mb(config, model: nn.Module, data_examples: int, device: torch.device) -> float:
+    """Estimated peak device memory (MB) of a run on a GPU: one chunk of ``physical_batch_size``
+    examples extrapolated from measured chunks of one and two (:func:`measured_chunk_mb`), × a 20 %
+    margin for the clipping's temporaries and the allocator's fragmentation, plus the data placed on
+    the device (uint8) and the parameters, EMAs and optimiser state (float32)."""
+    one, two = (measured_chunk_mb(config, model, n, device) for n in (1, 2))
+    chunk = one + (two - one) * (config.physical_batch_size - 1)
+    parameters = sum(p.numel() for p in model.parameters()) * 4 / 2 ** 20
+    copies = 3 + len(config.ema_horizons) + (1 if config.momentum else 0)  # weights, summed gradient, EMA(s), momentum
+    return 1.2 * chunk + data_examples * 3 * 32 * 32 / 2 ** 20 + copies * parameters

@@ -62,9 +62,33 @@ def pick_device(device: str = "auto") -> torch.device:
     return chosen
 
 
+def configure_device(device: torch.device, allow_tf32: bool = False, deterministic: bool = False) -> None:
+    """Set a GPU's precision and determinism for a run, explicitly (nothing on a CPU, whose kernels
+    compute in float32 and repeat bit for bit on the same kind of CPU).
+
+    ``allow_tf32`` sets both of PyTorch's TF32 switches (matrix products and cuDNN convolutions; its
+    defaults differ: off and on). ``deterministic`` turns on ``torch.use_deterministic_algorithms`` (with
+    ``warn_only``: an operation without a deterministic CUDA kernel warns, naming itself, instead of
+    stopping the run — the run is then not guaranteed to repeat), cuDNN's deterministic kernels, and
+    sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` if unset (cuBLAS reads it when PyTorch first uses it: set
+    it in the environment before starting Python to be sure). The record's ``machine`` names the
+    settings in force (:mod:`dpeq_utils.machine`)."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type != "cpu":
+        return str(device)
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
@@ -117,11 +141,39 @@ def tune_cpu_allocator() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, largest_int)) and bool(libc.mallopt(m_trim_threshold, never))
 
 
-def release_free_memory() -> None:
-    """Hand the allocator's cached free memory back to the OS (glibc ``malloc_trim``; elsewhere nothing)."""
+def release_free_memory(device: torch.device | None = None) -> None:
+    """After a run: hand the allocator's cached free memory back — to the OS on a CPU (glibc
+    ``malloc_trim``), to the GPU on CUDA (the caching allocator's unused blocks), so that the next run
+    of a long process (a study, a sweep in one process) starts lean."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def to_device(value, device: torch.device):
+    """``value`` (tensors inside dicts, lists and tuples) with every tensor on ``device`` (a tensor already
+    there is returned as it is, not copied)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value
+
+
+def to_device_async(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without blocking the host: on CUDA pinned, then copied asynchronously
+    (the caching host allocator keeps the pinned copy alive until the transfer is done); on the CPU
+    the tensor itself."""
+    if device.type == "cpu" or tensor.device == device:
+        return tensor
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _glibc():

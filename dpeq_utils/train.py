@@ -1,16 +1,16 @@
-"""DP-SGD training: Poisson sampling, per-example gradients, clipping, noise, EMA, evaluation.
+"""DP-SGD training, one run: set it up, step it, score it, summarise it.
 
 One logical step of DP-SGD (Abadi et al. 2016) as implemented here:
 
 1. **Poisson sampling.** Every training example joins the batch independently with probability
    ``q = batch_size / N``; the batch size itself is random (expected ``batch_size``). This ``q`` and
-   the number of steps are exactly what the accountant is given.
+   the number of steps are exactly what the accountant is given (:mod:`dpeq_utils.batches`).
 2. **Per-example gradients** of each example's loss averaged over its ``aug_mult`` views, computed in
    physical chunks of ``physical_batch_size`` examples (memory only: the Poisson batch and the views
    are drawn once per logical batch, so the chunking changes no random draw, only float32 rounding;
    ``tests/test_train.py`` checks it).
 3. **Clipping** of each example's whole gradient to norm ``clip_norm``, then summing (Opacus
-   ``DPOptimizer``, accumulating across the chunks).
+   ``DPOptimizer``, accumulating across the chunks; :mod:`dpeq_utils.dp_step`).
 4. **Noise** ``N(0, σ² clip_norm²)`` added once per logical step to the sum, which is divided by the
    *expected* batch size (dividing by the realised size would leak it) before the SGD update.
 5. **EMA** of the weights updated once per logical step; evaluation reports raw and EMA weights.
@@ -19,26 +19,29 @@ The noise multiplier σ is calibrated before training for the target (ε, δ) an
 step beyond the calibrated number (:class:`dpeq_utils.privacy.PrivacyBudget`). ``non_private=True``
 trains the same model on the same batches with the plain mean gradient: the reference line.
 
-Run from the shell: ``python -m dpeq_utils train --profile smoke --set target_epsilon=3``.
+The rooms, along the way the data flows: :mod:`dpeq_utils.batches` (the sampler, the views, the
+chunks on the device), :mod:`dpeq_utils.dp_step` (one logical step on those chunks),
+:mod:`dpeq_utils.run_state` (the run's state, what a checkpoint saves and restores, on which device),
+and this module (a run around them: :func:`setup`, :func:`train_step`, :func:`evaluate_run`,
+:func:`summary`, :func:`fit`). Per-example gradients (:mod:`dpeq_utils.per_sample`), privacy
+accounting (:mod:`dpeq_utils.privacy`), checkpoints (:mod:`dpeq_utils.checkpoint`) and records
+(:mod:`dpeq_utils.records`) live elsewhere.
 
-Why one file of ~550 lines: the mechanism a reviewer checks — the Poisson sampler, per-example
-clipping, the noise, the accountant's q and step count, the EMA, and what a checkpoint must hold to
-resume it bit for bit — shares one :class:`RunState`; split, the DP step would be read in pieces.
-Per-example gradients (:mod:`dpeq_utils.per_sample`), privacy accounting (:mod:`dpeq_utils.privacy`),
-checkpoints (:mod:`dpeq_utils.checkpoint`) and records (:mod:`dpeq_utils.records`) live elsewhere.
+On a GPU: the training and test sets are placed on the device once, a step reads nothing back from
+the device, TF32 and deterministic algorithms are set explicitly from the config (``allow_tf32``,
+``deterministic``) and named in the record's ``machine``, and the run's memory on the device is
+checked before the first step (:mod:`dpeq_utils.preflight`).
+
+Run from the shell: ``python -m dpeq_utils train --profile smoke --set target_epsilon=3``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import random
 import secrets
 import signal
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,38 +49,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
 
+from .batches import physical_chunks, planned_steps, poisson_batch, sample_rate
 from .config import RunConfig
-from .data import ImageDataset, Splits, apply_views, draw_views, load_splits
+from .data import ImageDataset, Splits, load_splits
+from .dp_step import logical_step
 from .equivariance import evaluation_mode
 from .machine import machine_kind
 from .models import build_model, count_params
-from .per_sample import per_sample_grads, resolve_engine
+from .per_sample import resolve_engine
 from .preflight import check_memory
 from .privacy import PrivacyBudget, PrivacyBudgetError
-from .provenance import CODE
-from .runtime import conv_layout, derived_seeds, phase, pick_device, release_free_memory, set_seed, tune_cpu_allocator
-from .variants import Variant, build_variants
-
-
-def planned_steps(config: RunConfig, dataset_size: int) -> int:
-    """Logical steps of a run: ``update_steps``, or ``epochs`` worth of expected batches."""
-    if config.update_steps is not None:
-        return config.update_steps
-    assert config.epochs is not None  # RunConfig guarantees exactly one of the two
-    return max(1, round(config.epochs * dataset_size / config.batch_size))
-
-
-def sample_rate(config: RunConfig, dataset_size: int) -> float:
-    if config.batch_size > dataset_size:
-        raise ValueError(f"batch_size={config.batch_size} exceeds the {dataset_size} training examples; "
-                         "lower batch_size (it is the expected Poisson batch, q = batch_size / N)")
-    return config.batch_size / dataset_size
-
-
-def poisson_batch(dataset_size: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of one Poisson-sampled logical batch: every example joins independently with
-    probability ``sample_rate`` (the q the accountant is given); the batch size is random."""
-    return torch.nonzero(torch.rand(dataset_size, generator=generator) < sample_rate).squeeze(1)
+from .run_state import SECRET_STREAMS, RunState, WeightEMA, swapped_parameters
+from .runtime import (
+    configure_device,
+    conv_layout,
+    derived_seeds,
+    pick_device,
+    release_free_memory,
+    set_seed,
+    synchronize,
+    tune_cpu_allocator,
+)
+from .variants import build_variants
 
 
 def budget_for(config: RunConfig, dataset_size: int) -> PrivacyBudget:
@@ -97,193 +90,33 @@ def build_model_for(config: RunConfig) -> nn.Module:
                        num_groups=config.num_groups, head=config.head)
 
 
-@contextlib.contextmanager
-def swapped_parameters(model: nn.Module, values: dict[str, torch.Tensor]):
-    """Temporarily load ``values`` (e.g. the EMA) into the model's parameters."""
-    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(values[name])
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(saved[name])
-
-
 def evaluate(model: nn.Module, data: ImageDataset, device: torch.device, batch_size: int = 500) -> tuple[float, float]:
     """Accuracy and mean cross-entropy on ``data``, with the model's current parameters
-    (:func:`~dpeq_utils.equivariance.evaluation_mode` rebuilds escnn's cached filters)."""
-    correct, loss = 0, 0.0
+    (:func:`~dpeq_utils.equivariance.evaluation_mode` rebuilds escnn's cached filters). On a GPU the
+    data is placed on the device once and the sums are read back once, at the end."""
+    losses, hits = [], []
+    placed = data.on(device)
     with evaluation_mode(model):
         for start in range(0, len(data), batch_size):
             index = slice(start, start + batch_size)
-            logits = model(conv_layout(data.normalized(index, device)))
-            labels = data.labels[index].to(device)
-            loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(1) == labels).sum())
-    return correct / len(data), loss / len(data)
-
-
-class WeightEMA:
-    """Exponential moving average of the parameters, one update per logical step.
-
-    The decay is warmed up as ``min(decay, (1 + t) / (10 + t))`` (as TensorFlow's EMA with
-    ``num_updates``), so short runs are not dominated by the initial weights.
-    """
-
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.updates = 0
-        self.values = {name: p.detach().clone() for name, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for name, p in model.named_parameters():
-            self.values[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
-        self.updates += 1
-
-    def state_dict(self) -> dict:
-        return {"values": self.values, "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.values = {name: value.clone() for name, value in state["values"].items()}
-        self.updates = state["updates"]
-
-
-@dataclass
-class RunState:
-    """Everything a run is while it trains: what :func:`setup` builds, :func:`train_step` advances,
-    :func:`evaluate_run` scores and :func:`summary` turns into a record's results. Its
-    :meth:`state_dict` is what a checkpoint holds (:mod:`dpeq_utils.checkpoint`)."""
-
-    config: RunConfig
-    device: torch.device
-    splits: Splits
-    sample_rate: float
-    steps: int
-    budget: PrivacyBudget | None
-    model: nn.Module
-    optimizer: torch.optim.Optimizer  # Opacus's DPOptimizer around SGD when private
-    generators: dict[str, torch.Generator]  # sampler, augment, noise, variants: one stream each
-    variants: list[Variant]
-    ema: WeightEMA
-    horizons: dict[float, WeightEMA]  # further EMAs, scored only, never trained on
-    engine: str
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    batch_sizes: list[int] = field(default_factory=list)
-    train_time_s: float = 0.0  # the step loop alone (sampling, gradients, updates), over every process of the run
-    earlier_wall_time_s: float = 0.0  # wall time of earlier processes of a resumed run
-    resumes: list[int] = field(default_factory=list)  # the steps a resumed run continued from
-    # the code each stretch of the run was trained with (dpeq_utils.provenance): one entry, unless
-    # the user let a checkpoint written by other code continue
-    code_history: list[dict] = field(default_factory=lambda: [{"from_step": 0, **CODE}])
-    # the machine each stretch of the run was trained on (dpeq_utils.machine): one entry, unless the
-    # run was resumed on another kind of machine (CPU kernels round differently across vector units)
-    machine_history: list[dict] = field(default_factory=list)
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def private(self) -> bool:
-        return self.budget is not None
-
-    @property
-    def wall_time_s(self) -> float:
-        return self.earlier_wall_time_s + time.perf_counter() - self.started
-
-    def state_dict(self) -> dict:
-        """The run's progress: enough to continue it bit for bit on the same device and libraries."""
-        return {
-            "step": self.step,
-            "steps_taken": self.budget.steps_taken if self.budget else self.step,
-            "parameters": {name: p.detach().clone() for name, p in self.model.named_parameters()},
-            "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict(),
-            "horizons": {decay: average.state_dict() for decay, average in self.horizons.items()},
-            # a secure run's secret streams stay in memory: from their states its batches and noise could be rebuilt
-            "generators": {name: g.get_state() for name, g in self.generators.items()
-                           if not (self.config.secure_noise and name in SECRET_STREAMS)},
-            "global_generators": global_generator_states(),
-            "variants": [variant.state_dict() for variant in self.variants],
-            "history": self.history, "batch_sizes": self.batch_sizes,
-            "train_time_s": self.train_time_s, "wall_time_s": self.wall_time_s, "resumes": self.resumes,
-            "code_history": self.code_history, "machine_history": self.machine_history,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                p.copy_(state["parameters"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
-        for decay, average in self.horizons.items():
-            average.load_state_dict(state["horizons"][decay])
-        for name, generator in self.generators.items():
-            if name in state["generators"]:
-                generator.set_state(state["generators"][name])
-            # else: a secure run's secret stream, freshly seeded from the OS by setup (not repeatable)
-        set_global_generator_states(state["global_generators"])
-        for variant, variant_state in zip(self.variants, state["variants"], strict=True):
-            variant.load_state_dict(variant_state)
-        self.step = state["step"]
-        if self.budget is not None:
-            self.budget.steps_taken = state["steps_taken"]
-        self.history, self.batch_sizes = list(state["history"]), list(state["batch_sizes"])
-        self.train_time_s, self.earlier_wall_time_s = state["train_time_s"], state["wall_time_s"]
-        self.resumes = list(state["resumes"])
-        self.code_history = [dict(entry) for entry in state["code_history"]]
-        if self.code_history[-1]["source_sha256"] != CODE["source_sha256"]:  # allowed by the caller
-            self.code_history.append({"from_step": self.step, **CODE})
-        here = self.machine_history[-1]["machine"]
-        self.machine_history = [dict(entry) for entry in state.get("machine_history", [])] or self.machine_history
-        if self.machine_history[-1]["machine"] != here:
-            self.machine_history.append({"from_step": self.step, "machine": here})
-        self.started = time.perf_counter()
-
-
-#: The streams whose draws, if known, would undo the guarantee: the Poisson sampler (each example's
-#: membership of each batch: the amplification by subsampling that ε relies on assumes it is secret),
-#: the augmentation (which views were seen) and the noise (which could be regenerated and subtracted).
-#: In a secure run (``secure_noise``) they come from the OS's entropy and their states are never
-#: written to a checkpoint; the variants' stream (pruning masks drawn before training, coordinates
-#: dropped at random) does not depend on the data and stays seeded.
-SECRET_STREAMS = ("sampler", "augment", "noise")
-
-
-def global_generator_states() -> dict:
-    """Python's, NumPy's and torch's global generators (dpeq draws from its own streams, but a
-    library may use these)."""
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    # NumPy's state as plain values and a tensor: checkpoints load with torch.load(weights_only=True),
-    # which admits no NumPy array (dpeq_utils.checkpoint)
-    numpy_state = {"name": name, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "position": int(position),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
-    states = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_global_generator_states(states: dict) -> None:
-    random.setstate(states["python"])
-    numpy_state = states["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+            logits = model(conv_layout(placed.normalized(index)))
+            labels = placed.labels[index]
+            losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+            hits.append((logits.argmax(1) == labels).sum())
+    loss = 0.0
+    for value in torch.stack(losses).cpu().tolist():  # one read-back; added one by one in float64, as always
+        loss += value
+    return sum(torch.stack(hits).cpu().tolist()) / len(data), loss / len(data)
 
 
 def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = False) -> RunState:
     """Load the data, calibrate the budget, build the model, optimiser, streams, variants and EMAs:
-    a run at step 0. On a CPU the run's memory is estimated first and a run that would not fit is
-    refused unless ``force_memory`` (:mod:`dpeq_utils.preflight`)."""
+    a run at step 0. The run's memory (host RAM on a CPU, device memory on a GPU) is estimated first
+    and a run that would not fit is refused unless ``force_memory`` (:mod:`dpeq_utils.preflight`)."""
     started = time.perf_counter()
     set_seed(config.seed)
     device = pick_device(config.device)
+    configure_device(device, allow_tf32=config.allow_tf32, deterministic=config.deterministic)
     if device.type == "cpu":
         tune_cpu_allocator()
     splits = Splits(*data) if data is not None else load_splits(
@@ -297,8 +130,10 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
     budget = None if config.non_private else budget_for(config, n)
     model = build_model_for(config).to(device)
     model.train()
-    if device.type == "cpu":
-        check_memory(config, model, sum(len(part) for part in splits if part is not None), force=force_memory)
+    check_memory(config, model, splits, device, force=force_memory)
+    for part in splits:  # on a GPU, the data is placed on the device once (nothing happens on a CPU)
+        if part is not None:
+            part.on(device)
     # a fourth stream for the variants; the first three are unchanged by asking for it (SeedSequence prefixes)
     seeds = dict(zip(("sampler", "augment", "noise", "variants"), derived_seeds(config.seed, 4)))
     if config.secure_noise:  # every stream that touches private data from the OS (SECRET_STREAMS)
@@ -321,29 +156,26 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
                     engine=resolve_engine(config.per_sample_engine, model), started=started)
 
 
-def train_step(state: RunState) -> list[float]:
+def train_step(state: RunState) -> torch.Tensor:
     """One logical step: spend it from the budget, draw the Poisson batch and its views, update,
-    average. Returns every example's training loss."""
+    average. Returns every example's training loss (a tensor on the run's device)."""
     step_started = time.perf_counter()
-    config, train_data, device = state.config, state.splits.train, state.device
+    config = state.config
     if state.budget is not None:
         state.budget.spend()
     for variant in state.variants:
         variant.begin_step(state.model)
-    n = len(train_data)
-    chosen = poisson_batch(n, state.sample_rate, state.generators["sampler"])
+    chosen = poisson_batch(len(state.splits.train), state.sample_rate, state.generators["sampler"])
     state.batch_sizes.append(len(chosen))
-    draws = draw_views(len(chosen), config.aug_mult, state.generators["augment"])  # once per logical batch
-    chunk = config.physical_batch_size
-    starts = range(0, len(chosen), chunk) if len(chosen) else [0]
-    batches = ((apply_views(train_data.normalized(chosen[i:i + chunk], device), draws[i:i + chunk]),
-                train_data.labels[chosen[i:i + chunk]].to(device)) for i in starts)
-    losses = logical_step(state.model, state.optimizer, batches, len(starts), private=state.private,
+    chunks, count = physical_chunks(state.splits.train, chosen, config.aug_mult, config.physical_batch_size,
+                                    state.generators["augment"], state.device)
+    losses = logical_step(state.model, state.optimizer, chunks, count, private=state.private,
                           batch_size=len(chosen), engine=state.engine, variants=state.variants)
     state.ema.update(state.model)
     for average in state.horizons.values():
         average.update(state.model)
     state.step += 1
+    synchronize(state.device)  # on a GPU: the step's time is its work, not the time to queue it
     state.train_time_s += time.perf_counter() - step_started
     return losses
 
@@ -380,8 +212,7 @@ def summary(state: RunState) -> dict:
         validation["val_accuracy"], validation["val_loss"] = evaluate(model, validation_data, device)
         with swapped_parameters(model, state.ema.values):
             validation["val_accuracy_ema"], validation["val_loss_ema"] = evaluate(model, validation_data, device)
-    if device.type == "cpu":
-        release_free_memory()  # the allocator kept the run's peak (tune_cpu_allocator); the next run starts lean
+    release_free_memory(device)  # the allocator kept the run's peak (CPU: tune_cpu_allocator); the next run starts lean
     epsilon = None
     if state.budget is not None:
         epsilon = state.budget.epsilon()
@@ -453,8 +284,8 @@ def fit(config: RunConfig, *, progress: bool = True, data: Splits | None = None,
         while state.step < state.steps:
             losses = train_step(state)
             bar.update()
-            if losses:
-                bar.set_postfix(loss=f"{math.fsum(losses) / len(losses):.3f}", refresh=False)
+            if progress and len(losses):  # read back from the device only when it is shown
+                bar.set_postfix(loss=f"{float(losses.mean()):.3f}", refresh=False)
             if config.eval_every and state.step % config.eval_every == 0 and state.step != state.steps:
                 evaluate_run(state)
             if checkpoints is not None:
@@ -499,76 +330,3 @@ class deferred_signals(contextlib.AbstractContextManager):
         number, self.pending = self.pending, None
         self.__exit__(None, None, None)
         signal.raise_signal(number)
-
-
-def logical_step(model: nn.Module, optimizer, batches, num_chunks: int, private: bool, batch_size: int,
-                 engine: str = "auto", variants=()) -> list[float]:
-    """One update from a logical batch given as ``num_chunks`` physical chunks of ``(views, labels)``.
-
-    Private: per-example gradients of every chunk (by ``engine``, see :mod:`dpeq_utils.per_sample`)
-    go to Opacus's ``DPOptimizer``, which clips and sums them; after the last chunk it adds the
-    noise and divides by the expected batch size (``pre_step``). Non-private: the mean gradient over
-    the ``batch_size`` examples. Then, for both, the variants' ``before_update`` and the SGD update.
-    ``variants`` (:mod:`dpeq_utils.variants`) also restrict the per-example gradients before
-    clipping. Returns every example's training loss (mean over its views).
-    """
-    losses = []
-    update_ready = not private and batch_size > 0
-    for i, (views, labels) in enumerate(batches):
-        if private:
-            losses += _store_per_sample_gradients(model, views, labels, engine, variants)
-            with phase("clip, sum, noise"):
-                optimizer.signal_skip_step(do_skip=i < num_chunks - 1)
-                update_ready = optimizer.pre_step()  # clip and sum; on the last chunk also noise and scaling
-                if not update_ready:
-                    optimizer.zero_grad(set_to_none=True)  # drops this chunk's per-example gradients, keeps the sum
-        else:
-            losses += _accumulate_plain_gradient(model, views, labels, batch_size)
-    with phase("update"):
-        if update_ready:
-            for variant in variants:
-                variant.before_update(model)
-            getattr(optimizer, "original_optimizer", optimizer).step()
-        optimizer.zero_grad(set_to_none=True)
-    return losses
-
-
-def _store_per_sample_gradients(model: nn.Module, views: torch.Tensor, labels: torch.Tensor,
-                                engine: str = "auto", variants=()) -> list[float]:
-    """Put each example's gradient into ``p.grad_sample`` for Opacus's DPOptimizer to clip, restricted
-    to the coordinates the variants keep this step (so the clipping norm counts only those)."""
-    if len(views) == 0:  # an empty Poisson batch still gets its noise step
-        for p in model.parameters():
-            p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]  # Opacus's per-example slot
-        return []
-    grads, example_losses = per_sample_grads(model, views, labels, engine)
-    for name, p in model.named_parameters():
-        grad = grads[name]
-        for variant in variants:
-            mask = variant.gradient_mask(name)
-            if mask is not None:
-                grad = grad * mask
-        p.grad_sample = grad  # type: ignore[attr-defined]
-    return example_losses.detach().tolist()
-
-
-def _accumulate_plain_gradient(model: nn.Module, views: torch.Tensor, labels: torch.Tensor, batch_size: int) -> list[float]:
-    if len(views) == 0:
-        return []
-    batch, k = views.shape[:2]
-    with phase("forward"):
-        logits = model(conv_layout(views.flatten(0, 1)))
-        per_example = F.cross_entropy(logits, labels.repeat_interleave(k), reduction="none").view(batch, k).mean(1)
-    with phase("backward"):
-        (per_example.sum() / batch_size).backward()
-    return per_example.detach().tolist()
-
-
-# ----------------------------------------------------------------------------------------------
-# command line
-
-
-if __name__ == "__main__":  # python -m dpeq_utils.train: an alias of python -m dpeq_utils train (dpeq_utils.runs)
-    from .runs import main
-
-    sys.exit(main())

@@ -46,7 +46,8 @@ class Variant(Protocol):
     def state_dict(self) -> dict:
         """What a checkpoint needs to continue (its random generator is saved by the trainer)."""
 
-    def load_state_dict(self, state: dict) -> None: ...
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (read onto the CPU), its tensors put on the device this variant's live on."""
 
 SELECTION_METHODS = ("random", "magnitude")
 
@@ -97,30 +98,37 @@ class CoordinateSelector:
                 if name in self.prune_masks:
                     p.mul_(self.prune_masks[name])
         self.mask = dict(self.prune_masks)
+        self._index_kept()
         self.updated_fractions: list[float] = []
+
+    def _index_kept(self) -> None:
+        """The flat positions each pruning mask keeps, and how many: fixed for the whole run, so a step
+        draws its dropping mask without reading a count back from the device."""
+        self.kept = {name: mask.flatten().nonzero().squeeze(1) for name, mask in self.prune_masks.items()}
+        self.kept_counts = {name: kept.numel() for name, kept in self.kept.items()}
 
     @property
     def kept_fraction(self) -> float:
         """Fraction of all coordinates that survive pruning."""
         total = sum(m.numel() for m in self.prune_masks.values())
-        return sum(int(m.sum()) for m in self.prune_masks.values()) / total
+        return sum(self.kept_counts.values()) / total
 
     def select(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Draw this step's mask: pruning mask ∧ (1 − drop_rate) of the kept coordinates."""
         if self.drop_rate == 0:
             self.mask = dict(self.prune_masks)
+            updated = sum(self.kept_counts.values())
         else:
             params = dict(model.named_parameters())
-            self.mask = {}
+            self.mask, updated = {}, 0
             for name, prune in self.prune_masks.items():
-                kept = prune.flatten().nonzero().squeeze(1)
-                chosen = _keep_mask(params[name].detach().flatten()[kept], kept_count(kept.numel(), self.drop_rate),
-                                    self.drop_method, self.generator)
+                kept, keep = self.kept[name], kept_count(self.kept_counts[name], self.drop_rate)
+                chosen = _keep_mask(params[name].detach().flatten()[kept], keep, self.drop_method, self.generator)
                 mask = torch.zeros(prune.numel(), dtype=torch.bool, device=prune.device)
                 mask[kept[chosen]] = True
                 self.mask[name] = mask.view_as(prune)
-        total = sum(m.numel() for m in self.mask.values())
-        self.updated_fractions.append(sum(int(m.sum()) for m in self.mask.values()) / total)
+                updated += keep
+        self.updated_fractions.append(updated / sum(m.numel() for m in self.mask.values()))
         return self.mask
 
     def begin_step(self, model: nn.Module) -> None:
@@ -138,7 +146,10 @@ class CoordinateSelector:
         return {"prune_masks": self.prune_masks, "mask": self.mask, "updated_fractions": list(self.updated_fractions)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.prune_masks, self.mask = dict(state["prune_masks"]), dict(state["mask"])
+        device = next(iter(self.prune_masks.values())).device
+        self.prune_masks = {name: mask.to(device) for name, mask in state["prune_masks"].items()}
+        self.mask = {name: mask.to(device) for name, mask in state["mask"].items()}
+        self._index_kept()
         self.updated_fractions = list(state["updated_fractions"])
 
     @torch.no_grad()
@@ -172,7 +183,7 @@ class ModelMix:
         return {"previous": self.previous}
 
     def load_state_dict(self, state: dict) -> None:
-        self.previous = {name: value.clone() for name, value in state["previous"].items()}
+        self.previous = {name: value.to(self.previous[name].device, copy=True) for name, value in state["previous"].items()}
 
     @torch.no_grad()
     def mix(self, current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

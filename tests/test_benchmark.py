@@ -192,3 +192,19 @@ def test_the_compute_record_measures_both_recipes_with_their_views_and_the_repor
     path.write_text(json.dumps(record))
     table = report.recipe_compute()
     assert list(table["views"]) == [4, 16] and (table["CPU hours (2 cores)"] > 0).all()
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_every_check_on_a_cpu_in_its_tiny_dry_run(capsys):
+    """benchmarks/gpu_check.py is the first thing to run on a GPU: its code paths must work before one
+    is there. On a CPU with --tiny every section runs (the device tests skip: the suite runs them on
+    the simulated device) and every check passes."""
+    from dpeq_utils.benchmark.device_check import main
+
+    assert main(["--device", "cpu", "--tiny"]) == 0
+    out = capsys.readouterr().out
+    for section in ("== environment", "== per-example gradients", "== stop and resume", "== smoke training",
+                    "== speed and memory", "== the device tests"):
+        assert section in out
+    assert out.count("[ok]") == 2 * 2 * 2 + 3 + 1 and "FAILED" not in out and "0 check(s) failed" in out
+    assert out.count("[ok] resume on the device") == 3 and "bit for bit" in out

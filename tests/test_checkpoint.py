@@ -15,6 +15,7 @@ import torch
 from conftest import CodePayload
 
 import dpeq_utils.checkpoint as checkpoint_module
+import dpeq_utils.run_state as run_state_module
 import dpeq_utils.train as train_module
 from dpeq_utils.checkpoint import CheckpointError, checkpoint_path, read_checkpoint
 from dpeq_utils.config import RunConfig
@@ -253,7 +254,7 @@ def test_a_checkpoint_of_other_code_needs_consent_and_the_record_names_both(tmp_
     path = _checkpointed(tmp_path, monkeypatch)
     ours = dict(checkpoint_module.CODE)
     edited = {"git_commit": "0" * 40 + "+dirty", "source_sha256": "f" * 64}
-    for module in (checkpoint_module, train_module):
+    for module in (checkpoint_module, run_state_module):
         monkeypatch.setattr(module, "CODE", edited)
     with pytest.raises(CheckpointError, match="written by other dpeq code.*--resume-other-code"):
         run(TINY, tmp_path, progress=False)

@@ -30,7 +30,7 @@ def tiny_record(tmp_path):
 
 
 def _cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "dpeq_utils.train", "--no-progress", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "dpeq_utils", "train", "--no-progress", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=300, env={**os.environ, **(env or {})})
 
 

@@ -10,10 +10,12 @@ from conftest import dp_optimizer, random_batch, relative_error, small_model
 
 from dpeq_utils.config import RunConfig, config_from_profile, parse_assignment
 from dpeq_utils.data import augment_views, make_synthetic
+from dpeq_utils.dp_step import _store_per_sample_gradients, logical_step
 from dpeq_utils.per_sample import vmap_per_sample_grads  # the reference engine
 from dpeq_utils.records import REQUIRED_FIELDS, config_key, record_path, results_table
+from dpeq_utils.run_state import WeightEMA, swapped_parameters
 from dpeq_utils.runs import load_or_run, run
-from dpeq_utils.train import WeightEMA, _store_per_sample_gradients, evaluate, logical_step, swapped_parameters
+from dpeq_utils.train import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,7 +239,7 @@ def test_yaml_spellings_give_one_key():
 
 @pytest.mark.slow
 def test_smoke_cli_writes_a_valid_record(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "dpeq_utils.train", "--profile", "smoke", "--runs-dir", str(tmp_path),
+    result = subprocess.run([sys.executable, "-m", "dpeq_utils", "train", "--profile", "smoke", "--runs-dir", str(tmp_path),
                              "--no-progress", "--set", "update_steps=4"],
                             capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -249,7 +251,7 @@ def test_smoke_cli_writes_a_valid_record(tmp_path):
 
 
 def test_cli_reports_bad_overrides():
-    result = subprocess.run([sys.executable, "-m", "dpeq_utils.train", "--set", "lr=-1"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "dpeq_utils", "train", "--set", "lr=-1"], capture_output=True,
                             text=True, cwd=REPO, timeout=300)
     assert result.returncode == 2 and "lr must be a positive" in result.stderr
 
@@ -310,7 +312,9 @@ def test_secure_mode_keeps_batches_views_and_noise_secret(tmp_path):
     noise. In secure mode the sampler, augmentation and noise come from the OS: two runs of one config
     draw other batches and noise, no checkpoint holds their states, the record carries no fingerprint
     of the training data, and the mode is part of the key."""
-    from dpeq_utils.train import SECRET_STREAMS, fit, poisson_batch, setup, train_step
+    from dpeq_utils.batches import poisson_batch
+    from dpeq_utils.run_state import SECRET_STREAMS
+    from dpeq_utils.train import fit, setup, train_step
 
     config = config_from_profile("smoke", **{**TINY, "update_steps": 2, "eval_every": 0, "secure_noise": True})
     first, second = fit(config, progress=False)[0], fit(config, progress=False)[0]

@@ -7,12 +7,13 @@ from conftest import SMALL, dp_optimizer, parameters_of, random_batch, relative_
 
 from dpeq_utils.config import RunConfig, baseline_entries, config_from_profile
 from dpeq_utils.data import make_synthetic
+from dpeq_utils.dp_step import logical_step
 from dpeq_utils.models import build_model
 from dpeq_utils.per_sample import naive_per_sample_grads
 from dpeq_utils.privacy import calibrate_noise, epsilon_spent
 from dpeq_utils.records import REQUIRED_FIELDS
 from dpeq_utils.runs import load_or_run
-from dpeq_utils.train import fit, logical_step
+from dpeq_utils.train import fit
 from dpeq_utils.variants import CoordinateSelector, ModelMix, kept_count
 
 TINY = dict(train_size=96, test_size=32, batch_size=32, physical_batch_size=32, update_steps=3, eval_every=0,

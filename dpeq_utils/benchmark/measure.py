@@ -10,7 +10,7 @@ kinds are measured one after the other, the memory-hungry ``vmap`` reference las
   update (the floor a DP step is compared with);
 * ``<engine>`` — per-example gradients by that engine alone (:mod:`dpeq_utils.per_sample`);
 * ``dp_step`` — what the trainer does per physical batch: per-example gradients (``auto`` engine),
-  clipping, noise, SGD update (Opacus ``DPOptimizer``, as :func:`dpeq_utils.train.logical_step`).
+  clipping, noise, SGD update (Opacus ``DPOptimizer``, as :func:`dpeq_utils.dp_step.logical_step`).
 
 Throughput counts *examples* per second; with ``views > 1`` each example carries that many
 augmentation views (the work per example grows accordingly). On a CPU the allocator is tuned first,
@@ -46,6 +46,7 @@ import torch
 import torch.nn as nn
 from opacus.optimizers import DPOptimizer
 
+from ..dp_step import logical_step
 from ..models import build_model, count_params
 from ..per_sample import ENGINE_FUNCTIONS
 from ..runtime import (
@@ -56,7 +57,6 @@ from ..runtime import (
     synchronize,
     tune_cpu_allocator,
 )
-from ..train import logical_step
 
 try:
     import resource
@@ -377,7 +377,7 @@ def layer_breakdown(name: str, batch: int, *, views: int = 1, repeats: int = 3, 
         kernel = kernel_size(module)
         shape_only = x.new_empty(()).expand(out_channels, in_channels, *kernel)
         conv_args = (_pair(module.stride), _pair(module.padding), _pair(module.dilation), False, [0, 0], 1)
-        grouped = filter_grads_method(pixels) is grouped_filter_grads
+        grouped = filter_grads_method(pixels, x.device.type) is grouped_filter_grads
         per_example = conv_rule(module, x, grad_out, batch)
         return {
             "layer": layer_name,

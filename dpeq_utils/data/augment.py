@@ -28,6 +28,12 @@ class ViewDraws:
     def __len__(self) -> int:
         return self.offset_y.shape[0]
 
+    def to(self, device: torch.device) -> "ViewDraws":
+        """The draws on ``device``, copied without blocking the host (:func:`dpeq_utils.runtime.to_device_async`)."""
+        from ..runtime import to_device_async
+
+        return ViewDraws(*(to_device_async(t, device) for t in (self.offset_y, self.offset_x, self.flip)))
+
 
 def draw_views(batch: int, aug_mult: int, generator: torch.Generator | None = None, padding: int = 4) -> ViewDraws:
     """Crop offsets in ``0..2*padding`` and flip bits for ``aug_mult - 1`` views of ``batch`` examples,

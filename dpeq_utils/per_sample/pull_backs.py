@@ -71,7 +71,8 @@ def standardize_pull_back(weight: torch.Tensor, grad: torch.Tensor, leading_dims
     ``inplace=True`` overwrites ``grad``; no temporaries of its size are made (these tensors are
     B × #parameters, gigabytes for WRN-16-4 at B = 256). The five passes over it run on slices of
     examples of about :data:`CACHE_SLICE_BYTES`, so that the later passes read from the CPU's cache
-    instead of memory (same formulas; the sums may round differently than in one piece).
+    instead of memory (same formulas; the sums may round differently than in one piece). On other
+    devices the passes run on all examples at once.
     """
     groups = weight.shape[:leading_dims]
     flat = weight.reshape(*groups, -1)
@@ -83,7 +84,10 @@ def standardize_pull_back(weight: torch.Tensor, grad: torch.Tensor, leading_dims
         out = out.clone()
     size = out.shape[-1]
     scale = (std + eps) / (std * size)
-    rows = max(1, CACHE_SLICE_BYTES // max(1, out[0].numel() * out.element_size()))
+    if out.device.type == "cpu":
+        rows = max(1, CACHE_SLICE_BYTES // max(1, out[0].numel() * out.element_size()))
+    else:  # a GPU's caches are not what this slicing is for: one piece, one kernel per pass
+        rows = max(1, batch)
     for start in range(0, batch, rows):
         part = out[start:start + rows]
         projection = torch.einsum("b...r,...r->b...", part, normalized).unsqueeze(-1)  # Σ g ŵ per group

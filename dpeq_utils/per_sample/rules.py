@@ -31,7 +31,8 @@ def register_grad_rule(*layer_types: type):
 #: paper model at batch 256 (2-core AMD EPYC, AVX-512; ``benchmarks/per_sample_speed.py --phases``): the
 #: grouped backward is 1.1-1.7x faster on its 32x32 and 16x16 maps, and 83x *slower* on its
 #: 8x8 map with 312 input channels (17.5 s against 0.21 s: a slow oneDNN kernel for 256 groups on a
-#: small map). At >= 256 pixels it won on every shape tried (3 to 312 channels). Both are exact.
+#: small map). At >= 256 pixels it won on every shape tried (3 to 312 channels). Both are exact. A CPU
+#: threshold: on other devices :func:`filter_grads_method` takes unfold on every map.
 GROUPED_MIN_PIXELS = 256
 
 
@@ -51,13 +52,20 @@ def conv_rule(module, x: torch.Tensor, grad_out: torch.Tensor, batch: int) -> di
     if getattr(module, "groups", 1) != 1 or getattr(module, "padding_mode", "zeros") != "zeros":
         raise NotImplementedError(f"hooks engine: grouped or non-zero-padded convolution {module}")
     grad_rows = grad_out.reshape(batch, grad_out.shape[0] // batch, grad_out.shape[1], -1)
-    method = filter_grads_method(grad_rows.shape[-1])
+    method = filter_grads_method(grad_rows.shape[-1], x.device.type)
     return {"weight": method(module, x, grad_out, batch), "bias": grad_rows.sum((1, 3))}
 
 
-def filter_grads_method(pixels: int) -> Callable:
-    """The engine's method for per-example filter gradients on an output map of ``pixels`` pixels
-    (:data:`GROUPED_MIN_PIXELS`)."""
+def filter_grads_method(pixels: int, device_type: str = "cpu") -> Callable:
+    """The engine's method for per-example filter gradients on an output map of ``pixels`` pixels, on a
+    device of ``device_type``. On a CPU by :data:`GROUPED_MIN_PIXELS` (measured with oneDNN). Elsewhere
+    unfold on every map: its product is one batched matrix multiplication (cuBLAS on a GPU: fast,
+    deterministic, no algorithm search), while a grouped convolution's weight gradient with one group
+    per example is a kernel GPUs are rarely tuned for. A choice made without a GPU to measure on:
+    ``benchmarks/gpu_check.py`` times the step by phase, and
+    :func:`~dpeq_utils.benchmark.measure.layer_breakdown` times both methods per layer, on the GPU at hand."""
+    if device_type != "cpu":
+        return unfold_filter_grads
     return grouped_filter_grads if pixels >= GROUPED_MIN_PIXELS else unfold_filter_grads
 
 
