@@ -20,7 +20,7 @@ from dpeq_utils.runs import RunLocked, load_or_run, run_lock
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(train_size=64, test_size=16, batch_size=16, physical_batch_size=16, update_steps=1, eval_every=0,
-            aug_mult=1)
+            aug_mult=1, device="cpu")
 
 
 @pytest.fixture

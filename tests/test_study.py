@@ -18,7 +18,7 @@ def tiny_profile(tmp_path):
     content = yaml.safe_load((profiles_dir() / "smoke.yaml").read_text())
     content["study"].update(
         run={**content["study"]["run"], "train_size": 96, "test_size": 32, "validation_size": 32, "batch_size": 32,
-             "physical_batch_size": 32, "update_steps": 2},
+             "physical_batch_size": 32, "update_steps": 2, "device": "cpu"},
         models=["eq_resnet9", "resnet9_matched"], seeds=[0, 1], epsilon_seeds=[0], groups=["C4"], lengths=[4],
         baselines=["modelmix"],
         noise_limited={"steps": 4, "lr_grid": [0.2, 0.5], "seeds": [0, 1], "lr_grid_non_private": [0.05, 0.2],

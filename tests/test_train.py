@@ -171,7 +171,7 @@ def test_evaluation_uses_the_exported_filters_not_a_re_expansion_per_batch(monke
 # ---------------------------------------------------------------------------------------------- whole runs
 
 TINY = dict(train_size=128, test_size=32, batch_size=32, physical_batch_size=16, update_steps=3, widths=[4, 8, 16],
-            eval_every=2, aug_mult=2)
+            eval_every=2, aug_mult=2, device="cpu")  # exact comparisons: the CPU, whatever a machine has
 
 
 def test_tiny_private_run_record(tmp_path):
