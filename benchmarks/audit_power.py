@@ -1,6 +1,6 @@
 """Power of the one-run audit's two ε lower bounds on Gaussian mechanisms of known ε.
 
-    python benchmarks/audit_power.py                       # ε = 2, 4, 8; m = 1,000 and 5,000; 20 draws each
+    python benchmarks/audit_power.py                       # ε = 2, 4, 8; m = 1,000 and 5,000; 50 draws each
     python benchmarks/audit_power.py --epsilons 4 --canaries 1000 --trials 5
 
 Canary i releases 1[included] + N(0, σ²), with σ set so that the Gaussian mechanism is exactly
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     parser.add_argument("--canaries", type=int, nargs="+", default=[1000, 5000])
-    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
