@@ -143,6 +143,7 @@ def test_a_single_guess_rejects_exactly_above_the_best_accuracy_the_curve_allows
         for bound, accuracy in best.items():
             inverse = _blow_up_inverse(bound, epsilon, delta)
             assert fdp_rejects(1, 1, 1, inverse, accuracy + 1e-9) and not fdp_rejects(1, 1, 1, inverse, accuracy - 1e-9)
+        assert best["fdp"] < best["fdp_dp"]  # the Gaussian curve allows a guess less than (ε, δ)-DP at the same ε
         assert gaussian_epsilon(1 / gaussian_mu(epsilon, delta), delta) == pytest.approx(epsilon, rel=1e-9)
 
 
@@ -162,6 +163,21 @@ def test_no_bound_exceeds_the_true_epsilon_of_a_gaussian_mechanism():
                 bounds[bound].append(best_audit(scores, included, 1e-5, 0.95, bound=bound).epsilon_lower_bound)
         assert max(max(values) for values in bounds.values()) < epsilon, bounds
         assert 0 < np.median(bounds["steinke"]) < np.median(bounds["fdp"]), bounds
+
+
+def test_the_power_benchmark_runs_and_prints_its_tables():
+    """``benchmarks/audit_power.py`` (docs/dp.md quotes its full run), at a size of seconds."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "audit_power.py"
+    result = subprocess.run([sys.executable, str(script), "--epsilons", "4", "--canaries", "1000", "--trials", "2",
+                             "--null-trials", "4"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| 4.00 | 1,000 |"))
+    assert row.endswith("| 0 |"), row  # no draw above the true ε
+    assert "| steinke |" in result.stdout and "| fdp |" in result.stdout
 
 
 #: jax-privacy 2.0.0 (jax 0.10.2, dp-accounting 0.6.0, numpy 2.4.6), computed once in a separate
