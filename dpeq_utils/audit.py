@@ -15,8 +15,8 @@ the rest (tied scores are ordered by a random permutation, never by the canaries
       P[correct ≥ v] ≤ P[Binomial(r, q_ε) ≥ v] + 2 m δ · max_{i ≥ 1} P[v − i ≤ Binomial(r, q_ε) < v] / i.
 
 * **f-DP** (``bound="fdp"``; Mahloujifar, Melis & Chaudhuri, ICML 2025, "Auditing f-Differential
-  Privacy in One Run", arXiv:2410.22235; its audit with abstention). It tests a trade-off curve f instead of a
-  pair (ε, δ): if every canary's membership is f-DP, a recursion over the number of correct guesses
+  Privacy in One Run", arXiv:2410.22235; its audit with abstention). It tests a trade-off curve f
+  instead of a pair (ε, δ): if every canary's membership is f-DP, a recursion over the number of correct guesses
   shows that v correct guesses out of r occur with probability below τ, or it fails to
   (:func:`fdp_rejects`). The curve tested for a given ε is the Gaussian one, μ-GDP with the μ whose
   (ε, δ) is the one asked (Dong, Roth & Su 2022, Corollary 2.13; :func:`gaussian_mu`): the curve of
@@ -37,7 +37,9 @@ implementation (or the analysis) is broken.
 **Membership inference, the classic view:** the loss-threshold attack's ROC curve, its AUC and its
 true-positive rate at low false-positive rates (:func:`roc_summary`).
 
-Both conversions are written here from the papers. ``tests/test_audit.py`` checks them against a
+Both conversions are written here, not copied: Steinke et al.'s from their Theorem 3.1, the f-DP
+recursion from the paper's audit with abstention (the reading checked against jax-privacy's code and,
+for one guess, against the curve's best accuracy by hand). ``tests/test_audit.py`` checks them against a
 Gaussian mechanism with a known ε (over repeated trials they stay below it and approach it as m
 grows), on scores that carry no information (a 95 % bound is positive in at most 5 % of trials,
 the choice among guess sizes included), and against the values of an implementation written
