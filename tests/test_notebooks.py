@@ -196,6 +196,7 @@ def test_smoke_reproduction_of_every_notebook(tmp_path, monkeypatch):
                 if "text/markdown" in o.get("data", {})]
     assert any("not distinguishable from" in m or "higher than" in m or "lower than" in m for m in markdown), \
         "the verdict sentence is generated from the records"
+    assert_both_audit_bounds(nbformat.read(tmp_path / "executed" / "07_privacy_audit.ipynb", as_version=4), runs=5)
 
 
 @pytest.mark.parametrize("stem", ["04_ablation_parameters", "05_ablation_epsilon", "06_baselines", "07_privacy_audit"])
@@ -214,6 +215,18 @@ def test_teach_notebooks_render_the_shipped_records_without_training(stem, tmp_p
         executed = nbformat.read(tmp_path / f"{stem}.ipynb", as_version=4)
         text = "".join(o.get("text", "") for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []))
         assert text.count("data/reference/teach/audit/") == 5 and "non-private:" in text and "broken" in text
+        assert_both_audit_bounds(executed, runs=5)
+
+
+def assert_both_audit_bounds(executed, runs: int) -> None:
+    """Notebook 07, executed: every run's sentence gives both conversions of its black-box and
+    white-box audits (Steinke et al., f-DP), and the comparison of the two is generated."""
+    markdown = "\n".join(o["data"]["text/markdown"] for c in executed.cells if c.cell_type == "code"
+                         for o in c.get("outputs", []) if "text/markdown" in o.get("data", {}))
+    per_run = [line for line in markdown.splitlines() if line.startswith("* **") and "black-box ε ≥" in line]
+    assert len(per_run) == runs, per_run
+    assert all(line.count("by Steinke et al.") == 2 and line.count("by f-DP") == 2 for line in per_run), per_run
+    assert "**Which conversion is tighter:**" in markdown
 
 
 REAL_CIFAR = Path(os.environ.get("DPEQ_TEST_CIFAR10", "/nonexistent")).expanduser()
