@@ -15,6 +15,7 @@ COMMANDS = {
     "study": ("dpeq_utils.study", "main", "plan or run the evidence study of a profile"),
     "sweep": ("dpeq_utils.sweep", "main", "a grid of runs locally or on Slurm; `sweep status RUNS_DIR`"),
     "report": ("dpeq_utils.report", "main", "rebuild the README's results block and figure from the records"),
+    "verify": ("dpeq_utils.verify", "main", "retrain shipped records with today's code: bit for bit, or within the seed spread?"),
     "reproduce": ("dpeq_utils.reproduce", "main", "execute the notebooks under a profile (papermill)"),
     "benchmark": ("dpeq_utils.benchmark", "main", "what a DP step costs on this machine"),
     "manifest": ("dpeq_utils.shipped", "main", "rewrite data/reference/MANIFEST.json after adding shipped records"),

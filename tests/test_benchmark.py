@@ -174,24 +174,38 @@ def test_allocator_tuning_never_trims_the_heap(monkeypatch):
     assert dict(calls) == {m_trim_threshold: -1, m_mmap_threshold: 2 ** 31 - 1}
 
 
-def test_the_compute_record_measures_both_recipes_with_their_views_and_the_report_reads_it(tmp_path, monkeypatch):
-    """One process, both published recipes' models with their own views, the machine described; the
-    report's compute comparison comes from that file only (study timings shared the CPU)."""
+def test_the_compute_record_times_the_recipes_in_interleaved_rounds_and_the_report_reads_it(tmp_path, monkeypatch):
+    """One process, the published recipes' models with their own views (the paper's, De et al.'s ε = 8 with
+    WRN-16-4 and with WRN-40-4), timed in rounds whose order alternates; the report's comparison comes
+    from that file only (study timings shared the CPU), as the median and range of per-round ratios."""
     import json
 
     from dpeq_utils import report
     from dpeq_utils.benchmark import COMPUTE_RECORD, compute_record
+    from dpeq_utils.benchmark import compute as compute_module
 
     assert report.recipe_compute().empty, "no compute record: no comparison"
-    record = compute_record(batch=2, repeats=1, device="cpu")
-    assert {r["views"] for r in record["recipes"].values()} == {4, 16}  # the paper's and De et al.'s
-    assert all(r["ms_per_example_view"] > 0 for r in record["recipes"].values())
+    order = []
+    timed = compute_module._timed
+    monkeypatch.setattr(compute_module, "_timed", lambda call, device: order.append(call) or timed(call, device))
+    record = compute_record(example_views=16, rounds=2, device="cpu")
+    recipes = record["recipes"]
+    assert list(recipes) == ["paper", "de_et_al_eps8", "de_et_al_eps8_wrn40_4"]
+    assert [r["views"] for r in recipes.values()] == [4, 16, 16]
+    assert [r["model"] for r in recipes.values()] == ["eq_resnet9", "wrn16_4", "wrn40_4"]
+    assert recipes["de_et_al_eps8_wrn40_4"]["parameters"] > 3 * recipes["de_et_al_eps8"]["parameters"]
+    assert all(len(r["ms_per_example_view_rounds"]) == 2 and r["ms_per_example_view"] > 0 for r in recipes.values())
+    assert order[:3] == order[3:][::-1], "the second round times the recipes in the reverse order"
     assert record["machine"] and set(record["reference_speeds"]) == {"start", "end"} and record["source_sha256"]
     path = tmp_path / "reference" / COMPUTE_RECORD
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(record))
     table = report.recipe_compute()
-    assert list(table["views"]) == [4, 16] and (table["CPU hours (2 cores)"] > 0).all()
+    assert list(table["views"]) == [4, 16, 16] and (table["CPU hours (2 cores)"] > 0).all()
+    ratio = report.cost.compute_ratio(table, "de_et_al_eps8")
+    assert ratio["rounds"] == 2 and ratio["low"] <= ratio["median"] <= ratio["high"]
+    sentence = report.readme.compute_sentence(table)
+    assert "CPU time on one machine" in sentence and "neither confirms nor refutes" in sentence and "WRN-40-4" in sentence
 
 
 @pytest.mark.slow

@@ -371,3 +371,30 @@ def test_parts_f_and_g_recomputed_from_the_raw_json_agree_with_the_report(monkey
     agree(paired(gaps[4], gaps[1]), g["delta_interval"])
     for m in (eq, matched):
         agree(paired(acc[m, 4], acc[m, 1]), g["own_change"][m])
+
+
+def test_verify_retrains_shipped_records_bit_for_bit_when_code_and_cpu_match(tiny_profile, tmp_path, monkeypatch, capsys):
+    """python -m dpeq_utils verify: a shipped record retrained with the same code on the same kind of CPU
+    repeats bit for bit; with other code it is judged against the seed spread instead (here it still
+    repeats: the arithmetic did not change), and the message says which case it is."""
+    from dpeq_utils import provenance, verify
+    from dpeq_utils.paths import reference_dir
+
+    study = Study(tiny_profile, runs_dir=reference_dir("tiny"), write_reference=True)
+    study.complete(("A",))
+    shipped = verify.shipped_records(Study(tiny_profile))
+    assert len(shipped) == 6 and all("machine" in r for r in shipped.values())
+    assert verify.main(["--profile", tiny_profile, "--sample", "2", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("bit for bit, as expected") == 2 and "within the seed spread of a difference of two runs" in out
+    assert "2 record(s) retrained: 2 bit for bit, 2 within the seed spread" in out
+    chosen = verify.choose(study, shipped, 2, None, 1)
+    assert [r["key"] for r in chosen] == [r["key"] for r in verify.choose(study, shipped, 2, None, 1)], "seeded choice"
+    monkeypatch.setitem(provenance.CODE, "source_sha256", "f" * 64)  # as if the package had changed since
+    key = sorted(shipped)[0]
+    assert verify.main(["--profile", tiny_profile, "--keys", key]) == 0
+    out = capsys.readouterr().out
+    assert "other code" in out and "as expected" not in out and "1 bit for bit" in out
+    with pytest.raises(SystemExit):
+        verify.main(["--profile", tiny_profile, "--keys", "0000000000000000"])
+    assert "no shipped record of profile tiny has key 0000000000000000" in capsys.readouterr().err

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", action="store_true",
                         help="also time each convolution's summed and per-example filter gradients and pull-back")
     parser.add_argument("--csv", default=None, help="also write the long table here")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="--compute-record: interleaved rounds, each timing every recipe once (default 5)")
     parser.add_argument("--compute-record", default=None, metavar="PATH",
                         help="only measure the published recipes' cost per DP example-view gradient and write it as "
                              f"JSON (the report reads data/reference/{COMPUTE_RECORD}); run on an idle machine")
@@ -52,7 +54,7 @@ def _run(parser, args) -> int:
 
         from ..paths import write_atomic
 
-        record = compute_record(repeats=args.repeats, device=args.device)
+        record = compute_record(rounds=args.rounds, device=args.device)
         write_atomic(Path(args.compute_record), lambda handle: json.dump(record, handle, indent=1))
         print(json.dumps(record["recipes"], indent=1))
         print(f"wrote {args.compute_record}")

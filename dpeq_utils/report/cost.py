@@ -4,6 +4,8 @@ published recipes (one benchmark run on an idle machine).
 
 from __future__ import annotations
 
+import statistics
+
 import pandas as pd
 
 from ..config import cost_key
@@ -34,13 +36,13 @@ def typical_step_seconds(record: dict, records: dict[str, dict]) -> float:
     return step_seconds(records)[_cost_key(record["config"], record["device"])]
 
 
-def recipe_compute(study: Study | None = None, records=None) -> pd.DataFrame:
-    """Compute of the published recipes (the paper's run; De et al.'s ε = 8 setting, both from the
-    ``paper`` profile): their example-view gradients times the cost of one, as measured for each
-    recipe's model *with its views* in one benchmark run on an idle machine
-    (``data/reference/benchmark/compute.json``, written by ``benchmarks/per_sample_speed.py
-    --compute-record``). Empty until that file exists: study runs shared the CPU with other work and
-    ran at other commits, so their timings are not used for this comparison."""
+RECIPE_NAMES = {"paper": "paper: equivariant ResNet-9, ε = 8", "de_et_al_eps8": "De et al. ε = 8 (WRN-16-4)",
+                "de_et_al_eps8_wrn40_4": "De et al. ε = 8 with WRN-40-4"}
+
+
+def compute_measurement() -> dict | None:
+    """The shipped compute record (``data/reference/benchmark/compute.json``, written by
+    ``benchmarks/per_sample_speed.py --compute-record``), verified against the manifest; None if absent."""
     import json
 
     from ..benchmark import COMPUTE_RECORD
@@ -49,20 +51,42 @@ def recipe_compute(study: Study | None = None, records=None) -> pd.DataFrame:
 
     path = reference_dir() / COMPUTE_RECORD
     if not path.is_file():
-        return pd.DataFrame()
+        return None
     verify_shipped(path)
-    measured = json.loads(path.read_text())
-    names = {"paper": "paper: equivariant ResNet-9, ε = 8", "de_et_al_eps8": "De et al. ε = 8 (WRN-16-4)"}
+    return json.loads(path.read_text())
+
+
+def recipe_compute(study: Study | None = None, records=None) -> pd.DataFrame:
+    """Compute of the published recipes (the paper's run; De et al.'s ε = 8 setting with WRN-16-4 and
+    with WRN-40-4, from the ``paper`` profile): their example-view gradients times the cost of one, as
+    measured for each recipe's model *with its views* in interleaved rounds of one benchmark run on an
+    idle machine (:func:`compute_measurement`): the median over rounds, and the lowest and highest.
+    Empty until that file exists: study runs shared the CPU with other work and ran at other commits,
+    so their timings are not used for this comparison."""
+    measured = compute_measurement()
+    if measured is None:
+        return pd.DataFrame()
     rows = []
-    for key, name in names.items():
-        recipe = measured["recipes"][key]
+    for key, recipe in measured["recipes"].items():
         views = recipe["steps"] * recipe["batch_size"] * recipe["views"]
-        per_view = recipe["ms_per_example_view"] / 1000
-        rows.append({"recipe": name, "model": recipe["model"], "steps": recipe["steps"], "batch": recipe["batch_size"],
-                     "views": recipe["views"], "example-view gradients": views,
-                     "ms per example-view (this CPU)": 1000 * per_view, "CPU hours (2 cores)": views * per_view / 3600,
-                     "machine": _machine(measured)})
+        rounds = recipe.get("ms_per_example_view_rounds", [recipe["ms_per_example_view"]])
+        rows.append({"key": key, "recipe": RECIPE_NAMES.get(key, key), "model": recipe["model"],
+                     "steps": recipe["steps"], "batch": recipe["batch_size"], "views": recipe["views"],
+                     "example-view gradients": views, "ms per example-view (this CPU)": recipe["ms_per_example_view"],
+                     "lowest ms": min(rounds), "highest ms": max(rounds), "rounds": len(rounds),
+                     "CPU hours (2 cores)": views * recipe["ms_per_example_view"] / 1000 / 3600,
+                     "hours by round": [views * ms / 1000 / 3600 for ms in rounds], "machine": _machine(measured)})
     return pd.DataFrame(rows)
+
+
+def compute_ratio(compute: pd.DataFrame, other: str) -> dict | None:
+    """The paper's recipe's CPU hours over ``other``'s: the median of the per-round ratios (a round times
+    both recipes back to back, so its ratio shares that round's machine speed), and their range."""
+    rows = compute.set_index("key")
+    if "paper" not in rows.index or other not in rows.index:
+        return None
+    ratios = [p / o for p, o in zip(rows.loc["paper", "hours by round"], rows.loc[other, "hours by round"])]
+    return {"median": statistics.median(ratios), "low": min(ratios), "high": max(ratios), "rounds": len(ratios)}
 
 
 def _machine(measured: dict) -> str:

@@ -13,6 +13,15 @@ from .stats import mean_cell, percent, points, verdict_words
 from .tables import paired_by_seed, runs_by_seed
 
 
+def covers_zero(interval: dict) -> bool:
+    return interval["mean"] - interval["ci95"] <= 0 <= interval["mean"] + interval["ci95"]
+
+
+def cost_points(interval: dict) -> str:
+    """A privacy cost or a difference of costs with its interval, saying when the interval includes 0."""
+    return points(interval) + (" (its interval includes 0)" if covers_zero(interval) else "")
+
+
 def welch_interval(values, others) -> dict:
     """mean(values) − mean(others) of two independent sets of runs with its 95 % Welch interval
     (``scipy.stats.ttest_ind(..., equal_var=False).confidence_interval()``)."""
@@ -31,6 +40,31 @@ def contrast_interval(groups: list[tuple[float, list[float]]]) -> dict:
     variances = [w * w * v.var(ddof=1) / len(v) for w, v in terms]
     df = sum(variances) ** 2 / sum(s * s / (len(v) - 1) for s, (_, v) in zip(variances, terms))
     return {"mean": float(estimate), "ci95": float(stats.t.ppf(0.975, df) * np.sqrt(sum(variances))), "df": float(df)}
+
+
+#: Where shipped records replaced by a retraining are kept (``data/reference/<profile>/superseded/``):
+#: F1's and G's seed-0 arms were first trained by older code than their other seeds, and retrained.
+SUPERSEDED = "superseded"
+
+
+def superseded(study: Study) -> dict[str, dict]:
+    """The shipped records that a retraining replaced, by key (verified against the manifest like every
+    shipped record); empty when there are none."""
+    from ..paths import reference_dir
+    from ..records import load_records
+
+    folder = reference_dir(study.profile) / SUPERSEDED
+    return {r["key"]: r for r in load_records(folder)} if folder.is_dir() else {}
+
+
+def as_first_trained(study: Study, records: dict, interval_of) -> dict | None:
+    """``interval_of(records)`` with the superseded records in place of the retrained ones: the
+    comparison as it stood before the retraining (None when nothing was superseded or it cannot be
+    computed)."""
+    old = superseded(study)
+    if not old or not (set(old) & set(records)):
+        return None
+    return interval_of({**records, **old})
 
 
 def part_f(study: Study, records=None, value: str = "test_accuracy_ema") -> dict:
@@ -96,7 +130,7 @@ def noise_limited_lines(study: Study, records) -> list[str]:
             cells += [mean_cell(list(values.values()), study.base.test_size), str(len(values))]
         cost = f["F3"][model]
         lines.append(f"| {MODEL_NAMES.get(model, model)} | " + " | ".join(cells) + " | "
-                     + (points(cost) if cost else "needs 2 seeds of each") + " |")
+                     + (cost_points(cost) if cost else "needs 2 seeds of each") + " |")
     return lines
 
 
@@ -117,12 +151,17 @@ def noise_limited_verdicts(study: Study, records) -> list[str]:
             f"{', '.join(map(str, gap['seeds']))}"
             + ("" if len(gap["seeds"]) >= planned else f"; {len(gap['seeds'])} of the {planned} planned, so provisional")
             + ").")
+    before = as_first_trained(study, records, lambda r: part_f(study, r)["F1"])
+    if before is not None:
+        line += (f" With the seed-0 pair as first trained, by older code than the other seeds (kept in "
+                 f"`superseded/`): {points(before)}.")
     if f["F2"]:
         line += (f" Against {study.base.update_steps} steps the gap changes by {points(f['F2'])} (Welch, "
                  f"{f['F2']['df']:.1f} df).")
     if f["F3_difference"]:
-        line += (f" Privacy cost (non-private − ε = {study.base.target_epsilon:g}): equivariant {points(f['F3'][eq])}, "
-                 f"matched {points(f['F3'][matched])}; difference {points(f['F3_difference'])}.")
+        line += (f" Privacy cost (non-private − ε = {study.base.target_epsilon:g}, {len(f['non_private'][eq])} and "
+                 f"{len(f['non_private'][matched])} non-private seeds): equivariant {cost_points(f['F3'][eq])}, "
+                 f"matched {cost_points(f['F3'][matched])}; difference {cost_points(f['F3_difference'])}.")
     else:
         have = {m: len(f["non_private"][m]) for m in (eq, matched)}
         line += (f" Privacy cost of each model: not measured yet (non-private {f['steps']}-step seeds so far: "
@@ -144,10 +183,13 @@ def augmentation_verdicts(study: Study, records) -> list[str]:
         return [f"{head}: not decided yet, the paired change of the gap needs two seeds of all four arms "
                 f"(records so far: {have} of {planned} runs)."]
     delta = g["delta_interval"]
+    before = as_first_trained(study, records, lambda r: part_g(study, r)["delta_interval"])
     own = [f"{MODEL_NAMES.get(m, m)} {points(g['own_change'][m])}" for m in (eq, matched) if g["own_change"][m]]
     return [f"{head}: with {k} views the gap (equivariant − matched) changes by {points(delta)} (paired t over seeds "
             f"{', '.join(map(str, delta['seeds']))}, {len(delta['seeds']) - 1} df: only a change far beyond the seed "
-            f"spread can show); each model's own change: " + ", ".join(own) + "."]
+            f"spread can show); each model's own change: " + ", ".join(own) + "."
+            + (f" With the seed-0 one-view arm as first trained, by older code (kept in `superseded/`): {points(before)}."
+               if before is not None else "")]
 
 
 def augmentation_lines(study: Study, records) -> list[str]:

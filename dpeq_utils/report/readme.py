@@ -12,11 +12,24 @@ import pandas as pd
 from ..plotting import MODEL_LABELS as MODEL_NAMES
 from ..reference import paper_claims
 from ..study import Study
-from .cost import recipe_compute, typical_step_seconds
+from .cost import compute_ratio, recipe_compute, typical_step_seconds
 from .figures import figure_overview
 from .noise_limited import augmentation_lines, augmentation_verdicts, noise_limited_lines, noise_limited_verdicts, part_f
+from .sparsity import sparsity_lines, sparsity_verdicts
 from .stats import binomial_ci95, mean_cell, percent, points, verdict_words
-from .tables import grid_edge_sentence, paired_gap, part_a, part_b, part_c, part_d, seed_spread, seed_spread_sentence
+from .tables import (
+    grid_edge_sentence,
+    paired_by_seed,
+    paired_gap,
+    part_a,
+    part_b,
+    part_c,
+    part_d,
+    provenance_sentence,
+    runs_by_seed,
+    seed_spread,
+    seed_spread_sentence,
+)
 
 # ---------------------------------------------------------------------------------------------- README
 
@@ -50,7 +63,7 @@ def results_markdown(study: Study, records=None) -> str:
              "training loop among the runs with the same arithmetic (runs sometimes shared the CPU with other work, "
              "which only slows them).", "", "**Verdicts at this scale** (each computed from the records below):", ""]
     lines += [f"* {line}" for line in verdicts(study, records)]
-    lines.append("")
+    lines += ["", provenance_sentence([records[k] for k in sorted(keys)]), ""]
     _, summary = part_a(study, records)
     lines += ["**A · Equal budget, different models**", "",
               "| model | parameters | lr (chosen) | seeds | test accuracy | test accuracy (EMA) | s per step (2-core CPU) |",
@@ -96,27 +109,49 @@ def results_markdown(study: Study, records=None) -> str:
         lines += _longest_with_seeds(study, records, int(finals["length"].max()))
     table_e = study.table("E", records)
     if len(table_e):
-        lines += ["", "**E · Other ways of making DP-SGD work, same budget** (one seed; baselines at their profile's rates)", ""]
+        lines += ["", "**E · Other ways of making DP-SGD work, same budget** (seed 0 unless a seed is named; baselines at "
+                      "their profile's rates, not tuned on validation)", ""]
         lines += _single_runs_table(table_e, records, "method", "kept_params", "trained parameters")
     lines += noise_limited_lines(study, records)
     lines += augmentation_lines(study, records)
+    lines += sparsity_lines(study, records)
     compute = recipe_compute(study, records)
-    if len(compute) == 2:
-        ratio = compute["CPU hours (2 cores)"].iloc[0] / compute["CPU hours (2 cores)"].iloc[1]
-        lines += ["", "**Compute of the published recipes** (example-view gradients × the cost of one, measured for each "
-                      f"model with its recipe's views in one benchmark run on {compute['machine'].iloc[0]}; "
-                      f"the paper claims {paper_claims()['compute']['claim']})", "",
+    if len(compute):
+        rounds = int(compute["rounds"].max())
+        lines += ["", "**CPU time of the published recipes** (example-view gradients × the cost of one, measured for "
+                      f"each model with its recipe's views on {compute['machine'].iloc[0]}"
+                      + (f", in {rounds} interleaved rounds of one benchmark run: median, and the range over rounds)"
+                         if rounds > 1 else ", in one benchmark run)"), "",
                   "| recipe | steps × batch × views | example-view gradients | ms each (this CPU) | CPU hours (2 cores) |",
                   "|---|---|---|---|---|"]
         for _, r in compute.iterrows():
+            spread = f" ({r['lowest ms']:.1f}–{r['highest ms']:.1f})" if r["rounds"] > 1 else ""
             lines.append(f"| {r['recipe']} | {r['steps']:,} × {r['batch']:,} × {r['views']} | {r['example-view gradients'] / 1e6:.1f} M | "
-                         f"{r['ms per example-view (this CPU)']:.1f} | {r['CPU hours (2 cores)']:,.0f} |")
-        lines += ["", f"The paper's recipe costs {100 * ratio:.0f} % of De et al.'s ε = 8 recipe on this CPU "
-                      f"({100 * (1 - ratio):.0f} % less)."]
+                         f"{r['ms per example-view (this CPU)']:.1f}{spread} | {r['CPU hours (2 cores)']:,.0f} |")
+        lines += ["", compute_sentence(compute)]
     return "\n".join(lines)
 
 
-PARTS_WITH_TABLES = ("A", "B", "C", "D", "E", "F", "G")
+def compute_sentence(compute: pd.DataFrame) -> str:
+    """The compute comparison in words, saying what it measured (CPU time on one machine), and the
+    paper's claim in a sentence of its own with its source."""
+    parts = []
+    for key, name in (("de_et_al_eps8", "De et al.'s ε = 8 recipe with WRN-16-4"),
+                      ("de_et_al_eps8_wrn40_4", "the same recipe with WRN-40-4, the model behind the paper's parameter ratio")):
+        ratio = compute_ratio(compute, key)
+        if ratio:
+            parts.append(f"{100 * ratio['median']:.0f} % of the CPU time of {name}"
+                         + (f" ({100 * ratio['low']:.0f}–{100 * ratio['high']:.0f} % over {ratio['rounds']} rounds)"
+                            if ratio["rounds"] > 1 else ""))
+    claim = paper_claims()["compute"]
+    return (f"On this CPU the paper's recipe takes {' and '.join(parts)}. This is CPU time on one machine, per "
+            "example-view gradient times the recipes' number of them. The paper states "
+            f"\"{claim['claim']}\" ({claim['source']}) about its own runs against its own baseline: this measurement "
+            "says how much time these recipes' arithmetic takes on this CPU, not what the paper measured, so it neither "
+            "confirms nor refutes that figure.")
+
+
+PARTS_WITH_TABLES = ("A", "B", "C", "D", "E", "F", "G", "H")
 
 
 def verdicts(study: Study, records=None) -> list[str]:
@@ -130,16 +165,20 @@ def verdicts(study: Study, records=None) -> list[str]:
     lines = []
     eps = f"ε = {study.base.target_epsilon:g}"
     against_wrn = paired_gap(study, "eq_resnet9", "wrn16_4", records)
-    recipe = _single_seed_gap(study, records, "E", "equivariant (this paper)", "de_et_al")
+    recipe = baseline_gap(study, records, "de_et_al") or _single_seed_gap(study, records, "E", "equivariant (this paper)",
+                                                                           "de_et_al")
     if against_wrn is not None or recipe is not None:
         parts = []
         if against_wrn is not None:
             parts.append(f"**{verdict_words(against_wrn)}** WRN-16-4 (GroupNorm, weight standardisation) trained the same "
                          f"way: {points(against_wrn)} (paired over {len(against_wrn['seeds'])} seeds)")
         if recipe is not None:
+            how = (f"paired over {len(recipe['seeds'])} seeds" if "seeds" in recipe else
+                   f"one seed each; ± from part A's seed spread of a paired gap, pooled SD {100 * recipe['sd']:.1f} "
+                   f"points, {recipe['df']} df")
             parts.append(f"**{verdict_words(recipe)}** De et al.'s recipe at this budget (WRN-16-4, {recipe['aug_mult']} views, "
-                         f"clip {recipe['clip_norm']:g}): {points(recipe)} (one seed each; ± from part A's seed spread "
-                         f"of a paired gap, pooled SD {100 * recipe['sd']:.1f} points, {recipe['df']} df)")
+                         f"clip {recipe['clip_norm']:g}, at the profile's learning rate {recipe['lr']:g}, not tuned on "
+                         f"validation): {points(recipe)} ({how})")
         lines.append(f"**(a) The paper's own comparison** (A, E; 40 steps, {eps}, EMA test accuracy): the equivariant "
                      "ResNet-9 is " + "; and ".join(parts) + ".")
     gap = paired_gap(study, "eq_resnet9", "resnet9_matched", records)
@@ -173,6 +212,7 @@ def verdicts(study: Study, records=None) -> list[str]:
                             if (spread := seed_spread(study, records)) and spread["gap"] else "an unmeasured amount; ")
                          + "the seeds at the longest length are part F's, below).")
     lines += [f"**(c)** {line}" for line in noise_limited_verdicts(study, records) + augmentation_verdicts(study, records)]
+    lines += sparsity_verdicts(study, records)
     paper = count_params(build_model("eq_resnet9"))
     wrn40, wrn16 = count_params(WideResNet(depth=40, width=4)), count_params(WideResNet(depth=16, width=4))
     lines.append(f"**Parameters:** the paper model has {paper:,}; De et al.'s headline WRN-40-4 has {wrn40:,} "
@@ -180,16 +220,31 @@ def verdicts(study: Study, records=None) -> list[str]:
                  f"ratio) and WRN-16-4 {wrn16:,} "
                  f"({wrn16 / paper:.1f}×). Counted with `count_params`.")
     compute = recipe_compute(study, records)
-    if len(compute) == 2:
-        ratio = compute["CPU hours (2 cores)"].iloc[0] / compute["CPU hours (2 cores)"].iloc[1]
-        lines.append(f"**Compute:** the paper's recipe costs {100 * ratio:.0f} % of De et al.'s ε = 8 WRN-16-4 recipe "
-                     f"on this CPU ({100 * (1 - ratio):.0f} % less; the paper claims {paper_claims()['compute']['claim']}).")
+    if len(compute):
+        lines.append(f"**Compute (CPU time):** {compute_sentence(compute)}")
     else:
         lines.append("**Compute:** not compared yet. The earlier figure mixed study runs that shared the CPU and ran at "
                      "different commits; the comparison now waits for one benchmark run of both recipes' models with "
                      "their views on an idle machine (`benchmarks/per_sample_speed.py --compute-record "
                      "data/reference/benchmark/compute.json`).")
     return lines
+
+
+def baseline_gap(study: Study, records, name: str) -> dict | None:
+    """Part A's runs of the equivariant model minus part E's runs of baseline ``name`` at the same seeds
+    (seed 0 is part E's own run, further seeds come from ``study.baseline_seeds``): a paired interval,
+    None without two common seeds."""
+    table = study.table("E", records)
+    if table.empty:
+        return None
+    rows = table[(table["label"] == name) | table["label"].str.startswith(f"{name} seed ")]
+    eq = study.base.model
+    gap = paired_by_seed(runs_by_seed(study.table("A", records), eq, study.chosen_lr(records, eq)),
+                         {int(s): float(v) for s, v in zip(rows["seed"], rows["test_accuracy_ema"])})
+    if gap is None:
+        return None
+    first = rows.iloc[0]
+    return {**gap, "aug_mult": int(first["aug_mult"]), "clip_norm": float(first["clip_norm"]), "lr": float(first["lr"])}
 
 
 def _single_seed_gap(study: Study, records, part: str, label: str, other: str) -> dict | None:
@@ -202,7 +257,7 @@ def _single_seed_gap(study: Study, records, part: str, label: str, other: str) -
     first, second = (table[table["label"] == name].iloc[0] for name in (label, other))
     return {"mean": float(first["test_accuracy_ema"] - second["test_accuracy_ema"]), "ci95": spread["gap"]["ci95"],
             "sd": spread["gap"]["sd"], "df": spread["gap"]["df"], "aug_mult": int(second["aug_mult"]),
-            "clip_norm": float(second["clip_norm"])}
+            "clip_norm": float(second["clip_norm"]), "lr": float(second["lr"])}
 
 
 def _longest_with_seeds(study: Study, records, length: int) -> list[str]:

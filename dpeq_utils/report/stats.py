@@ -69,10 +69,19 @@ def binomial_ci95(accuracy, size):
     return 1.96 * np.sqrt(accuracy * (1 - accuracy) / size)
 
 
-def verdict_words(interval: dict) -> str:
-    """'higher than', 'lower than' or 'not distinguishable from': where the 95 % interval lies against 0."""
-    return ("higher than" if interval["mean"] - interval["ci95"] > 0 else
-            "lower than" if interval["mean"] + interval["ci95"] < 0 else "not distinguishable from")
+def verdict_words(interval: dict, higher: str = "higher than", lower: str = "lower than",
+                  neither: str = "not distinguishable from") -> str:
+    """Where a difference's 95 % interval lies against 0, in words: ``higher`` when all of it is above,
+    ``lower`` when all of it is below, ``neither`` when it includes 0. Every generated sentence that
+    compares two numbers decides with this, from the interval, never from the point estimate.
+
+    >>> verdict_words({"mean": 0.05, "ci95": 0.02}), verdict_words({"mean": 0.05, "ci95": 0.08})
+    ('higher than', 'not distinguishable from')
+    >>> verdict_words({"mean": -0.05, "ci95": 0.02})
+    'lower than'
+    """
+    return (higher if interval["mean"] - interval["ci95"] > 0 else
+            lower if interval["mean"] + interval["ci95"] < 0 else neither)
 
 
 def points(interval: dict) -> str:

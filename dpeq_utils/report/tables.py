@@ -164,3 +164,21 @@ def part_d(study: Study, records=None) -> pd.DataFrame:
                          "test_loss_ema": h["test_loss_ema"], "lr": row["lr"],
                          "noise_multiplier": row["noise_multiplier"], "train_time_s": row["train_time_s"]})
     return pd.DataFrame(rows)
+
+
+def provenance_sentence(records: list[dict]) -> str:
+    """What the records say about the code and the machine that made them, counted: a record without
+    ``source_sha256`` names, as ``git_commit``, the checkout when it was written, which may be later
+    than the code that trained it; a record without ``machine`` does not say which CPU it ran on."""
+    from collections import Counter
+
+    no_hash = sum(1 for r in records if not r.get("source_sha256"))
+    named = Counter(r["machine"]["cpu"] for r in records if r.get("machine"))
+    return (f"**Provenance.** {no_hash} of these {len(records)} records carry no source hash (they were written before "
+            "records had one): their `git_commit` names the checkout when each was written, which may be later than "
+            f"the code that trained it; the other {len(records) - no_hash} name their code by `source_sha256`. "
+            + (f"{len(records) - sum(named.values())} do not name the CPU they ran on" if len(named) < len(records) else "")
+            + ("; " if named and len(named) < len(records) else "")
+            + (", ".join(f"{n} ran on {cpu}" for cpu, n in named.most_common()) if named else "")
+            + ". A run repeats bit for bit only with the same code on the same kind of CPU; elsewhere it lands within "
+              "the seed-to-seed spread (`python -m dpeq_utils verify`).")
