@@ -73,8 +73,9 @@ def seed_spread(study: Study, records=None, value: str = "test_accuracy_ema") ->
     freedom (pooled variance Σ(nᵢ − 1)·sᵢ² / Σ(nᵢ − 1)) and the 95 % half-width ``t·sd`` that one new
     run, or one new single-seed gap, falls within. None without two seeds of some model.
 
-    This is the spread a single run's binomial interval leaves out (the test set is the same for every
-    seed; the training subset, initialisation, batches and noise are not)."""
+    This is the spread a single run's binomial interval leaves out: the seed draws the training subset,
+    the 2,000-image test subset, the initialisation, the batches and the noise, so runs at different
+    seeds differ in all of them (runs paired by seed share every one)."""
     records = study.records() if records is None else records
     table = study.table("A", records)
     if table.empty:
