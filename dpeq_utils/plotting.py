@@ -13,6 +13,21 @@ MODEL_COLOURS = {"eq_resnet9": "#1b7837", "resnet9": "#762a83", "resnet9_matched
 #: Readable names for model keys (legends and tables).
 MODEL_LABELS = {"eq_resnet9": "equivariant ResNet-9 (paper)", "resnet9": "ResNet-9 (same widths)",
                 "resnet9_matched": "ResNet-9 (same #params)", "wrn16_4": "WRN-16-4 (GN+WS)"}
+#: Readable names for every key a figure or table may show (models, the baselines of part E, the
+#: variants and study labels): legends, ticks and tables use :func:`display_name`, never config keys.
+DISPLAY_NAMES = {**MODEL_LABELS, "wrn40_4": "WRN-40-4 (GN+WS)", "de_et_al": "De et al. 2022 (WRN-16-4, GN+WS, augmult)",
+                 "pruning_dropping": "pre-pruning + gradient dropping", "modelmix": "ModelMix",
+                 "equivariant (this paper)": "equivariant ResNet-9 (paper)", "non_private": "non-private",
+                 "eq_resnet9_small": "equivariant ResNet-9, half widths"}
+
+
+def display_name(key: str) -> str:
+    """The readable name of ``key`` (a model, a baseline, a study label); a label with a seed keeps it
+    ("de_et_al seed 1" → "De et al. 2022 (…), seed 1"); an unknown key is returned as it is."""
+    if key in DISPLAY_NAMES:
+        return DISPLAY_NAMES[key]
+    base, _, seed = key.partition(" seed ")
+    return f"{DISPLAY_NAMES[base]}, seed {seed}" if seed and base in DISPLAY_NAMES else key
 
 
 def set_theme() -> None:

@@ -10,6 +10,11 @@ naming each failure and its failing cell, and exits non-zero if any failed. ``--
 ``DPEQ_FIGURES_DIR``). Interrupted with Ctrl-C, the notebook that was running is renamed
 ``NN_name.INTERRUPTED.ipynb`` (its cells would otherwise look complete), the summary lists what
 finished, and the exit status is 130.
+
+``--student`` writes the **student edition** instead (nothing is executed): every notebook with its
+solution cells removed (cells tagged ``solution``) and no outputs, to ``--out`` (default
+``notebooks/student/``), ready for a course page; its exercises' check cells then check the
+student's own code (:mod:`dpeq_utils.exercises`).
 """
 
 from __future__ import annotations
@@ -121,6 +126,37 @@ def run_notebooks(profile: str, out_dir: Path | None = None, only: list[str] | N
     return results
 
 
+#: The cell tag that marks an answer: removed from the student edition.
+SOLUTION_TAG = "solution"
+
+
+def student_edition(out_dir: Path, notebooks_dir: Path = NOTEBOOKS_DIR, only: list[str] | None = None) -> list[Path]:
+    """Write every notebook without its solution cells (tagged :data:`SOLUTION_TAG`) and without
+    outputs to ``out_dir``; returns the written paths. A notebook with no solution cell is refused:
+    its answers would be handed out."""
+    import nbformat
+
+    from .paths import write_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for notebook in discover(notebooks_dir, only):
+        nb = nbformat.read(notebook, as_version=4)
+        kept = [c for c in nb.cells if SOLUTION_TAG not in c.get("metadata", {}).get("tags", [])]
+        if len(kept) == len(nb.cells):
+            raise ValueError(f"{notebook.name} has no cell tagged {SOLUTION_TAG!r}: its answers cannot be told apart "
+                             "from the rest, so no student edition is written for it")
+        for cell in kept:
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        nb.cells = kept
+        path = out_dir / notebook.name
+        write_atomic(path, lambda handle, nb=nb: handle.write(nbformat.writes(nb)))
+        written.append(path)
+    return written
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during a reproduction; carries the results so far (the rest marked "not run")."""
 
@@ -171,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=None, metavar="NN",
                         help="run only notebooks whose name starts with this (repeatable), e.g. --only 03")
     parser.add_argument("--list", action="store_true", help="list the notebooks and their parameters, run nothing")
+    parser.add_argument("--student", action="store_true",
+                        help="write the student edition (solution cells removed, no outputs) to --out (default "
+                             "notebooks/student/); runs nothing")
     parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help=argparse.SUPPRESS)
     parser.add_argument("--cell-timeout", type=int, default=3600, help="seconds one cell may run (default 3600)")
     args = parser.parse_args(argv)
@@ -187,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             print(notebook.stem)
             for key, spec in params.items():
                 print(f"    {key} = {spec['default']}  # {spec['help']}")
+        return 0
+    if args.student:
+        with user_errors(parser.prog, args.debug):
+            written = student_edition(args.out or NOTEBOOKS_DIR / "student", args.notebooks_dir, args.only)
+        print("\n".join(str(p) for p in written))
+        print(f"student edition of {len(written)} notebook(s) written: no solution cells, no outputs")
         return 0
     for variable, folder in (("DPEQ_RUNS_DIR", args.runs_dir), ("DPEQ_FIGURES_DIR", args.figures_dir)):
         if folder is not None:

@@ -245,3 +245,54 @@ def test_teach_notebooks_that_compute_on_cifar10_render(tmp_path, monkeypatch):
     results = run_in_lanes("teach", [["01"], ["02", "03"]], tmp_path / "executed", monkeypatch)
     assert [r.name for r in results] == EXPECTED[:3]
     assert not (tmp_path / "runs").exists(), "nothing of the study was trained"
+
+
+def _tags(cell) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_is_assignable(path):
+    """A lecturer can hand it out: at least one exercise asks the student to edit code (a cell tagged
+    `exercise`), followed by its answer (tagged `solution`, removed from the student edition) and a
+    check cell (tagged `check`) that says right or not yet; every answer, code or text, is tagged."""
+    nb = nbformat.read(path, as_version=4)
+    tags = [_tags(c) for c in nb.cells]
+    exercises = [i for i, t in enumerate(tags) if "exercise" in t]
+    assert exercises, "no exercise asks the student to edit code"
+    for i in exercises:
+        assert nb.cells[i].cell_type == "code"
+        check = next((j for j in range(i + 1, len(tags)) if "check" in tags[j]), None)
+        assert check is not None, f"exercise cell {i} has no check cell after it"
+        assert any("solution" in tags[j] for j in range(i + 1, check)), f"exercise cell {i}: no solution before its check"
+        assert "dpeq_utils.exercises" in nb.cells[check].source or "check_" in nb.cells[check].source
+    solutions = "\n".join(c.source for c, t in zip(nb.cells, tags) if "solution" in t)
+    assert "## Solutions" in solutions or not any("## Solutions" in c.source for c in nb.cells), \
+        "the Solutions section is tagged as a solution"
+
+
+def test_the_student_edition_has_no_solution_and_no_output(tmp_path, capsys):
+    assert reproduce.main(["--student", "--out", str(tmp_path)]) == 0
+    assert "student edition of 7 notebook(s) written" in capsys.readouterr().out
+    for path in NOTEBOOKS:
+        full, student = nbformat.read(path, as_version=4), nbformat.read(tmp_path / path.name, as_version=4)
+        nbformat.validate(student)
+        assert not any("solution" in _tags(c) for c in student.cells)
+        assert len(student.cells) == len(full.cells) - sum("solution" in _tags(c) for c in full.cells)
+        assert sum("exercise" in _tags(c) for c in student.cells) == sum("exercise" in _tags(c) for c in full.cells)
+        assert all(not c.get("outputs") for c in student.cells if c.cell_type == "code")
+        assert not any("## Solutions" in c.source for c in student.cells)
+
+
+@pytest.mark.slow
+def test_a_student_edition_runs_before_any_exercise_is_done(tmp_path, monkeypatch):
+    """The student edition of notebook 01 runs from top to bottom under smoke with every exercise left
+    as handed out: each check says "not done yet" instead of stopping the notebook."""
+    reproduce.student_edition(tmp_path / "student", only=["01"])
+    monkeypatch.setenv("DPEQ_RUNS_DIR", str(tmp_path / "runs"))
+    results = reproduce.run_notebooks("smoke", out_dir=tmp_path / "executed", notebooks_dir=tmp_path / "student",
+                                      cell_timeout=CELL_TIMEOUT_S, echo=lambda *_: None)
+    assert [r.ok for r in results] == [True], results[0].error
+    executed = nbformat.read(tmp_path / "executed" / NOTEBOOKS[0].name, as_version=4)
+    checks = "".join(o.get("text", "") for c in executed.cells if "check" in _tags(c) for o in c.get("outputs", []))
+    assert checks.count("not done yet") >= 1 and "right:" not in checks
