@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from .bounds import expansion_problem
 from .errors import DpeqError
 from .paths import write_atomic
 from .provenance import CODE
@@ -134,42 +135,14 @@ def _check_entries(payload: bytes, path: Path, advice: str) -> None:
 #: itself) to make its expansion, a record's JSON, astronomically large (or endless).
 MAX_VALUES = 1_000_000
 MAX_DEPTH = 32
-_CONTAINERS = (dict, list, tuple)
-
-
-def _items(value) -> list:
-    return list(value.values()) if isinstance(value, dict) else list(value)
 
 
 def _check_size(content, path: Path, advice: str) -> None:
-    """Refuse ``content`` if it would expand (each repetition of a shared list counted again) past
-    :data:`MAX_VALUES` values, nest deeper than :data:`MAX_DEPTH` or contain itself. Computed once per
-    distinct list or dict (sizes of shared ones are remembered), so a crafted file costs no more to
-    check than an honest one of its length."""
-    def refuse(what: str):
-        return CheckpointError(f"{path} holds {what}, which a dpeq checkpoint never does: refused; {advice}")
-
-    sizes: dict[int, int] = {}
-    path_ids: set[int] = set()
-    stack: list[tuple[object, bool]] = [(content, False)]
-    while stack:
-        value, children_done = stack.pop()
-        key = id(value)
-        if children_done:
-            path_ids.discard(key)
-            sizes[key] = sum(1 + sizes.get(id(item), 0) for item in _items(value))
-            if sizes[key] > MAX_VALUES:
-                raise refuse(f"more than {MAX_VALUES:,} values (counting repeated lists each time)")
-            continue
-        if key in sizes:
-            continue
-        if key in path_ids:
-            raise refuse("a list or dict inside itself")
-        path_ids.add(key)
-        if len(path_ids) > MAX_DEPTH:
-            raise refuse(f"lists or dicts nested more than {MAX_DEPTH} deep")
-        stack.append((value, True))
-        stack.extend((item, False) for item in _items(value) if isinstance(item, _CONTAINERS) and id(item) not in sizes)
+    """Refuse ``content`` if it expands past :data:`MAX_VALUES` values, nests deeper than
+    :data:`MAX_DEPTH` or contains itself (:func:`dpeq_utils.bounds.expansion_problem`)."""
+    problem = expansion_problem(content, MAX_VALUES, MAX_DEPTH)
+    if problem:
+        raise CheckpointError(f"{path} holds {problem}, which a dpeq checkpoint never does: refused; {advice}")
 
 
 class Checkpoints:

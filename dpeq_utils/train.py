@@ -46,13 +46,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer
 
-from .config import RunConfig
+from .config import MAX_STEPS, RunConfig
 from .data import ImageDataset, Splits, apply_views, draw_views, load_splits
 from .equivariance import evaluation_mode
 from .machine import machine_kind
 from .models import build_model, count_params
 from .per_sample import per_sample_grads, resolve_engine
-from .preflight import check_memory
+from .preflight import check_build_memory, check_memory
 from .privacy import PrivacyBudget, PrivacyBudgetError
 from .provenance import CODE
 from .runtime import conv_layout, derived_seeds, phase, pick_device, release_free_memory, set_seed, tune_cpu_allocator
@@ -64,7 +64,11 @@ def planned_steps(config: RunConfig, dataset_size: int) -> int:
     if config.update_steps is not None:
         return config.update_steps
     assert config.epochs is not None  # RunConfig guarantees exactly one of the two
-    return max(1, round(config.epochs * dataset_size / config.batch_size))
+    steps = max(1, round(config.epochs * dataset_size / config.batch_size))
+    if steps > MAX_STEPS:  # refused before σ is calibrated for them
+        raise ValueError(f"epochs={config.epochs:g} is {steps:,} steps of batch {config.batch_size} on {dataset_size:,} "
+                         f"examples, more than the {MAX_STEPS:,} a run may take: lower epochs")
+    return steps
 
 
 def sample_rate(config: RunConfig, dataset_size: int) -> float:
@@ -295,6 +299,7 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
     q = sample_rate(config, n)
     steps = planned_steps(config, n)
     budget = None if config.non_private else budget_for(config, n)
+    check_build_memory(config, force=force_memory)  # from the widths, before escnn expands any filter
     model = build_model_for(config).to(device)
     model.train()
     if device.type == "cpu":
