@@ -287,11 +287,11 @@ def status_table(runs_dir, logs_dir=None) -> list[dict]:
         rows.append({"run": stem, "status": "running (no checkpoint yet)" if lock == "running" else stale})
     logs = Path(logs_dir) if logs_dir is not None else runs_dir / "sweep-logs"
     done = {row["run"] for row in rows if row["status"] == "done"}
-    for job, status, result in _job_files(logs):
-        if status is not None:  # what dpeq's job wrote: plain JSON
-            if status["outcome"] == "done":
+    for job, job_status, result in _job_files(logs):
+        if job_status is not None:  # what dpeq's job wrote: plain JSON
+            if job_status["outcome"] == "done":
                 continue
-            run, last = status["run"], status["error"] or "failed"
+            run, last = job_status["run"], job_status["error"] or "failed"
         else:  # a job that ended before dpeq's loader wrote a status: submitit's result pickle, as plain values
             try:
                 last = _failed_job_line(result)
