@@ -57,7 +57,9 @@ class SubmissionRefused(Exception):
 
 def sweep_key() -> str:
     """The key this driver signs its jobs with (drawn once per process, inherited by its jobs)."""
-    return os.environ.setdefault(KEY_VARIABLE, secrets.token_hex(32))
+    if not os.environ.get(KEY_VARIABLE):
+        os.environ[KEY_VARIABLE] = secrets.token_hex(32)
+    return os.environ[KEY_VARIABLE]
 
 
 def signature_of(config: dict, runs_dir: str, write_reference: bool, key: str | None = None) -> str:
