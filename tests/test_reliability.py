@@ -317,6 +317,6 @@ def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(json, "dump", full)
     path = tmp_path / "runs" / "r.json"
-    with pytest.raises(OSError, match=re.escape(f"could not write {path} (No space left on device); nothing was left")):
+    with pytest.raises(OSError, match=re.escape(f"could not write {path}: No space left on device; nothing was left")):
         write_json_atomic(path, {"a": 1})
     assert list(path.parent.iterdir()) == []
