@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .config import RunConfig
+from .config import MAX_STEPS, RunConfig
 from .data import ImageDataset, apply_views, draw_views
 from .runtime import to_device_async
 
@@ -26,7 +26,11 @@ def planned_steps(config: RunConfig, dataset_size: int) -> int:
     if config.update_steps is not None:
         return config.update_steps
     assert config.epochs is not None  # RunConfig guarantees exactly one of the two
-    return max(1, round(config.epochs * dataset_size / config.batch_size))
+    steps = max(1, round(config.epochs * dataset_size / config.batch_size))
+    if steps > MAX_STEPS:  # refused before σ is calibrated for them
+        raise ValueError(f"epochs={config.epochs:g} is {steps:,} steps of batch {config.batch_size} on {dataset_size:,} "
+                         f"examples, more than the {MAX_STEPS:,} a run may take: lower epochs")
+    return steps
 
 
 def sample_rate(config: RunConfig, dataset_size: int) -> float:

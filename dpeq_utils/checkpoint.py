@@ -17,12 +17,17 @@ checkpoint are recomputed with the same draws, never released. ε is computed on
 the restored budget has counted, so a resume neither resets nor double-counts it.
 
 **What is never trusted.** The file starts with a header line carrying the SHA-256 of the rest; a
-truncated or corrupt file fails that check. The SHA-256 only proves the file is whole, not who wrote
+truncated or corrupt file fails that check. Its size bounds what it loads: torch.save stores its
+entries uncompressed, so a compressed entry (a small file inflating to gigabytes) is refused from the
+archive's directory, and loaded content expanding past a few million values is refused before it
+reaches a run or a record. The SHA-256 only proves the file is whole, not who wrote
 it (anyone can recompute it), so the content is read with ``torch.load(weights_only=True)``: tensors,
 dicts, lists, tuples, numbers and strings, never an arbitrary pickled object, so a crafted checkpoint
 in a shared runs folder cannot run code (NumPy's generator state is stored as a tensor and numbers
 for that reason). A checkpoint whose config key, budget (σ, q, steps), device type or
-arithmetic-relevant library versions differ from the run's is refused. So is one written by other
+arithmetic-relevant library versions differ from the run's is refused, and so is a secure run's
+checkpoint that holds sampler, augmentation or noise states (a secure run never writes them; found
+there, someone wrote them in to make the run's draws known). So is one written by other
 dpeq code (another :data:`dpeq_utils.provenance.CODE` source hash), unless the caller passes
 ``other_code=True`` (``--resume-other-code``); the record then lists every code version the run
 was trained with (``code_history``). Each refusal
@@ -39,10 +44,12 @@ import os
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
 
+from .bounds import expansion_problem
 from .errors import DpeqError
 from .paths import write_atomic
 from .provenance import CODE
@@ -96,11 +103,47 @@ def read_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} has checkpoint format {parts[1]}, this dpeq reads {FORMAT}; {advice}")
     if hashlib.sha256(payload).hexdigest() != parts[2]:
         raise CheckpointError(f"{path} is truncated or corrupt (SHA-256 mismatch); {advice}")
+    _check_entries(payload, path, advice)
     try:  # weights_only: plain containers and tensors, never code
-        return torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
+        content = torch.load(io.BytesIO(payload), weights_only=True, map_location="cpu")
     except Exception as err:  # torch raises UnpicklingError or RuntimeError for what it will not load
         raise CheckpointError(f"{path} holds objects a dpeq checkpoint never contains (refused without loading "
                               f"them: {str(err).splitlines()[0][:200]}); {advice}") from None
+    _check_size(content, path, advice)
+    return content
+
+
+def _check_entries(payload: bytes, path: Path, advice: str) -> None:
+    """torch.save writes a zip archive of *stored* (uncompressed) entries, so what a checkpoint loads
+    is no bigger than the file. An entry compressed by anything else could inflate a small file to
+    gigabytes: refused from the archive's directory, before anything is inflated."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(payload)) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"{path} is not a checkpoint torch.save wrote ({err}); {advice}") from None
+    for entry in entries:
+        if entry.compress_type != zipfile.ZIP_STORED or entry.file_size != entry.compress_size:
+            raise CheckpointError(
+                f"{path} holds a compressed entry ({entry.filename[:80]}: {entry.compress_size:,} bytes that would "
+                f"inflate to {entry.file_size:,}); torch.save writes none, so something else rewrote the file: refused "
+                f"without inflating it; {advice}")
+
+
+#: Values (every list item, dict entry, tensor and number) a checkpoint's content may hold, counting a
+#: list as often as it is repeated: a long run holds one batch size per step and one history entry per
+#: evaluation, far fewer. A few bytes of pickle can repeat one list inside itself (or put it inside
+#: itself) to make its expansion, a record's JSON, astronomically large (or endless).
+MAX_VALUES = 1_000_000
+MAX_DEPTH = 32
+
+
+def _check_size(content, path: Path, advice: str) -> None:
+    """Refuse ``content`` if it expands past :data:`MAX_VALUES` values, nests deeper than
+    :data:`MAX_DEPTH` or contains itself (:func:`dpeq_utils.bounds.expansion_problem`)."""
+    problem = expansion_problem(content, MAX_VALUES, MAX_DEPTH)
+    if problem:
+        raise CheckpointError(f"{path} holds {problem}, which a dpeq checkpoint never does: refused; {advice}")
 
 
 class Checkpoints:
@@ -156,6 +199,15 @@ class Checkpoints:
                 raise CheckpointError(
                     f"{self.path} does not continue this run: it was written with {field} {theirs}, this run has "
                     f"{ours}; rerun with --no-resume to start over (or delete the checkpoint)")
+        if state.config.secure_noise:  # a secure run never saves these streams: states found here were written in
+            from .train import SECRET_STREAMS
+
+            injected = sorted(set(SECRET_STREAMS) & set(content["state"].get("generators", {})))
+            if injected:
+                raise CheckpointError(
+                    f"{self.path} belongs to a secure run (secure_noise) but holds the states of its {', '.join(injected)} "
+                    "generators, which a secure run never writes: resuming from them would make its batches, views and "
+                    "noise known to whoever wrote them. Refused; delete it or rerun with --no-resume to start over")
         state.load_state_dict(content["state"])
         state.resumes.append(state.step)
         if state.config.secure_noise:

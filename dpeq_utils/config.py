@@ -9,21 +9,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from .bounds import shown
 from .data import DATASETS, MAX_SIZES
 from .equivariance import can_halve, parse_group
 from .models import MODELS, takes_group
 from .models.layers import HEADS
 from .per_sample import ENGINES
 from .privacy import ACCOUNTANTS
-from .profiles import BUDGET_FIELDS, PROFILES, baseline_changes, baseline_entries, load_profile, profile_path  # noqa: F401 - re-exported
+from .profiles import BUDGET_FIELDS, PROFILES, baseline_changes, baseline_entries, bounded_yaml, load_profile, profile_path  # noqa: F401 - re-exported
 from .variants import SELECTION_METHODS
 
 MAX_WIDTH = 1024
+#: The most logical steps a run may take (the paper: 2,160): more is a typo, and would make the σ
+#: calibration, the checkpoints (one batch size per step) and the record grow without bound.
+MAX_STEPS = 100_000
+#: The largest learning rate or clipping norm taken (the paper: 2 and 2); beyond it a step overflows float32.
+MAX_MAGNITUDE = 1e6
+#: A profile's label names the folder its records go to (data/runs/<profile>): a plain name, never a path.
+PROFILE_LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 FLOAT_FIELDS = ("target_epsilon", "target_delta", "clip_norm", "epochs", "lr", "momentum", "ema_decay",
                 "prune_rate", "drop_rate", "modelmix_gap_rate")
 
@@ -61,10 +70,17 @@ FIELD_CHECKS = {
                "be three positive integers of at most 1024"),
     **{name: (_positive_int, "be a positive integer") for name in ("num_groups", "batch_size", "physical_batch_size",
                                                                   "aug_mult")},
-    **{name: (_optional(_positive_int), "be a positive integer or None") for name in ("train_size", "test_size",
-                                                                                      "update_steps")},
-    **{name: (_positive_number, "be a positive finite number") for name in ("target_epsilon", "target_delta",
-                                                                            "clip_norm", "lr")},
+    **{name: (_optional(_positive_int), "be a positive integer or None") for name in ("train_size", "test_size")},
+    "update_steps": (_optional(lambda v: _positive_int(v) and v <= MAX_STEPS),
+                     f"be a positive integer of at most {MAX_STEPS:,} or None"),
+    **{name: (_positive_number, "be a positive finite number") for name in ("target_epsilon", "target_delta")},
+    **{name: (lambda v: _positive_number(v) and v <= MAX_MAGNITUDE, f"be a positive number of at most {MAX_MAGNITUDE:g}")
+       for name in ("clip_norm", "lr")},
+    "profile": (lambda v: isinstance(v, str) and PROFILE_LABEL.fullmatch(v) is not None,
+                "be a plain name (letters, digits, _ . + -; it names the records' folder data/runs/<profile>), "
+                "not a path"),
+    **{name: (lambda v: isinstance(v, str), "be a name (a string)") for name in (
+        "dataset", "model", "group", "head", "accountant", "per_sample_engine", "prune_method", "drop_method", "device")},
     "epochs": (_optional(_positive_number), "be a positive finite number"),
     "target_delta": (lambda v: _is_number(v) and 0 < v < 1, "lie in (0, 1)"),
     **{name: (_in_unit_interval, "lie in [0, 1)") for name in ("momentum", "ema_decay", "prune_rate", "drop_rate")},
@@ -195,17 +211,21 @@ class RunConfig:
     def _problems(self):
         """Every problem of this config, one sentence each: first each field alone
         (:data:`FIELD_CHECKS`, choices), then fields together."""
+        wrong_type = set()
         for name, (check, must) in FIELD_CHECKS.items():
             if not check(getattr(self, name)):
-                yield f"{name} must {must}, got {getattr(self, name)!r}"
+                wrong_type.add(name)
+                yield f"{name} must {must}, got {shown(getattr(self, name))}"
         for name, options in _choices().items():
-            if getattr(self, name) not in options:
-                yield f"{name} must be one of {tuple(options)}, got {getattr(self, name)!r}"
-        try:
-            parse_group(self.group)
-        except ValueError as err:
-            yield str(err)
-        yield from self._cross_field_problems()
+            if name not in wrong_type and getattr(self, name) not in options:
+                yield f"{name} must be one of {tuple(options)}, got {shown(getattr(self, name))}"
+        if "group" not in wrong_type:
+            try:
+                parse_group(self.group)
+            except ValueError as err:
+                yield str(err)
+        if not wrong_type & {"dataset", "model", "group"}:  # the checks of fields together read these as names
+            yield from self._cross_field_problems()
 
     def _cross_field_problems(self):
         if (self.update_steps is None) == (self.epochs is None):
@@ -302,7 +322,7 @@ def parse_assignment(text: str) -> tuple[str, object]:
     if key == "profile":  # the profile is where the other fields come from, not one of them
         raise ValueError("the profile is chosen with --profile NAME (or a path to a .yaml file), not --set profile=...")
     try:
-        return key, yaml.safe_load(raw)
+        return key, bounded_yaml(raw, f"the value of {key}")
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ValueError(f"could not read the value of {key} ({raw!r}): {problem}; values are YAML, "

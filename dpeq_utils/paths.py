@@ -82,5 +82,8 @@ def write_atomic(path: Path, write: Callable, binary: bool = False, user_readabl
             os.umask(mask)
             os.chmod(handle.name, 0o666 & ~mask)
         os.replace(handle.name, path)
+    except OSError as err:  # a full disk, a quota, a vanished folder: say which file, and that nothing is left
+        raise type(err)(err.errno, f"could not write {path}: {err.strerror or err}; nothing was left there: free "
+                        "space or choose another folder, then rerun") from err
     finally:
         Path(handle.name).unlink(missing_ok=True)

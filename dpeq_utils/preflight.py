@@ -48,6 +48,14 @@ SLACK = 2.0
 MIN_FREE_DISK_MB = 50
 
 
+#: Peak memory of *building* a model per MB of its dense 3×3 filters (every conv's out × in × 9
+#: float32, computed from the widths: nothing is built to know it). escnn samples its steerable basis
+#: for every pair of fields: eq_resnet9 under D4 peaked at 9.3× (widths 128: 401 MB; 256: 1.58 GB, 59 s);
+#: resnet9_matched builds the equivariant model to count its parameters; a plain conv holds its filter once.
+BUILD_MB_PER_FILTER_MB = {"eq_resnet9": 10.0, "resnet9_matched": 10.0, "resnet9": 1.5, "wrn16_4": 1.5}
+
+
+
 class PreflightError(DpeqError, RuntimeError):
     """A run would fail or harm the machine; the message says what to change."""
 
@@ -115,6 +123,36 @@ def estimate_memory_mb(config, model: nn.Module, data_examples: int) -> float:
     step = config.physical_batch_size * config.aug_mult * per_view * activations / REFERENCE_ACTIVATIONS[config.model]
     evaluation = EVAL_BATCH * activations * 4 / 2 ** 20
     return BASE_MB + data_examples * 3 * 32 * 32 / 2 ** 20 + SLACK * (step + evaluation)
+
+
+def dense_filter_mb(config) -> float:
+    """MB of ``config``'s model's dense 3×3 filters, from its widths alone (a slight overestimate for
+    the parameter-matched ResNet-9, whose build is dominated by the equivariant model it counts)."""
+    from .models import same_width_channels
+
+    if config.model == "wrn16_4":  # De et al.'s WRN-16-4 scaled by the widths: a stem, then 3 stages of 2 blocks
+        b0, b1, b2 = config.widths
+        stages = [(b0, 4 * b0), (4 * b0, 4 * b1), (4 * b1, 4 * b2)]
+        pairs = [(3, b0)] + [p for i, o in stages for p in ((i, o), (o, o), (o, o), (o, o))]
+    else:  # the ResNet-9 topology at the equivariant model's channels (fields × field size)
+        c0, c1, c3, c2 = same_width_channels(config.group, config.restrict, config.widths)
+        pairs = [(3, c0), (c0, c1), (c1, c1), (c1, c1), (c1, c3), (c3, c2), (c2, c2), (c2, c2)]
+    return 9 * 4 * sum(i * o for i, o in pairs) / 2 ** 20
+
+
+def check_build_memory(config, force: bool = False) -> float:
+    """Before the model is built: refuse (unless ``force``) a model whose construction alone
+    (:data:`BUILD_MB_PER_FILTER_MB`) would not fit in the available memory, with one sentence instead
+    of a ``MemoryError`` gigabytes into escnn; the rest of the run is :func:`check_memory`'s, once the
+    model is built. Returns the estimate (MB)."""
+    estimate = BUILD_MB_PER_FILTER_MB.get(config.model, 10.0) * dense_filter_mb(config)  # the build's own
+    available = available_memory_mb()
+    if available is not None and estimate > available and not force:
+        raise PreflightError(f"building {config.model} at widths {list(config.widths)} (group {config.group}) needs about "
+                             f"{estimate / 1024:.1f} GB of memory before training starts (its filters grow with the "
+                             f"square of the widths), {available / 1024:.1f} GB is available: lower the widths (the "
+                             "paper: 16, 32, 64), or force it (--force-memory) if you know better; nothing was built")
+    return estimate
 
 
 def check_memory(config, model: nn.Module, splits, device: torch.device | None = None, force: bool = False) -> float:

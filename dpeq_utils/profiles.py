@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from .bounds import expansion_problem
 from .paths import profiles_dir
 
 PROFILES = ("smoke", "teach", "paper")
@@ -28,17 +29,41 @@ def profile_path(profile: str | Path) -> Path:
     return path
 
 
+#: What a profile (or a ``--set`` value) may hold: the shipped ones hold a few hundred values in a
+#: few kilobytes. Bigger files, and YAML whose aliases (``*name``) expand past this ("billion
+#: laughs": 300 bytes that expand to gigabytes), are refused before anything uses them.
+MAX_PROFILE_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+MAX_YAML_DEPTH = 16
+
+
+def bounded_yaml(text: str, where: str):
+    """``yaml.safe_load(text)`` (plain data only, never Python objects), refused with one sentence
+    naming ``where`` if its aliases expand it past :data:`MAX_YAML_VALUES` values or
+    :data:`MAX_YAML_DEPTH` levels. Loading itself is linear: an alias is the same object again."""
+    content = yaml.safe_load(text)
+    problem = expansion_problem(content, MAX_YAML_VALUES, MAX_YAML_DEPTH)
+    if problem:
+        raise ValueError(f"{where} holds {problem} once its YAML aliases (*name) are expanded; a dpeq profile "
+                         "holds a few hundred plain values: write them out")
+    return content
+
+
 def load_profile(profile: str | Path) -> dict:
     """The whole profile file as a dict (its ``run`` section feeds :func:`config_from_profile`)."""
     path = profile_path(profile)
+    if path.stat().st_size > MAX_PROFILE_BYTES:
+        raise ValueError(f"profile {path} is {path.stat().st_size:,} bytes; a dpeq profile is a few kilobytes "
+                         f"(at most {MAX_PROFILE_BYTES:,}): is it the right file?")
     try:
-        with open(path) as handle:
-            content = yaml.safe_load(handle) or {}  # safe_load: plain data only, never Python objects
+        content = bounded_yaml(path.read_text(), f"profile {path}") or {}
     except yaml.YAMLError as err:
         raise ValueError(f"profile {path} is not valid YAML or holds more than plain data ({str(err).splitlines()[0]}); "
                          "fix the file (profiles are mappings of plain values)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"profile {path} is not text (UTF-8): is it the right file?") from None
     if not isinstance(content, dict) or not isinstance(content.get("run"), dict):
-        raise ValueError(f"profile {profile!r} must be a mapping with a 'run' section of RunConfig fields")
+        raise ValueError(f"profile {path} must be a mapping with a 'run' section of RunConfig fields")
     return content
 
 

@@ -112,16 +112,33 @@ class RecordError(DpeqError, ValueError):
     """A file that should be a run record is not one, or does not describe what it claims."""
 
 
+#: A record is tens of kilobytes (its history grows by one entry per evaluation); a file larger than
+#: this is not one and is not parsed.
+MAX_RECORD_BYTES = 64 * 2 ** 20
+
+
+def _load_json(path: Path, remedy: str):
+    """A record file's JSON, bounded: refused unread above :data:`MAX_RECORD_BYTES`, and one sentence
+    (not a traceback) for malformed or absurdly nested JSON."""
+    size = path.stat().st_size
+    if size > MAX_RECORD_BYTES:
+        raise RecordError(f"{path} is {size / 2 ** 20:.0f} MB, far larger than any dpeq record: not read; {remedy}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RecordError(f"{path} is not valid JSON ({str(err)[:200]}); {remedy}") from None
+    except RecursionError:
+        raise RecordError(f"{path} nests lists or objects deeper than JSON can be read here (no dpeq record does); "
+                          f"{remedy}") from None
+
+
 def read_record(path: str | os.PathLike) -> dict:
     """A record, verified: valid JSON with the required fields, a config whose key is the record's key
     and the file name's, and (private runs) ε spent within the target."""
     path = Path(path)
     verify_shipped(path)
-    try:
-        with open(path) as handle:
-            record = json.load(handle)
-    except json.JSONDecodeError as err:
-        raise RecordError(f"{path} is not valid JSON ({err}); delete it (or retrain with --force)") from err
+    record = _load_json(path, "delete it (or retrain with --force)")
     if not isinstance(record, dict):
         raise RecordError(f"{path} is not a dpeq run record (not a JSON object)")
     missing = [f for f in REQUIRED_FIELDS if f not in record]
@@ -150,8 +167,8 @@ def read_keyed_record(path: Path, schema: str, key: str, what: str, remedy: str,
     message (a record without a digest passes unless ``require_digest``: audit records from before
     digests existed). Returned with its ``source``."""
     verify_shipped(path)
-    record = json.loads(path.read_text())
-    if record.get("schema") != schema or record.get("key") != key:
+    record = _load_json(path, remedy)
+    if not isinstance(record, dict) or record.get("schema") != schema or record.get("key") != key:
         raise RecordError(f"{path}: not {what} (schema or key differs); {remedy}")
     if ("digest" in record or require_digest) and record_digest(record) != record.get("digest"):
         raise RecordError(f"{path}: its content was changed after it was written (digest mismatch); {remedy}")

@@ -152,9 +152,9 @@ class RunState:
         for decay, average in self.horizons.items():
             average.load_state_dict(to_device(state["horizons"][decay], device))
         for name, generator in self.generators.items():
-            if name in state["generators"]:
+            if name in state["generators"] and not (self.config.secure_noise and name in SECRET_STREAMS):
                 generator.set_state(state["generators"][name])
-            # else: a secure run's secret stream, freshly seeded from the OS by setup (not repeatable)
+            # else: a secure run's secret stream, freshly seeded from the OS by setup (not repeatable), never from a file
         set_global_generator_states(state["global_generators"], device)
         for variant, variant_state in zip(self.variants, state["variants"], strict=True):
             variant.load_state_dict(variant_state)  # each variant puts its tensors where its own live

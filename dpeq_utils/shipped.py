@@ -11,8 +11,16 @@ checked against a committed manifest whenever they are read.
   against the folder. A record's own ``digest`` catches casual edits; the manifest is what makes an
   edit with a recomputed digest visible (it lives in git, beside the code that reads it).
 
-A reference folder elsewhere (``DPEQ_REFERENCE_DIR``, e.g. a test's or a lab's own) is checked
-against its own ``MANIFEST.json`` if it has one.
+- **Links**: a shipped file is a plain file inside its reference folder. A symbolic link there (to
+  a file or a folder), or a name that leads outside the folder, is refused on read, whatever it
+  points at: the manifest vouches for files in the folder, not for what a link names.
+- **Rewriting the manifest** (``python -m dpeq_utils manifest``) lists every entry that would be
+  added, changed or removed and writes nothing unless ``--accept`` is given: an edited record is
+  never blessed silently.
+
+A reference folder elsewhere (``DPEQ_REFERENCE_DIR``, e.g. a test's or a lab's own) is checked the
+same way, against its own ``MANIFEST.json``; a folder without one is refused (make one, after
+checking its records, with ``DPEQ_REFERENCE_DIR=<folder> python -m dpeq_utils manifest --accept``).
 """
 
 from __future__ import annotations
@@ -38,8 +46,28 @@ def _roots() -> list[Path]:
     return list(dict.fromkeys(p.resolve() for p in (REPOSITORY_REFERENCE, reference_dir())))
 
 
+def _named_inside(path: str | os.PathLike) -> tuple[Path, Path] | None:
+    """``(root, the part of path below it)`` if ``path`` is *named* inside a reference folder (its
+    absolute name, ``..`` resolved by name, passes through a folder that is a reference root),
+    whatever its last components are (links included)."""
+    named = Path(os.path.abspath(path))
+    roots = _roots()
+    for ancestor in (named, *named.parents):
+        try:
+            resolved = ancestor.resolve()
+        except OSError:
+            continue
+        if resolved in roots:
+            return resolved, named.relative_to(ancestor)
+    return None
+
+
 def reference_root_of(path: str | os.PathLike) -> Path | None:
-    """The reference folder that ``path`` (a file or folder) lies in, if any."""
+    """The reference folder that ``path`` (a file or folder) lies in, if any: where it is named (a link
+    inside the folder counts as inside) or where it resolves to (a link elsewhere to a shipped file)."""
+    named = _named_inside(path)
+    if named is not None:
+        return named[0]
     resolved = Path(path).resolve()
     for root in _roots():
         if resolved == root or root in resolved.parents:
@@ -80,17 +108,34 @@ def _manifest(root: Path) -> dict[str, str] | None:
 
 
 def verify_shipped(path: str | os.PathLike) -> None:
-    """If ``path`` is a shipped file, check it against its reference folder's manifest."""
-    root = reference_root_of(path)
-    if root is None:
-        return
+    """If ``path`` is a shipped file, check it against its reference folder's manifest. A file named
+    inside a reference folder must be a plain file there: a symbolic link on the way (to a file or a
+    folder, inside or out) is refused, so a link cannot stand in for an edited copy."""
+    named = _named_inside(path)
+    if named is not None:
+        root, below = named
+        current = root
+        for part in below.parts:
+            current = current / part
+            if current.is_symlink():
+                raise ShippedRecordError(
+                    f"{path} is reached through a symbolic link ({current} -> {os.readlink(current)}): the records "
+                    f"shipped in {root} are plain files and links there are refused; restore them with git checkout "
+                    "(data/reference/), or copy what the link names to your own runs folder")
+        relative = below.as_posix()
+    else:
+        resolved_root = reference_root_of(path)
+        if resolved_root is None:
+            return
+        root, relative = resolved_root, Path(path).resolve().relative_to(resolved_root).as_posix()
     manifest = _manifest(root)
     if manifest is None:
         if root == REPOSITORY_REFERENCE.resolve():
             raise ShippedRecordError(f"{root / MANIFEST} is missing: the shipped records cannot be checked; "
                                      "restore it from git")
-        return
-    relative = Path(path).resolve().relative_to(root).as_posix()
+        raise ShippedRecordError(f"{path} is in {root} (DPEQ_REFERENCE_DIR), which has no {MANIFEST}: its records "
+                                 "cannot be checked. Check them, then write one with DPEQ_REFERENCE_DIR="
+                                 f"{root} python -m dpeq_utils manifest --accept; or unset DPEQ_REFERENCE_DIR")
     expected = manifest.get(relative)
     if expected is None:
         raise ShippedRecordError(f"{path} is not one of the shipped records (not in {root / MANIFEST}); move it to "
@@ -114,10 +159,30 @@ def _write_manifest(root: Path, files: dict[str, str]) -> Path:
     return root / MANIFEST
 
 
-def write_manifest(root: str | os.PathLike | None = None) -> Path:
-    """(Re)write ``MANIFEST.json`` from the files a reference folder holds now."""
+def manifest_changes(root: str | os.PathLike | None = None) -> tuple[Path, dict[str, str], list[str]]:
+    """What the manifest of a reference folder would become from the files it holds now: ``(root, new
+    entries, one line per entry added, changed or removed)``. A symbolic link among them is refused."""
     root = Path(root) if root is not None else reference_dir()
-    return _write_manifest(root, {p.relative_to(root).as_posix(): file_sha256(p) for p in shipped_files(root)})
+    links = [p for p in root.rglob("*") if p.is_symlink()]
+    if links:
+        raise ShippedRecordError(f"{links[0]} is a symbolic link: a reference folder holds plain files only; replace "
+                                 f"it with the file itself (or restore it with git checkout) before writing the manifest")
+    files = {p.relative_to(root).as_posix(): file_sha256(p) for p in shipped_files(root)}
+    old = (_manifest(root) if (root / MANIFEST).is_file() else None) or {}
+    lines = ([f"  added    {name}" for name in sorted(set(files) - set(old))]
+             + [f"  changed  {name}" for name in sorted(set(files) & set(old)) if files[name] != old[name]]
+             + [f"  removed  {name}" for name in sorted(set(old) - set(files))])
+    return root, files, lines
+
+
+def write_manifest(root: str | os.PathLike | None = None, accept: bool = False) -> Path:
+    """(Re)write ``MANIFEST.json`` from the files a reference folder holds now; if any entry would be
+    added, changed or removed, only with ``accept`` (else :class:`ShippedRecordError` lists them)."""
+    root, files, lines = manifest_changes(root)
+    if lines and not accept:
+        raise ShippedRecordError(f"{len(lines)} entries of {root / MANIFEST} would change:\n" + "\n".join(lines)
+                                 + "\nCheck why (git diff, git status) and rerun with --accept to record them")
+    return _write_manifest(root, files)
 
 
 def record_written(path: Path) -> None:
@@ -130,14 +195,23 @@ def record_written(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dpeq_utils manifest``: rewrite the manifest of the shipped records."""
+    """``python -m dpeq_utils manifest``: compare the manifest of the shipped records with the files;
+    with ``--accept``, rewrite it."""
     from .cli import command_parser, user_errors
 
-    parser = command_parser("manifest", "Rewrite data/reference/MANIFEST.json (SHA-256 of every shipped run and "
-                            "audit record) after adding shipped records on purpose.")
+    parser = command_parser("manifest", "Compare data/reference/MANIFEST.json (SHA-256 of every shipped run and audit "
+                            "record) with the files; list every entry that would be added, changed or removed, and "
+                            "rewrite it only with --accept (after adding shipped records on purpose).")
+    parser.add_argument("--accept", action="store_true", help="write the manifest with the changes listed")
     args = parser.parse_args(argv)
     with user_errors(parser.prog, args.debug):
-        print(write_manifest())
+        root, _, lines = manifest_changes()
+        if not lines:
+            print(f"{root / MANIFEST} matches the {len(_manifest(root) or {})} files it lists; nothing to write")
+            return 0
+        path = write_manifest(accept=args.accept)
+        print("\n".join(lines))
+        print(f"wrote {path} ({len(lines)} entries added, changed or removed, as accepted)")
     return 0
 
 

@@ -437,16 +437,19 @@ class Study:
 
     def _complete_in_waves(self, parts, executor: str, concurrency: int, echo, options: dict) -> int:
         from .paths import runs_dir as default_runs_dir
-        from .sweep import make_executor, submit
+        from .sweep import make_executor, outcomes, submit
 
         runs_dir = Path(self.runs_dir) if self.runs_dir is not None else default_runs_dir(self.profile)
         trained = 0
         while todo := self.missing(parts):
             echo(f"[study {self.profile}] submitting {len(todo)} runs to {executor}")
-            jobs = submit(make_executor(executor, runs_dir / "sweep-logs", **options), [p.config for p in todo],
+            configs = [p.config for p in todo]
+            jobs = submit(make_executor(executor, runs_dir / "sweep-logs", **options), configs,
                           runs_dir, concurrency=concurrency, echo=lambda _: None, write_reference=self.write_reference)
-            for job in jobs:
-                job.result()  # raises if a run failed: the next wave would wait for it forever
+            # what became of each, from its record and its job's JSON status (no result pickle is loaded)
+            failed = [o for o in outcomes(jobs, configs, runs_dir) if o.record is None]
+            if failed:  # the next wave would wait for them forever
+                raise RuntimeError(f"{len(failed)} of {len(jobs)} runs failed, e.g. job {failed[0].job_id}: {failed[0].error}")
             trained += len(jobs)
         return trained
 

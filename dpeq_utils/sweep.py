@@ -15,6 +15,9 @@ of the current step (:mod:`dpeq_utils.checkpoint`), and submitit requeues the ta
 a time (submitit's local executor has no limit of its own); ``--executor debug`` runs them in this
 process. ``--dry-run`` prints the plan and an estimate of the device hours it needs.
 
+What a job runs where it runs, and how the driver learns what became of it without loading a pickle
+from the logs folder as code, is :mod:`dpeq_utils.sweep_job`.
+
 Why one file of ~390 lines: planning, the executors, stopping jobs cleanly through their
 checkpoints and reading a runs folder's status are one lifecycle; records and training are
 :mod:`dpeq_utils.records` and :mod:`dpeq_utils.runs`.
@@ -23,17 +26,18 @@ checkpoints and reading a runs folder's status are one lifecycle; records and tr
 from __future__ import annotations
 
 import itertools
-import os
-import pickle
+import re
+import shlex
 import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from submitit.helpers import Checkpointable
+import submitit
 
 from .config import RunConfig, cost_key, parse_assignment
+from .sweep_job import RunJob, _failed_job_line, _job_files, outcomes  # noqa: F401 - RunJob, outcomes: part of this API
 
 EXECUTORS = ("slurm", "local", "debug")
 
@@ -79,51 +83,38 @@ def plan(configs: list[RunConfig], runs_dir) -> list[PlannedRun]:
     return planned
 
 
-class RunJob(Checkpointable):
-    """One run as a submitit job: train it (or resume it) and write its record. Checkpointable: on
-    preemption or timeout submitit requeues the same job, which resumes from the run's checkpoint
-    (the trainer wrote it before handing the signal on)."""
+def _job_command(executor) -> str:
+    """The command a job runs: dpeq's loader (:mod:`dpeq_utils.sweep_job`), not submitit's ``_submit``."""
+    return " ".join([executor.python, "-u -m dpeq_utils.sweep_job", shlex.quote(str(executor.folder))])
 
-    def __init__(self, config: dict, runs_dir: str, write_reference: bool = False):
-        self.config, self.runs_dir, self.write_reference = config, runs_dir, write_reference
 
-    def __call__(self) -> dict:
-        from .records import record_path
-        from .runs import load_or_run
+class LocalExecutor(submitit.LocalExecutor):
+    """submitit's local executor whose jobs load their submission with dpeq's checked loader."""
 
-        config = RunConfig(**self.config)
-        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
-            # submitit's jobs ignore ("bypass") SIGTERM, as Slurm preemption needs; a local job asked to stop
-            # (the sweep driver stopping) stops at the end of its step, after writing its checkpoint
-            signal.signal(signal.SIGTERM, _stop_job)
-        try:
-            record = load_or_run(config, self.runs_dir, progress=False,
-                                 write_reference=getattr(self, "write_reference", False))
-        except Exception as err:  # the job's last error line (what `status` shows) names the run
-            message = str(err).splitlines()[0] if str(err) else ""
-            raise RuntimeError(f"run {record_path(config, self.runs_dir).stem} failed: {type(err).__name__}: "
-                               f"{message}") from err
-        return {"record": str(record_path(config, self.runs_dir)), "test_accuracy": record["test_accuracy"],
-                "epsilon_spent": record["epsilon_spent"], "wall_time_s": record["wall_time_s"]}
+    _submitit_command_str = property(_job_command)  # type: ignore[assignment]
+
+
+class SlurmExecutor(submitit.SlurmExecutor):
+    """submitit's Slurm executor whose jobs load their submission with dpeq's checked loader."""
+
+    _submitit_command_str = property(_job_command)  # type: ignore[assignment]
 
 
 def make_executor(kind: str, logs_dir: Path, *, partition: str | None = None, gpus_per_run: int = 0,
                   time_min: int = 240, array_parallelism: int = 16, cpus_per_run: int | None = None,
                   slurm_options: dict | None = None):
     """A submitit executor for ``kind`` (one of :data:`EXECUTORS`), its logs in ``logs_dir`` (``%j``: job id)."""
-    import submitit
-
     if kind not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {kind!r}")
     folder = Path(logs_dir) / "%j"
     if kind == "debug":
         return submitit.DebugExecutor(folder=folder)
     if kind == "local":
-        executor = submitit.LocalExecutor(folder=folder)
+        executor = LocalExecutor(folder=folder)
         # the local default time limit is 2 minutes; and without gpus_per_node a job sees no GPU
         executor.update_parameters(timeout_min=time_min, gpus_per_node=gpus_per_run)
         return executor
-    slurm = submitit.SlurmExecutor(folder=folder, max_num_timeout=20)
+    slurm = SlurmExecutor(folder=folder, max_num_timeout=20)
     parameters: dict = {"time": time_min, "gpus_per_node": gpus_per_run, "ntasks_per_node": 1, "nodes": 1,
                   "array_parallelism": array_parallelism, "signal_delay_s": 120, "job_name": "dpeq"}
     if partition:
@@ -136,21 +127,17 @@ def make_executor(kind: str, logs_dir: Path, *, partition: str | None = None, gp
 
 def submit(executor, configs: list[RunConfig], runs_dir, concurrency: int = 1, echo=print,
            write_reference: bool = False) -> list:
-    """Submit one job per config; returns the jobs. A Slurm executor gets one array job. A local
-    executor runs at most ``concurrency`` jobs at a time (this call then waits for them all)."""
+    """Submit one job per config; returns the jobs, in the order of ``configs``. A Slurm executor gets
+    one array job. A local executor runs at most ``concurrency`` jobs at a time (this call then waits
+    for them all). What became of each: :func:`outcomes`."""
     jobs = [RunJob(c.to_dict(), str(runs_dir), write_reference) for c in configs]
-    name = type(executor).__name__
-    if name == "LocalExecutor":
+    if isinstance(executor, submitit.LocalExecutor):
         return _submit_throttled(executor, jobs, max(1, concurrency), echo)
-    if name == "DebugExecutor":
+    if isinstance(executor, submitit.DebugExecutor):
         return [executor.submit(job) for job in jobs]
     with executor.batch():
         submitted = [executor.submit(job) for job in jobs]
     return submitted
-
-
-def _stop_job(signum, frame):
-    raise SystemExit(128 + signum)
 
 
 #: Seconds a stopping sweep waits for its local jobs to checkpoint and exit before it kills them.
@@ -163,16 +150,16 @@ def _submit_throttled(executor, jobs: list[RunJob], concurrency: int, echo, grac
     and leaves no job running; then the interrupt goes on."""
     waiting: list[RunJob] = list(jobs)
     running: list = []  # submitit jobs
-    finished: list = []
+    submitted: list = []
     previous = signal.signal(signal.SIGTERM, _driver_terminated) if _main_thread() else None
     try:
         while waiting or running:
             while waiting and len(running) < concurrency:
                 running.append(executor.submit(waiting.pop(0)))
+                submitted.append(running[-1])
             time.sleep(0.5)
-            for job in [j for j in running if j.done()]:
+            for job in [j for j in running if j.done()]:  # the process ended: nothing is read from the job's files
                 running.remove(job)
-                finished.append(job)
                 echo(f"  job {job.job_id}: {job.state.lower()}")
     except KeyboardInterrupt:
         _stop_local_jobs(running, echo, STOP_GRACE_S if grace_s is None else grace_s)
@@ -180,7 +167,7 @@ def _submit_throttled(executor, jobs: list[RunJob], concurrency: int, echo, grac
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    return finished
+    return submitted
 
 
 def _main_thread() -> bool:
@@ -253,14 +240,6 @@ def estimate_hours(configs: list[RunConfig], throughput: float | None, records: 
     return hours, f"at the fastest throughput records measured ({'; '.join(devices)})"
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    """Builtin values only (submitit's ``(outcome, detail)`` of a failed job is a tuple of strings):
-    a result file that names any class or function is refused, never loaded."""
-
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"names {module}.{name}")
-
-
 def _lock_state(lock: Path) -> str:
     """"running" if a live process holds ``lock`` (tested by trying it: flock is released by the OS
     when its holder dies, however it dies), else "stale"."""
@@ -307,18 +286,26 @@ def status_table(runs_dir, logs_dir=None) -> list[dict]:
     for stem, lock in locks.items():
         rows.append({"run": stem, "status": "running (no checkpoint yet)" if lock == "running" else stale})
     logs = Path(logs_dir) if logs_dir is not None else runs_dir / "sweep-logs"
-    for result in sorted(logs.glob("*/*_result.pkl")) if logs.is_dir() else []:
-        try:
-            with open(result, "rb") as handle:
-                outcome, detail = _PlainUnpickler(handle).load()
-        except Exception as err:  # noqa: BLE001
-            rows.append({"run": f"job {result.parent.name}", "status": f"unreadable result {result} "
-                         f"(refused: {str(err).splitlines()[0] if str(err) else type(err).__name__})"})
-            continue
-        if outcome == "error":
-            last = str(detail).strip().splitlines()[-1] if str(detail).strip() else "error"
-            rows.append({"run": f"job {result.parent.name}", "status": f"failed: {last}",
-                         "log": str(result.parent)})
+    done = {row["run"] for row in rows if row["status"] == "done"}
+    for job, job_status, result in _job_files(logs):
+        if job_status is not None:  # what dpeq's job wrote: plain JSON
+            if job_status["outcome"] == "done":
+                continue
+            run, last = job_status["run"], job_status["error"] or "failed"
+        else:  # a job that ended before dpeq's loader wrote a status: submitit's result pickle, as plain values
+            try:
+                last = _failed_job_line(result)
+            except Exception as err:  # noqa: BLE001 - a status view reports whatever is wrong, it never stops
+                rows.append({"run": f"job {job}", "status": f"unreadable result {result} "
+                             f"(refused: {str(err).splitlines()[0][:200] if str(err) else type(err).__name__})"})
+                continue
+            if last is None:
+                continue
+            named = re.search(r"run (\S+) failed: ", last)
+            run = named.group(1) if named else None
+        if run is not None and run in done:
+            continue  # failed once (e.g. locked by a concurrent run), done since: the record is what counts
+        rows.append({"run": f"job {job}", "status": f"failed: {last}", "log": str(result.parent)})
     return rows
 
 
@@ -390,13 +377,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"follow with: {prog} status {runs_dir}")
             return 0
         failed = 0
-        for job in jobs:
-            try:
-                result = job.result()
-                print(f"  done  {Path(result['record']).name}: test accuracy {result['test_accuracy']:.3f}")
-            except Exception as err:  # noqa: BLE001 - one failed run must not hide the others
+        for outcome in outcomes(jobs, todo, runs_dir):
+            name = record_path(outcome.config, runs_dir).name
+            if outcome.record is not None:
+                print(f"  done  {name}: test accuracy {outcome.record['test_accuracy']:.3f}")
+            else:
                 failed += 1
-                print(f"  failed  job {job.job_id}: {str(err).strip().splitlines()[-1]}")
+                print(f"  failed  job {outcome.job_id} ({name}): {outcome.error}")
         print(f"{len(jobs) - failed} runs done, {failed} failed")
         return 1 if failed else 0
 

@@ -57,7 +57,7 @@ from .equivariance import evaluation_mode
 from .machine import machine_kind
 from .models import build_model, count_params
 from .per_sample import resolve_engine
-from .preflight import check_memory
+from .preflight import check_build_memory, check_memory
 from .privacy import PrivacyBudget, PrivacyBudgetError
 from .run_state import SECRET_STREAMS, RunState, WeightEMA, swapped_parameters
 from .runtime import (
@@ -128,6 +128,7 @@ def setup(config: RunConfig, data: Splits | None = None, force_memory: bool = Fa
     q = sample_rate(config, n)
     steps = planned_steps(config, n)
     budget = None if config.non_private else budget_for(config, n)
+    check_build_memory(config, force=force_memory)  # from the widths, before escnn expands any filter
     model = build_model_for(config).to(device)
     model.train()
     check_memory(config, model, splits, device, force=force_memory)

@@ -297,3 +297,65 @@ def test_a_secure_run_resumes_with_fresh_entropy_and_says_so(tmp_path, monkeypat
     record = run(config, tmp_path, progress=False)
     assert record["resumed_at_steps"] == [3] and record["epsilon_spent"] <= config.target_epsilon
     assert "fresh OS entropy" in capsys.readouterr().err
+
+
+def test_a_secure_run_refuses_generator_states_written_into_its_checkpoint(tmp_path, monkeypatch):
+    """Sampler, augmentation and noise states injected into a secure run's checkpoint (header and
+    SHA-256 recomputed, as anyone can): resuming from them would make the run's batches and noise known
+    to whoever wrote them, so the checkpoint is refused, named, and kept for the user to look at."""
+    config = TINY.replace(secure_noise=True)
+    path = _checkpointed(tmp_path, monkeypatch, config)
+    content = read_checkpoint(path)
+    for name, seed in (("sampler", 1), ("augment", 2), ("noise", 3)):
+        content["state"]["generators"][name] = torch.Generator().manual_seed(seed).get_state()
+    checkpoint_module.write_checkpoint(path, content)
+    with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*secure run.*augment, noise, sampler.*--no-resume"):
+        run(config, tmp_path, progress=False)
+    assert path.exists() and not record_path(config, tmp_path).exists()
+    state = train_module.setup(config)  # and the trainer itself never loads them in a secure run
+    fresh = {name: state.generators[name].get_state() for name in train_module.SECRET_STREAMS}
+    state.load_state_dict(content["state"])
+    assert all(torch.equal(state.generators[name].get_state(), fresh[name]) for name in fresh)
+
+
+@pytest.mark.parametrize("craft", ["re-zipped with deflate", "history repeating one list", "history inside itself"])
+def test_a_small_checkpoint_that_expands_to_gigabytes_is_refused_before_it_expands(craft, tmp_path, monkeypatch):
+    """A checkpoint whose entries are deflated (torch.save stores them: a 32 MB tensor in a ~100 KB
+    file), or whose history repeats one list inside itself (a few bytes of pickle, an astronomical
+    record): refused within seconds, naming the file, before anything is inflated or copied into a run."""
+    import io
+    import zipfile
+
+    path = _checkpointed(tmp_path, monkeypatch)
+    content = read_checkpoint(path)
+    if craft == "re-zipped with deflate":
+        content["state"]["history"].append({"padding": torch.zeros(8 * 2 ** 20)})  # 32 MB of zeros
+        buffer = io.BytesIO()
+        torch.save(content, buffer)
+        deflated = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as stored, \
+                zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as rezipped:
+            for entry in stored.infolist():
+                rezipped.writestr(entry.filename, stored.read(entry))
+        payload = deflated.getvalue()
+        assert len(payload) < 2 ** 20
+        path.write_bytes(f"{checkpoint_module.MAGIC} {checkpoint_module.FORMAT} ".encode()
+                         + __import__("hashlib").sha256(payload).hexdigest().encode() + b"\n" + payload)
+        monkeypatch.setattr(checkpoint_module.torch, "load", lambda *a, **k: pytest.fail("inflated before refusing"))
+    else:
+        nested: list = [{"step": 1}]
+        if craft == "history repeating one list":
+            for _ in range(12):
+                nested = [nested] * 10  # 10^12 entries once expanded
+        else:
+            nested.append(nested)
+        content["state"]["history"] = nested
+        checkpoint_module.write_checkpoint(path, content)
+        assert path.stat().st_size < 2 ** 20
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=re.escape(str(path))) as caught:
+        read_checkpoint(path)
+    assert time.perf_counter() - started < 2 and "\n" not in str(caught.value)
+    from dpeq_utils.sweep import status_table
+
+    assert [row["status"][:15] for row in status_table(tmp_path)] == ["bad checkpoint "], "not called resumable"

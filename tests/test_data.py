@@ -291,3 +291,76 @@ def test_a_cell_can_ask_whether_a_dataset_is_on_disk(tmp_path, monkeypatch):
     assert not on_disk("cifar10")
     (tmp_path / "cache" / "cifar-10-batches-py").mkdir(parents=True)
     assert on_disk("cifar10")
+
+
+def _nested(levels: int = 8, fan: int = 10) -> list:
+    """A list of ``fan`` times the same list, ``levels`` deep: a few hundred bytes pickled (one memo
+    slot repeated), ``fan ** levels`` elements once expanded."""
+    value: list = [5]
+    for _ in range(levels):
+        value = [value] * fan
+    return value
+
+
+#: A hand-written 127-byte batch: {'data': numpy.ndarray((300000, 3072), dtype('u1')), 'labels': ndarray((300000,), ...)}
+_NDARRAY_CALL = (b"\x80\x02}(X\x04\x00\x00\x00data" + b"cnumpy\nndarray\n((J\xe0\x93\x04\x00J\x00\x0c\x00\x00tcnumpy\ndtype\n"
+                 b"(X\x02\x00\x00\x00u1tRtRX\x06\x00\x00\x00labels" + b"cnumpy\nndarray\n((J\xe0\x93\x04\x00t"
+                 b"cnumpy\ndtype\n(X\x02\x00\x00\x00i8tRtRu.")
+
+
+@pytest.mark.parametrize("craft", ["numpy.ndarray called directly", "memo-repeated lists as labels",
+                                   "memo-repeated lists as data", "object labels", "string labels",
+                                   "a file larger than any batch", "an archive member larger than any batch"])
+def test_crafted_small_batches_are_refused_before_anything_big_is_built(craft, tmp_path, monkeypatch):
+    """Small files that would make the reader allocate, hash or expand gigabytes: each is refused
+    within a second or two and well under 200 MB of allocations, with a sentence naming the file.
+    Files larger than a batch are refused by their declared size, unread (here the bound is lowered
+    to 1 MB rather than writing 48 MB)."""
+    import time
+    import tracemalloc
+
+    from dpeq_utils.data import read_cifar10_archive, read_cifar10_folder
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in data.CIFAR10_TRAIN_BATCHES + (data.CIFAR10_TEST_BATCH,):
+        (folder / name).write_bytes(pickle.dumps(_batch(4, 0), protocol=2))
+    bad = folder / data.CIFAR10_TRAIN_BATCHES[0]
+    batch = _batch(4, 0)
+    source = folder
+    if craft == "numpy.ndarray called directly":
+        bad.write_bytes(_NDARRAY_CALL)
+        import pickletools
+
+        pickletools.dis(_NDARRAY_CALL, out=io.StringIO())  # a well-formed pickle of 127 bytes
+    elif craft == "memo-repeated lists as labels":
+        batch[b"labels"] = _nested()
+    elif craft == "memo-repeated lists as data":
+        batch[b"data"] = _nested()
+    elif craft == "object labels":
+        batch[b"labels"] = np.array(["a", "b", "c", "d"], dtype=object)
+    elif craft == "string labels":
+        batch[b"labels"] = ["a", "b", "c", "d"]
+    elif craft.endswith("larger than any batch"):
+        monkeypatch.setattr(data.cifar10, "MAX_BATCH_FILE_BYTES", 2 ** 20, raising=False)
+        batch = _batch(400, 0)  # 1.2 MB: valid, but over the lowered bound
+        for name in data.CIFAR10_TRAIN_BATCHES + (data.CIFAR10_TEST_BATCH,):
+            (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    if craft.startswith(("memo", "object", "string")):
+        bad.write_bytes(pickle.dumps(batch, protocol=2))
+        assert len(pickle.dumps(_nested())) < 1024
+    if craft == "an archive member larger than any batch":
+        source = tmp_path / "cifar-10-python.tar.gz"
+        _write_archive(source, {name: batch for name in data.CIFAR10_TRAIN_BATCHES + (data.CIFAR10_TEST_BATCH,)})
+        monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda *a: pytest.fail("inflated a member over the bound"))
+    started = time.perf_counter()
+    tracemalloc.start()
+    try:
+        with pytest.raises(DatasetError) as caught:
+            read_cifar10_folder(source, verify=False) if source == folder else read_cifar10_archive(source, md5=None)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 2 and peak < 200 * 2 ** 20, (time.perf_counter() - started, peak)
+    message = str(caught.value)
+    assert (str(bad) if source == folder else str(source)) in message and "\n" not in message

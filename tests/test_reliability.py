@@ -3,6 +3,7 @@ without tracebacks, interrupted outputs never look valid, and one run is trained
 
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -136,6 +137,11 @@ def test_an_epsilon_below_the_rdp_floor_says_what_is_true():
 # ---------------------------------------------------------------------------------------------- errors speak
 
 
+#: 300 bytes of YAML ("billion laughs"): 9 ** 7 = 4.8 million values once its aliases are expanded.
+_LAUGHS = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
+    f"&{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(5)] + [f"[{', '.join(['*f'] * 9)}]"]) + "]"
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["--set", "widths=4"], 2, "widths must be three positive integers of at most 1024, got 4"),
     (["--set", "widths=[100000,8,8]"], 2, "at most 1024"),
@@ -147,17 +153,33 @@ def test_an_epsilon_below_the_rdp_floor_says_what_is_true():
     (["--set", "device=cuda"], 1, "CUDA is not available here"),
     (["--set", "target_delta=0.01"], 1, "is not below 1/N"),
     (["--set", "batch_size=9999"], 1, "exceeds the 512 training examples"),
+    # issue 38: small inputs that exhausted memory or CPU, and values that ended in tracebacks
+    (["--profile", "BILLION_LAUGHS"], 2, "once its YAML aliases (*name) are expanded"),
+    (["--set", "widths=" + _LAUGHS], 2, "the value of widths holds more than 100,000 values"),
+    (["--profile", "LIST_FOR_NAME"], 2, "dataset must be a name (a string), got ['synthetic']"),
+    (["--profile", "LIST_AS_LABEL"], 2, "profile must be a plain name"),
+    (["--profile", "ESCAPING_LABEL"], 2, "profile must be a plain name"),
+    (["--set", "lr=1e300"], 2, "lr must be a positive number of at most 1e+06, got 1e+300"),
+    (["--set", "update_steps=10000000000"], 2, "update_steps must be a positive integer of at most 100,000"),
+    (["--set", "update_steps=null", "--set", "epochs=1e+9"], 1, "more than the 100,000 a run may take"),
+    (["--set", "widths=[1024,1024,1024]"], 1, "needs about 27.0 GB of memory before training starts"),
 ])
 def test_foreseeable_errors_get_one_sentence_and_no_traceback(args, code, message, tmp_path):
+    tiny = "train_size: 64, test_size: 16, batch_size: 16, physical_batch_size: 16, update_steps: 1, widths: [4, 4, 4]"
     profiles = {"BAD_YAML": "run: {model: [unclosed\n",
-                "UNSAFE_YAML": f"run: !!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n"}
+                "UNSAFE_YAML": f"run: !!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n",
+                "BILLION_LAUGHS": f"run: {{lr: {_LAUGHS}}}\n",
+                "LIST_FOR_NAME": f"run: {{dataset: [synthetic], {tiny}}}\n",
+                "LIST_AS_LABEL": f"run: {{profile: [a, b], {tiny}}}\n",
+                "ESCAPING_LABEL": f"run: {{profile: ../../escaped, {tiny}}}\n"}
     for name, text in profiles.items():
         (tmp_path / f"{name}.yaml").write_text(text)
     args = [str(tmp_path / f"{a}.yaml") if a in profiles else a for a in args]
-    result = _cli(*args, env={"CUDA_VISIBLE_DEVICES": ""})
-    assert not (tmp_path / "ran").exists()
+    result = _cli(*args, env={"CUDA_VISIBLE_DEVICES": "", "DPEQ_MEMORY_LIMIT_MB": "8000"})
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "escaped").exists()
     assert result.returncode == code, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr) < 2000, "one sentence, not an expanded value"
 
 
 def test_debug_shows_the_traceback():
@@ -228,3 +250,73 @@ def test_a_second_process_on_the_same_run_is_told_who_trains_it(tmp_path):
     assert not list(path.parent.glob("*.lock")), "the lock file is removed with the record written"
     with run_lock(path):
         pass
+
+
+# ---------------------------------------------------------------------------------------------- issue 38: bounded inputs
+
+
+def test_every_config_field_of_the_wrong_type_or_size_gets_a_sentence():
+    """A list where a number or a name belongs, a mapping, a path as the label, an absurd magnitude:
+    each field's problem is one short sentence (a ValueError), never a TypeError from deeper down."""
+    from dpeq_utils.config import field_names
+
+    nested: list = [1]
+    for _ in range(6):
+        nested = [nested] * 10  # what a YAML alias bomb hands over (smaller: a failure's report prints it)
+    for name in field_names():
+        for value in ([1], {"a": 1}, "x", None, 1e300, True, -1, ["D4"], "../../x", nested):
+            try:
+                RunConfig(**{name: value})
+            except ValueError as err:
+                assert len(str(err)) < 400, (name, value, str(err)[:200])
+    with pytest.raises(ValueError, match="profile must be a plain name"):
+        RunConfig(profile="../../../../tmp/escaped")
+
+
+def test_yaml_whose_aliases_expand_to_millions_is_refused_quickly():
+    import time
+    import tracemalloc
+
+    from dpeq_utils.config import parse_assignment
+
+    started = time.perf_counter()
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="the value of widths holds more than 100,000 values") as caught:
+            parse_assignment("widths=" + _LAUGHS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 2 and peak < 200 * 2 ** 20 and len(str(caught.value)) < 300
+
+
+def test_a_model_too_big_to_build_is_refused_before_it_is_built(monkeypatch):
+    """widths=[1024]*3 passes the per-field cap; escnn would need ~28 GB to build it. The estimate comes
+    from the widths alone, before any filter is expanded."""
+    import dpeq_utils.train as train_module
+
+    monkeypatch.setattr(train_module, "build_model_for", lambda config: pytest.fail("built before estimating"))
+    monkeypatch.setenv("DPEQ_MEMORY_LIMIT_MB", "8000")
+    config = config_from_profile("smoke", **{**TINY, "widths": (1024, 1024, 1024)})
+    with pytest.raises(PreflightError, match="building eq_resnet9 at widths \\[1024, 1024, 1024\\].*nothing was built"):
+        train_module.setup(config)
+
+
+def test_a_record_nested_200000_deep_is_one_sentence(tmp_path):
+    config = config_from_profile("smoke", **TINY)
+    path = record_path(config, tmp_path)
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(RecordError, match=re.escape(str(path)) + " nests lists or objects deeper"):
+        load_or_run(config, runs_dir=tmp_path, progress=False)
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(json, "dump", full)
+    path = tmp_path / "runs" / "r.json"
+    with pytest.raises(OSError, match=re.escape(f"could not write {path}: No space left on device; nothing was left")):
+        write_json_atomic(path, {"a": 1})
+    assert list(path.parent.iterdir()) == []

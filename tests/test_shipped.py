@@ -124,3 +124,62 @@ def test_a_study_and_an_audit_write_into_the_reference_folder_only_when_asked(re
     with pytest.raises(shipped.ShippedRecordError):
         load_or_audit(TINY.replace(update_steps=1), 8, runs_dir=reference_copy / "teach")
     assert not list((reference_copy / "teach").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("link", ["the record", "its folder"])
+def test_a_symlink_in_the_reference_folder_is_refused(reference_copy, tmp_path, link):
+    """A shipped record replaced by a link to an edited copy elsewhere (digest recomputed), or the
+    profile's folder replaced by a link to an edited copy of it: the manifest vouches for files in the
+    folder, so a link there is refused, and nothing reads the edited accuracy."""
+    from dpeq_utils.records import find_records
+
+    path = sorted((reference_copy / "teach").glob("eq_resnet9-*.json"))[0]
+    record = json.loads(path.read_text())
+    record["test_accuracy"] = 0.99
+    record["digest"] = record_digest(record)
+    if link == "the record":
+        edited = tmp_path / "elsewhere" / path.name
+        edited.parent.mkdir()
+        edited.write_text(json.dumps(record, indent=1))
+        path.unlink()
+        path.symlink_to(edited)
+    else:
+        edited = tmp_path / "elsewhere"
+        shutil.copytree(reference_copy / "teach", edited)
+        (edited / path.name).write_text(json.dumps(record, indent=1))
+        shutil.rmtree(reference_copy / "teach")
+        (reference_copy / "teach").symlink_to(edited, target_is_directory=True)
+    with pytest.raises(shipped.ShippedRecordError, match="symbolic link"):
+        read_record(path)
+    with pytest.raises(shipped.ShippedRecordError, match="symbolic link"):
+        find_records("teach")
+    with pytest.raises(shipped.ShippedRecordError, match="symbolic link"):
+        shipped.write_manifest(reference_copy, accept=True)
+
+
+def test_the_manifest_command_lists_changes_and_writes_only_when_accepted(reference_copy, capsys):
+    manifest = (reference_copy / shipped.MANIFEST).read_bytes()
+    assert shipped.main([]) == 0 and "nothing to write" in capsys.readouterr().out
+    path = sorted((reference_copy / "teach").glob("eq_resnet9-*.json"))[0]
+    record = json.loads(path.read_text())
+    record["test_accuracy"] = 0.99
+    record["digest"] = record_digest(record)
+    path.write_text(json.dumps(record, indent=1))
+    (reference_copy / "teach" / "new.json").write_text("{}")
+    with pytest.raises(CommandFailed):
+        shipped.main([])
+    err = capsys.readouterr().err
+    assert f"changed  teach/{path.name}" in err and "added    teach/new.json" in err and "--accept" in err
+    assert (reference_copy / shipped.MANIFEST).read_bytes() == manifest, "nothing was written"
+    assert shipped.main(["--accept"]) == 0
+    assert f"changed  teach/{path.name}" in capsys.readouterr().out
+    assert read_record(path)["test_accuracy"] == 0.99  # accepted on purpose
+
+
+def test_a_reference_folder_without_a_manifest_is_refused(reference_copy):
+    """DPEQ_REFERENCE_DIR naming a copy without a manifest: its records are not read unchecked."""
+    from dpeq_utils.records import find_records
+
+    (reference_copy / shipped.MANIFEST).unlink()
+    with pytest.raises(shipped.ShippedRecordError, match="has no MANIFEST.json.*manifest --accept"):
+        find_records("teach")

@@ -9,6 +9,7 @@ from dpeq_utils.config import config_from_profile
 from dpeq_utils.paths import profiles_dir, reference_dir
 from dpeq_utils.records import RecordError, config_key, find_record, read_record, record_path
 from dpeq_utils.runs import load_or_run
+from dpeq_utils.shipped import write_manifest
 from dpeq_utils.study import FIELDS, OPTIONAL_SECTIONS, Study
 
 
@@ -131,6 +132,10 @@ def test_shipped_records_are_found_first_and_verified(tmp_path):
     shipped.parent.mkdir(parents=True)
     shutil.copy(user_file, shipped)
     user_file.unlink()
+
+    def bless():  # a lab's own reference folder: its manifest vouches for what it holds (checked in test_shipped)
+        write_manifest(reference_dir(), accept=True)
+    bless()
     assert find_record(config) == shipped
     assert load_or_run(config)["source"] == str(shipped), "a shipped record is used, nothing is trained"
 
@@ -138,15 +143,18 @@ def test_shipped_records_are_found_first_and_verified(tmp_path):
     other = config.replace(lr=0.123)
     impostor = reference_dir("smoke") / record_path(other).name
     shutil.copy(shipped, impostor)
+    bless()
     with pytest.raises(RecordError, match=impostor.name):
         load_or_run(other)
     impostor.unlink()
-    # an edited ε is refused; a truncated file names itself
+    # an edited ε is refused (even in the manifest); a truncated file names itself
     text = shipped.read_text()
     shipped.write_text(text.replace(f'"epsilon_spent": {record["epsilon_spent"]}', '"epsilon_spent": 50.0'))
+    bless()
     with pytest.raises(RecordError, match="not within the target"):
         read_record(shipped)
     shipped.write_text(text[: len(text) // 2])
+    bless()
     with pytest.raises(RecordError, match=shipped.name):
         read_record(shipped)
 

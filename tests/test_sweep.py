@@ -12,14 +12,14 @@ from conftest import CodePayload
 
 pytest.importorskip("submitit")
 
-from submitit.core import submission  # noqa: E402
 from submitit.core.test_core import MockedSubprocess  # noqa: E402
 
 from dpeq_utils.checkpoint import checkpoint_path  # noqa: E402
 from dpeq_utils.config import RunConfig  # noqa: E402
 from dpeq_utils.records import read_record, record_path
 from dpeq_utils.runs import run  # noqa: E402
-from dpeq_utils.sweep import RunJob, expand_grid, main, make_executor, plan, status_table, submit  # noqa: E402
+from dpeq_utils.sweep import RunJob, expand_grid, main, make_executor, outcomes, plan, status_table, submit  # noqa: E402
+from dpeq_utils.sweep_job import SubmissionRefused, load_submission, process_job  # noqa: E402
 
 TINY = RunConfig(profile="tiny", dataset="synthetic", train_size=128, test_size=64, model="resnet9", widths=(4, 8, 8),
                  batch_size=32, physical_batch_size=32, aug_mult=1, update_steps=3, lr=0.5, device="cpu")
@@ -56,15 +56,15 @@ def test_local_sweep_runs_what_is_missing_at_most_n_at_a_time(tmp_path):
     assert [c.seed for c in todo] == [1, 2]
     executor = make_executor("local", tmp_path / "logs")
     jobs = submit(executor, todo, tmp_path, concurrency=2, echo=lambda _: None)
-    results = [job.result() for job in jobs]
-    assert sorted(r["record"] for r in results) == sorted(str(record_path(c, tmp_path)) for c in todo)
+    found = outcomes(jobs, todo, tmp_path)
+    assert [o.error for o in found] == [None, None] and [o.record["seed"] for o in found] == [1, 2]
     assert all(p.status == "done" for p in plan(configs, tmp_path))
     assert [row["status"] for row in status_table(tmp_path, tmp_path / "logs")] == ["done"] * 3
 
 
 def test_debug_executor_runs_in_this_process(tmp_path):
     jobs = submit(make_executor("debug", tmp_path / "logs"), [TINY], tmp_path)
-    assert jobs[0].result()["record"] == str(record_path(TINY, tmp_path))
+    assert outcomes(jobs, [TINY], tmp_path)[0].record == read_record(record_path(TINY, tmp_path))
     assert read_record(record_path(TINY, tmp_path))["steps"] == 3
 
 
@@ -80,13 +80,14 @@ def test_slurm_array_job_is_written_as_asked_and_its_tasks_run(tmp_path):
             assert len(scripts) == 1, scripts  # one array job
             sbatch = scripts[0].read_text()
             for line in ("#SBATCH --array=0-2%2", "#SBATCH --gpus-per-node=1", "#SBATCH --partition=gpu",
-                         "#SBATCH --time=240", "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR2@120"):
+                         "#SBATCH --time=240", "#SBATCH --cpus-per-task=8", "#SBATCH --signal=USR2@120",
+                         "-u -m dpeq_utils.sweep_job "):  # dpeq's checked loader, not submitit's _submit
                 assert line in sbatch, (line, sbatch)
             assert len({job.job_id.split("_")[0] for job in jobs}) == 1  # one array job
         for job in jobs:  # what each array task would run on a node, outside the mock
             with mock.job_context(job.job_id):
-                submission.process_job(job.paths.folder)
-            assert job.result()["record"] == str(record_path(configs[int(job.job_id.split("_")[1])], tmp_path))
+                process_job(job.paths.folder)
+        assert [o.record["seed"] for o in outcomes(jobs, configs, tmp_path)] == [0, 1, 2]
     finally:
         from submitit.slurm import slurm
         slurm.SlurmJob.watcher.clear()
@@ -106,10 +107,10 @@ def test_a_preempted_local_job_checkpoints_requeues_and_ends_as_if_uninterrupted
         time.sleep(0.02)
     for pid in _children(int(job.job_id)):  # the job's task (submitit's local controller does not forward USR2)
         os.kill(pid, signal.SIGUSR2)  # what Slurm sends on preemption
-    result = job.result()
+    assert outcomes([job], [config], folder, poll_s=0.1)[0].record is not None
     record = read_record(record_path(config, folder))
     assert record["resumed_at_steps"], "the job was not interrupted (it finished first?)"
-    assert result["test_accuracy"] == reference["test_accuracy"]
+    assert record["test_accuracy"] == reference["test_accuracy"]
     same = {k: v for k, v in record.items() if k not in TIMINGS}
     assert same == {k: v for k, v in reference.items() if k not in TIMINGS}
     assert "Requeued" in job.stderr() or "requeue" in (job.stderr() or "").lower()
@@ -218,3 +219,137 @@ def test_stopping_the_sweep_driver_stops_its_jobs_through_their_checkpoints(tmp_
 
     assert 0 < read_checkpoint(path)["state"]["step"] < config.update_steps
     assert status_table(folder)[0]["status"] == "resumable", "no lock left held"
+
+
+# ---------------------------------------------------------------------------------------------- what the logs folder may hold
+
+
+def _tiny_profile(tmp_path) -> Path:
+    import yaml
+
+    profile = tmp_path / "tiny.yaml"
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.to_dict().items() if k != "profile"}
+    profile.write_text(yaml.safe_dump({"description": "tiny", "run": fields}))
+    return profile
+
+
+@pytest.mark.slow
+def test_a_result_pickle_swapped_under_a_running_local_sweep_runs_nothing(tmp_path, capsys):
+    """Someone who can write the runs folder replaces each job's result pickle the moment it appears
+    (as a shared scratch folder allows): the driver takes each outcome from the run's record and the
+    job's JSON status and loads no pickle, so nothing runs and all three runs are reported done."""
+    import pickle
+    import threading
+
+    marker, runs = tmp_path / "payload-ran", tmp_path / "runs"
+    swapped: set = set()
+    stop = threading.Event()
+
+    def swap():
+        while not stop.is_set():
+            for path in (runs / "sweep-logs").glob("*/*_result.pkl"):
+                if path not in swapped:
+                    path.write_bytes(pickle.dumps(("success", CodePayload(marker))))
+                    swapped.add(path)
+            time.sleep(0.002)
+    swapper = threading.Thread(target=swap)
+    swapper.start()
+    try:
+        code = main(["--profile", str(_tiny_profile(tmp_path)), "--grid", "seed=[0,1,2]", "--runs-dir", str(runs),
+                     "--executor", "local", "--concurrency", "3"])
+    finally:
+        stop.set()
+        swapper.join()
+    out = capsys.readouterr().out
+    assert len(swapped) == 3, "the swap did not happen while the sweep ran"
+    assert not marker.exists(), "the driver unpickled a result file"
+    assert code == 0 and "3 runs done, 0 failed" in out, out
+
+
+def test_a_job_runs_only_a_submission_its_sweep_signed(tmp_path, monkeypatch):
+    """The job side: a submitted pickle swapped in by someone else (code, or a well-formed RunJob
+    signed without the sweep's key) is refused before anything in it is called, naming the file."""
+    import pickle
+
+    from submitit.core.utils import DelayedSubmission
+
+    marker = tmp_path / "payload-ran"
+    genuine = tmp_path / "1_submitted.pkl"
+    DelayedSubmission(RunJob(TINY.to_dict(), str(tmp_path / "runs"))).dump(genuine)
+    assert load_submission(genuine).function.config == TINY.to_dict()
+    crafted = {"code": DelayedSubmission(CodePayload(marker)),
+               "forged": DelayedSubmission(RunJob(TINY.to_dict(), "/elsewhere", True, signature="0" * 64)),
+               "raw code": CodePayload(marker)}
+    for name, content in crafted.items():
+        path = tmp_path / f"{name}_submitted.pkl"
+        path.write_bytes(pickle.dumps(content))
+        with pytest.raises(SubmissionRefused, match=re.escape(f"refused to run {path}")):
+            load_submission(path)
+    monkeypatch.delenv("DPEQ_SWEEP_KEY")
+    with pytest.raises(SubmissionRefused, match="no DPEQ_SWEEP_KEY"):
+        load_submission(genuine)
+    assert not marker.exists()
+
+
+def test_the_job_command_refuses_a_crafted_submission_and_says_so_in_its_status(tmp_path):
+    """What a local job runs (``python -m dpeq_utils.sweep_job <folder>``), on a folder whose submitted
+    pickle was swapped: it exits with an error, runs nothing, and its JSON status says why."""
+    import json
+    import pickle
+    import subprocess
+    import sys
+
+    marker, folder = tmp_path / "payload-ran", tmp_path / "logs" / "4242"
+    folder.mkdir(parents=True)
+    (folder / "4242_submitted.pkl").write_bytes(pickle.dumps(CodePayload(marker)))
+    env = {**os.environ, "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_GLOBALID": "0",
+           "SUBMITIT_LOCAL_LOCALID": "0", "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_NODEID": "0",
+           "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    job = subprocess.run([sys.executable, "-m", "dpeq_utils.sweep_job", str(folder)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert job.returncode != 0 and not marker.exists()
+    status = json.loads((folder / "4242_0_status.json").read_text())
+    assert status["outcome"] == "failed" and "refused to run" in status["error"]
+    rows = {row["run"]: row["status"] for row in status_table(tmp_path, tmp_path / "logs")}
+    assert rows["job 4242"].startswith("failed: SubmissionRefused: refused to run") and not marker.exists()
+
+
+def test_status_survives_a_small_result_file_that_expands_to_gigabytes(tmp_path):
+    """A 1 KB result pickle repeating one memo slot (a list of 10 copies of a list of 10 copies ...):
+    one row saying it is not a job's result, within a second, nothing expanded."""
+    import pickle
+    import tracemalloc
+
+    nested: list = ["x"]
+    for _ in range(12):
+        nested = [nested] * 10
+    job = tmp_path / "sweep-logs" / "7"
+    job.mkdir(parents=True)
+    (job / "7_0_result.pkl").write_bytes(pickle.dumps(("error", nested)))
+    assert (job / "7_0_result.pkl").stat().st_size < 1024
+    started = time.perf_counter()
+    tracemalloc.start()
+    try:
+        rows = status_table(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 2 and peak < 200 * 2 ** 20
+    assert len(rows) == 1 and rows[0]["status"].startswith("unreadable result") and "7_0_result.pkl" in rows[0]["status"]
+
+
+def test_status_drops_a_failure_of_a_run_that_has_a_record_now(tmp_path):
+    """A job refused because another process held the run's lock (RunLocked) failed; once the run has
+    its record, the failure is history, not a row."""
+    import pickle
+
+    run(TINY, tmp_path, progress=False)
+    stem = record_path(TINY, tmp_path).stem
+    for job, run_name in (("8", stem), ("9", "resnet9-D4-ffffffffffffffff")):
+        folder = tmp_path / "sweep-logs" / job
+        folder.mkdir(parents=True)
+        (folder / f"{job}_0_result.pkl").write_bytes(pickle.dumps(
+            ("error", f"Traceback ...\nRuntimeError: run {run_name} failed: RunLocked: pid 1 is training this run")))
+    rows = {row["run"]: row["status"] for row in status_table(tmp_path)}
+    assert rows == {stem: "done", "job 9": "failed: RuntimeError: run resnet9-D4-ffffffffffffffff failed: RunLocked: "
+                                            "pid 1 is training this run"}

@@ -56,43 +56,116 @@ def _md5(path: Path) -> str:
 #: (how they store bytes). Anything else in a batch file is refused before it is called.
 CIFAR_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+#: What a batch can hold: the official ones hold 10,000 images each (30,730,000 bytes of pixels, a
+#: file of about 31 MB). A bigger file, or more images or labels than this, is not a CIFAR-10 batch and
+#: is refused before it is read or built, whatever sizes it declares inside.
+MAX_BATCH_IMAGES = 10_000
+MAX_BATCH_FILE_BYTES = 48 * 2 ** 20
+
+
+class _NdarrayType:
+    """What ``numpy.ndarray`` unpickles to: the official batches only name it as the type
+    ``_reconstruct`` builds (an empty array that the file's own bytes then fill); called directly, it
+    would allocate any size a crafted file asks for, so that is refused."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("calls numpy.ndarray directly (an allocation of a size the file chooses); "
+                                     "a CIFAR-10 batch never does")
+
+
+def _reconstruct(subtype, shape, dtype):
+    """``numpy``'s ``_reconstruct`` as NumPy pickles it, ``(ndarray, (0,), b'b')``, and nothing else:
+    the array's real shape and bytes come next from the file (and must fit in it)."""
+    if not isinstance(subtype, _NdarrayType) or shape != (0,) or dtype != b"b":
+        raise pickle.UnpicklingError(f"reconstructs an array as ({type(subtype).__name__}, {str(shape)[:40]}, "
+                                     f"{str(dtype)[:20]}), not as NumPy writes one")
+    return np.ndarray.__new__(np.ndarray, (0,), np.int8)
+
+
+def _numeric_dtype(spec, *args):
+    """``numpy.dtype`` for the numeric types a batch holds (pixels, labels): never objects, strings or
+    records, whose arrays would hold or expand to other things."""
+    kind = np.dtype(spec).kind if isinstance(spec, str) and len(spec) <= 8 else None
+    if kind not in ("b", "i", "u", "f"):
+        raise pickle.UnpicklingError(f"asks for the NumPy type {str(spec)[:20]!r}; a CIFAR-10 batch holds only numbers")
+    return np.dtype(spec, *args[:2])
 
 
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickles what the official batch files contain and nothing else: a crafted "batch" whose
-    pickle names any other callable (``os.system``, ...) is refused, never run."""
+    pickle names any other callable (``os.system``, ...) is refused, never run; so are a direct call of
+    ``numpy.ndarray`` and non-numeric NumPy types."""
 
     def find_class(self, module: str, name: str):
         if (module, name) not in CIFAR_PICKLE_GLOBALS:
             raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch never contains it")
+        if name == "ndarray":
+            return _NdarrayType()
+        if name == "_reconstruct":
+            return _reconstruct
+        if name == "dtype":
+            return _numeric_dtype
         return super().find_class(module, name)
+
+
+def _check_size(size: int, where: str) -> None:
+    """Refuse, unread, a batch file larger than any CIFAR-10 batch (``size``: what the file system or
+    the archive declares)."""
+    if size > MAX_BATCH_FILE_BYTES:
+        raise DatasetError(f"{where} is {size / 2 ** 20:.0f} MB, larger than any CIFAR-10 batch "
+                           f"({MAX_BATCH_FILE_BYTES / 2 ** 20:.0f} MB at most): the copy is corrupt or not CIFAR-10; "
+                           "replace it with a fresh download")
+
+
+def _labels_array(labels, n: int, where: str) -> np.ndarray:
+    """A batch's labels as int64, checked before anything is built from them: a list of ``n`` Python
+    integers (the official files) or an integer array of shape ``(n,)``."""
+    if isinstance(labels, np.ndarray):
+        if labels.dtype.kind not in ("i", "u") or labels.shape != (n,):
+            raise DatasetError(f"{where}: 'labels' must be {n} integers, got a {labels.dtype} array of shape "
+                               f"{labels.shape}; the copy is corrupt or not CIFAR-10: replace it with a fresh download")
+        return labels.astype(np.int64)
+    if not isinstance(labels, list) or len(labels) != n or not all(type(v) is int for v in labels):
+        what = f"a list of {len(labels)}" if isinstance(labels, list) else f"a {type(labels).__name__}"
+        raise DatasetError(f"{where}: 'labels' must be a list of {n} integers, got {what}"
+                           f"{' with other things than integers' if isinstance(labels, list) and len(labels) == n else ''}; "
+                           "the copy is corrupt or not CIFAR-10: replace it with a fresh download")
+    if any(v < -2 ** 63 or v >= 2 ** 63 for v in labels):
+        raise DatasetError(f"{where}: labels must lie in 0..9")
+    return np.asarray(labels, dtype=np.int64)
 
 
 def _parse_batch(raw: bytes | io.BufferedReader, where: str) -> tuple[np.ndarray, np.ndarray]:
     """One pickled CIFAR batch → (uint8 (n, 3, 32, 32), int64 (n,)), validated.
 
     Accepts both the official Python-2 pickles (``bytes`` keys) and Python-3 ones (``str`` keys),
-    through :class:`_CifarUnpickler` (nothing but NumPy arrays, dicts, lists, strings and numbers).
+    through :class:`_CifarUnpickler` (nothing but NumPy arrays of numbers, dicts, lists, strings and
+    numbers). What is read is bounded before it is built: the file's size, then the images and labels
+    it holds (:data:`MAX_BATCH_IMAGES`).
     """
+    _check_size(len(raw) if isinstance(raw, bytes) else os.fstat(raw.fileno()).st_size, where)
+    data_bytes = raw if isinstance(raw, bytes) else raw.read(MAX_BATCH_FILE_BYTES + 1)
+    _check_size(len(data_bytes), where)  # it grew since
     try:
-        batch = _CifarUnpickler(io.BytesIO(raw) if isinstance(raw, bytes) else raw, encoding="bytes").load()
+        batch = _CifarUnpickler(io.BytesIO(data_bytes), encoding="bytes").load()
     except Exception as err:  # truncated or foreign files raise many different errors
-        raise DatasetError(f"{where} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}); "
+        raise DatasetError(f"{where} is not a readable CIFAR-10 batch ({type(err).__name__}: {str(err)[:200]}); "
                            "the copy is corrupt or incomplete: replace it with a fresh download") from err
     if not isinstance(batch, dict):
         raise DatasetError(f"{where} does not hold a CIFAR-10 batch (a dict with 'data' and 'labels')")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     if "data" not in batch or "labels" not in batch:
-        raise DatasetError(f"{where} lacks 'data' or 'labels' (keys: {sorted(batch)})")
-    data = np.asarray(batch["data"])
-    labels = np.asarray(batch["labels"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise DatasetError(f"{where}: 'data' must be uint8 of shape (n, 3072), got {data.dtype} {data.shape}")
-    if labels.shape != (data.shape[0],):
-        raise DatasetError(f"{where}: {data.shape[0]} images but {labels.size} labels")
+        raise DatasetError(f"{where} lacks 'data' or 'labels' (keys: {[str(k)[:40] for k in list(batch)[:8]]})")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else f"a {type(data).__name__}"
+        raise DatasetError(f"{where}: 'data' must be a uint8 array of shape (n, 3072), got {got}")
+    if data.shape[0] > MAX_BATCH_IMAGES:
+        raise DatasetError(f"{where}: {data.shape[0]} images, more than a CIFAR-10 batch holds ({MAX_BATCH_IMAGES})")
+    labels = _labels_array(batch["labels"], data.shape[0], where)
     if labels.size and (labels.min() < 0 or labels.max() > 9):
         raise DatasetError(f"{where}: labels must lie in 0..9, found {labels.min()}..{labels.max()}")
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _assemble(batches: dict[str, tuple[np.ndarray, np.ndarray]], origin: str,
@@ -148,7 +221,9 @@ def read_cifar10_archive(archive: str | os.PathLike, md5: str | None = CIFAR10_M
             for member in tar.getmembers():
                 base = member.name.rsplit("/", 1)[-1]
                 if member.isfile() and base in wanted:
-                    batches[base] = _parse_batch(tar.extractfile(member).read(), f"{archive}:{member.name}")
+                    where = f"{archive}:{member.name}"
+                    _check_size(member.size, where)  # the size the archive declares, before inflating it
+                    batches[base] = _parse_batch(tar.extractfile(member).read(MAX_BATCH_FILE_BYTES + 1), where)
     except (tarfile.TarError, EOFError, OSError) as err:
         raise DatasetError(f"{archive} could not be read as a .tar.gz archive ({err}); "
                            "delete it and download again") from err
