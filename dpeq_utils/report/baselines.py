@@ -112,7 +112,7 @@ def plot_e(axes, study: Study, records=None) -> None:
         return f"{x / 1e6:g} M" if x >= 1e6 else f"{x / 1e3:g} k" if x >= 1e3 else f"{x:g}"
 
     for ax in axes:
-        ax.axhline(0.1, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(0.1, color="grey", linestyle=":", linewidth=1, label="chance (10 %)" if ax is axes[1] else None)
         if len(methods):
             ax.margins(x=0.12)
     axes[0].set_xlim(left=0)

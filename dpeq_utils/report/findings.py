@@ -276,9 +276,13 @@ def plot_privacy_costs(ax, study: Study, records=None) -> None:
     ax.set_xticks(range(len(models)), [f"{display_name(m)}\n{parameters[m]:,} parameters" if parameters[m] else display_name(m)
                                        for m in models], fontsize=7)
     ax.set_xlim(-0.6, len(models) - 0.4)
-    if ax.has_data():
-        handles, labels = ax.get_legend_handles_labels()
-        ax.legend(handles, labels, fontsize=7, loc="best", title="training length", title_fontsize=7)
+    if ax.has_data():  # the markers' meaning in black: the colours are the models'
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color="black", linestyle="none", marker="s" if face else "o", markersize=7,
+                          markerfacecolor=face or "black") for _, _, _, face in series]
+        ax.legend(handles, [label for label, *_ in series], fontsize=7, loc="best", title="training length",
+                  title_fontsize=7)
     ax.set(ylabel="privacy cost (points)\nnon-private − ε, 95 % Welch interval",
            title=f"What privacy costs each model, ε = {study.base.target_epsilon:g} ({study.profile})")
     stamp(ax, study)
