@@ -97,11 +97,13 @@ def plot_e(axes, study: Study, records=None) -> None:
     from .figures import stamp
 
     methods = part_e_methods(study, records)
-    for _, row in methods.iterrows():
+    xs = {column: _dodged(methods[column].tolist()) if len(methods) else []
+          for column in ("s per step", "coordinates updated per step")}
+    for i, (_, row) in enumerate(methods.iterrows()):
         colour = METHOD_COLOURS.get(row["method"], "grey")
         several = len(row["seeds"]) > 1
         label = f"{row['name']} ({len(row['seeds'])} seed{'s' if several else ''})"
-        for ax, x in zip(axes, (row["s per step"], row["coordinates updated per step"])):
+        for ax, x in zip(axes, (xs["s per step"][i], xs["coordinates updated per step"][i])):
             ax.errorbar(x, row["mean"], yerr=row["ci95"], color=colour, capsize=4, linestyle="none",
                         marker=METHOD_MARKERS.get(row["method"], "o"), markersize=9,
                         markerfacecolor=colour if several else "white", markeredgewidth=1.5, label=label)
@@ -116,6 +118,8 @@ def plot_e(axes, study: Study, records=None) -> None:
         if len(methods):
             ax.margins(x=0.12)
     axes[0].set_xlim(left=0)
+    for ax in axes:  # an accuracy below 0 means nothing: a wide interval is cut at 0
+        ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
     axes[1].set_xscale("log")
     axes[1].xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     axes[1].xaxis.set_major_formatter(FuncFormatter(compact))
@@ -132,3 +136,19 @@ def plot_e(axes, study: Study, records=None) -> None:
         axes[0].text(0.5, 0.5, f"no {study.profile} records of part E yet", transform=axes[0].transAxes, ha="center")
     for ax in axes:
         stamp(ax, study)
+
+
+def _dodged(values: list[float], apart: float = 0.04, step: float = 0.07) -> list[float]:
+    """``values`` with those within ``apart`` (relative) of each other moved apart by factors of
+    1 ± ``step``, so that methods with the same x (WRN-16-4 updates every coordinate in two methods)
+    do not hide each other."""
+    out = list(values)
+    done = set()
+    for i, x in enumerate(values):
+        if i in done:
+            continue
+        group = [j for j, y in enumerate(values) if j not in done and abs(y - x) <= apart * max(abs(x), 1e-12)]
+        for k, j in enumerate(group):
+            out[j] = values[j] * (1 + step) ** (k - (len(group) - 1) / 2)
+            done.add(j)
+    return out

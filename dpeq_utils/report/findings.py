@@ -217,11 +217,20 @@ def findings_lines(study: Study, records=None) -> list[str]:
                          + f"** the {names[matched]} at this budget: difference of costs {cost_points(costs['H1'])}, "
                          f"Welch–Satterthwaite with {costs['H1']['df']:.1f} df.")
         else:
+            from ..records import config_key
+
             spec = study.spec["sparsity"]
+            grids = []
+            for non_private, kind in ((False, f"at {eps}"), (True, "without privacy")):
+                if study.chosen_lr(records, dense, non_private, costs["steps"]) is None:
+                    grid = study.grid(dense, non_private, costs["steps"])
+                    done = sum(config_key(c) in records for c in grid)
+                    grids.append(f"its learning rate {kind} is not chosen yet ({done} of {len(grid)} grid runs)")
             lines.append(f"**More parameters where noise limits** (part H, {costs['steps']} steps): not decided yet; its "
                          f"primary test needs two seeds of each arm of the {names[dense]} (records so far: "
                          f"{len(costs['private'][dense])} of {len(spec['seeds'])} at {eps}, "
-                         f"{len(costs['non_private'][dense])} of {len(spec['non_private_seeds'])} non-private).")
+                         f"{len(costs['non_private'][dense])} of {len(spec['non_private_seeds'])} non-private"
+                         + ("; " + "; ".join(grids) if grids else "") + ").")
 
     # 6. what this scale cannot say
     paper = config_from_profile("paper")
