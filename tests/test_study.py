@@ -406,3 +406,41 @@ def test_verify_retrains_shipped_records_bit_for_bit_when_code_and_cpu_match(tin
     with pytest.raises(SystemExit):
         verify.main(["--profile", tiny_profile, "--keys", "0000000000000000"])
     assert "no shipped record of profile tiny has key 0000000000000000" in capsys.readouterr().err
+
+
+def test_findings_are_decided_from_intervals_and_say_what_is_missing(monkeypatch):
+    """The closing section of notebook 05 (report.findings): each comparison is the registered
+    estimator's (paired over seeds, Welch for privacy costs) with its interval, the words follow the
+    interval, and a comparison without its runs says "not decided yet"."""
+    from dpeq_utils.report import findings, paired_gap, part_f
+    from dpeq_utils.report.stats import points, verdict_words
+
+    monkeypatch.delenv("DPEQ_REFERENCE_DIR")  # the shipped records
+    study = Study("teach")
+    records = study.records()
+    lines = findings.findings_lines(study, records)
+    against = paired_gap(study, "eq_resnet9", "wrn16_4", records)
+    assert f"**{verdict_words(against)}** WRN-16-4" in lines[0] and points(against) in lines[0]
+    f = part_f(study, records)
+    assert points(f["F1"]) in lines[1] and points(paired_gap(study, "eq_resnet9", "resnet9_matched", records)) in lines[1]
+    costs = findings.privacy_costs(study, records)
+    for model in f["models"]:  # F3's estimator, whatever part H adds
+        assert costs["costs"][model] == f["F3"][model]
+    assert "at this budget" in lines[3] and lines[-1].startswith("**What this scale cannot say.**")
+
+    # without part A's WRN-16-4 seeds, parts F and H: every such comparison waits and says so
+    kept = {k: r for k, r in records.items() if r["config"]["model"] != "wrn16_4" and r["config"]["update_steps"] != 640}
+    lines = findings.findings_lines(study, kept)
+    assert "not decided yet" in lines[0] and "at 640 steps not decided yet" in lines[1]
+    assert findings.privacy_costs(study, kept)["costs"] == {m: None for m in findings.privacy_costs(study, kept)["models"]}
+
+    # an interval that includes 0 is "not distinguishable", whatever the sign of the mean
+    table = study.table("A", records)
+    wrn = table[(table["model"] == "wrn16_4") & (table["lr"] == study.chosen_lr(records, "wrn16_4"))]
+    eq = table[(table["model"] == "eq_resnet9") & (table["lr"] == study.chosen_lr(records, "eq_resnet9"))].set_index("seed")
+    shifted = dict(records)
+    for offset, (_, row) in zip((0.02, -0.03, 0.0), wrn.iterrows()):  # WRN-16-4 within a few points of each seed
+        shifted[row["key"]] = {**records[row["key"]], "test_accuracy_ema": eq.loc[row["seed"], "test_accuracy_ema"] + offset}
+    gap = paired_gap(study, "eq_resnet9", "wrn16_4", shifted)
+    assert gap["mean"] - gap["ci95"] < 0 < gap["mean"] + gap["ci95"]
+    assert "**not distinguishable from** WRN-16-4" in findings.findings_lines(study, shifted)[0]

@@ -36,6 +36,15 @@ def typical_step_seconds(record: dict, records: dict[str, dict]) -> float:
     return step_seconds(records)[_cost_key(record["config"], record["device"])]
 
 
+def step_seconds_range(record: dict, records: dict[str, dict]) -> dict:
+    """Seconds per logical step of every record with ``record``'s arithmetic: the fastest (what
+    :func:`typical_step_seconds` reports), the slowest and how many runs; the ratio of the two is how
+    much the machine's load moved the same arithmetic's wall clock."""
+    key = _cost_key(record["config"], record["device"])
+    times = [r["train_time_s"] / r["steps"] for r in records.values() if _cost_key(r["config"], r["device"]) == key]
+    return {"fastest": min(times), "slowest": max(times), "runs": len(times)}
+
+
 RECIPE_NAMES = {"paper": "paper: equivariant ResNet-9, ε = 8", "de_et_al_eps8": "De et al. ε = 8 (WRN-16-4)",
                 "de_et_al_eps8_wrn40_4": "De et al. ε = 8 with WRN-40-4"}
 

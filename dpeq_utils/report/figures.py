@@ -165,3 +165,43 @@ def plot_f(ax, study: Study, records=None) -> None:
 def shipped_reference(profile: str) -> Study | None:
     """The teach study to show beside a smoke run (None under any other profile)."""
     return Study("teach") if Path(profile).stem == "smoke" else None
+
+
+def part_c_by_order(study: Study, records=None):
+    """Part C's table sorted by the group's order ``|G|`` (column ``order``), the paper's D4 followed by
+    its two design ablations (no restriction, then the global head)."""
+    from ..equivariance import group_order
+
+    c = part_c(study, records)
+    if c.empty:
+        return c
+    c = c.assign(order=[group_order(g) for g in c["group"]],
+                 design=[2 if "global" in lab else 1 if "without" in lab else 0 for lab in c["label"]])
+    return c.sort_values(["order", "design"], kind="stable").drop(columns="design").reset_index(drop=True)
+
+
+def plot_c_by_order(ax, study: Study, records=None) -> None:
+    """Part C sorted by the group's order |G| (:func:`part_c_by_order`): EMA test accuracy of each
+    one-seed run with ± the one-run seed spread pooled over part A (:func:`.tables.seed_spread`: where
+    the variant's mean over seeds lies, 95 %), or the binomial interval when no seeds measure that
+    spread (the axis label says which)."""
+    from .tables import seed_spread
+
+    records = study.records() if records is None else records
+    c = part_c_by_order(study, records)
+    spread = seed_spread(study, records)
+    if len(c):
+        acc = c["test_accuracy_ema"].astype(float)
+        half = ([spread["run"]["ci95"]] * len(c) if spread else binomial_ci95(acc, c["test_size"].astype(float)))
+        y = np.arange(len(c))
+        ax.barh(y, acc, xerr=half, capsize=3, color=["#1b7837" if "paper" in lab else "#7fbf7b" for lab in c["label"]])
+        ax.set_yticks(y, [f"|G| = {n}: {lab} ({p:,} params)" for n, lab, p in zip(c["order"], c["label"], c["num_params"])],
+                      fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(0.1, color="grey", linestyle=":")
+    ax.set_xlim(left=0)
+    basis = (f"± one run's seed spread, pooled over part A ({spread['run']['df']} df)" if spread
+             else "± binomial (no seeds measure the spread)")
+    ax.set(xlabel=f"test accuracy (EMA), one seed each\n{basis}", title=f"C · which symmetry, by group order ({study.profile})")
+    _no_records(ax)
+    stamp(ax, study)

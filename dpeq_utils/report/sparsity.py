@@ -44,15 +44,23 @@ def part_h(study: Study, records=None, value: str = "test_accuracy_ema") -> dict
     if len(per_seed) >= 2:
         mean, half = mean_interval(per_seed)
         h4 = {"mean": mean, "ci95": half, "seeds": seeds, "gaps": per_seed}
-    parameters = {m: _parameters(records, m) for m in (eq, matched, dense)}
+    parameters = {m: _parameters(records, m, study.base) for m in (eq, matched, dense)}
     return {"steps": steps, "models": (eq, matched, dense), "private": private, "non_private": public,
             "parameters": parameters, "costs": costs, "H1": cost_difference(dense, matched),
             "H2": paired_by_seed(private[eq], private[dense]), "H2_cost": cost_difference(eq, dense), "H4": h4,
             "planned": {"private": len(spec["seeds"]), "non_private": len(spec["non_private_seeds"])}}
 
 
-def _parameters(records: dict, model: str) -> int | None:
-    return next((int(r["num_params"]) for r in records.values() if r["config"]["model"] == model), None)
+def _parameters(records: dict, model: str, base=None) -> int | None:
+    """``model``'s parameter count from its records; with ``base``, only records at the budget's group,
+    restriction, head and widths (part C trains the equivariant model with other groups and heads)."""
+    same = ("group", "restrict", "head", "widths")
+    return next((int(r["num_params"]) for r in records.values() if r["config"]["model"] == model
+                 and (base is None or all(r["config"].get(f) == _plain(getattr(base, f)) for f in same))), None)
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def sparsity_lines(study: Study, records) -> list[str]:
