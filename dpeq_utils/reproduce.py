@@ -90,7 +90,10 @@ def _running_cell(output: Path) -> str | None:
 
 def run_notebooks(profile: str, out_dir: Path | None = None, only: list[str] | None = None,
                   notebooks_dir: Path = NOTEBOOKS_DIR, cell_timeout: int = 3600, kernel: str = "python3",
-                  echo=print) -> list[NotebookResult]:
+                  echo=print, parameters: dict[str, dict] | None = None) -> list[NotebookResult]:
+    """Execute the notebooks (all, or those whose names start with one of ``only``) under ``profile``,
+    each with the profile's parameters for it; ``parameters`` (notebook prefix → {name: value}) changes
+    some of them on top, e.g. ``{"03": {"try_steps": 4}}``."""
     import papermill
 
     notebooks = discover(notebooks_dir, only)
@@ -105,7 +108,11 @@ def run_notebooks(profile: str, out_dir: Path | None = None, only: list[str] | N
         echo(f"[{i}/{len(notebooks)}] {notebook.stem} (profile {name}) ...")
         started = time.perf_counter()
         try:
-            papermill.execute_notebook(str(notebook), str(output), parameters=notebook_parameters(notebook, profile),
+            given = notebook_parameters(notebook, profile)
+            for prefix, changed in (parameters or {}).items():
+                if notebook.stem.startswith(prefix):
+                    given = {**given, **changed}
+            papermill.execute_notebook(str(notebook), str(output), parameters=given,
                                        kernel_name=kernel, execution_timeout=cell_timeout, cwd=str(notebook.parent),
                                        progress_bar=False, log_output=False)
             result = NotebookResult(notebook.stem, True, time.perf_counter() - started, output)

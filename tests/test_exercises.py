@@ -95,6 +95,7 @@ def _says(check, wrong, says, capsys):
 def test_lifting_conv_checker(capsys):
     import torch
     import torch.nn.functional as F
+
     from dpeq_utils.exercises.equivariance import check_lifting_conv
 
     def right(images, kernel):  # written out again, not the package's function
@@ -105,7 +106,10 @@ def test_lifting_conv_checker(capsys):
     assert capsys.readouterr().out.startswith("right:")
     assert check_lifting_conv(_stub) is False
     assert capsys.readouterr().out.startswith("not done yet:")
-    clockwise = lambda x, k: torch.stack([F.conv2d(x, torch.rot90(k, -r, dims=(-2, -1)), padding=1) for r in range(4)], 2)
+
+    def clockwise(x, k):
+        return torch.stack([F.conv2d(x, torch.rot90(k, -r, dims=(-2, -1)), padding=1) for r in range(4)], 2)
+
     _says(check_lifting_conv, clockwise, "clockwise", capsys)
     _says(check_lifting_conv, lambda x, k: right(x, k).transpose(1, 2), "rotation axis", capsys)
     _says(check_lifting_conv, lambda x, k: torch.stack([F.conv2d(x, torch.rot90(k, r, dims=(-2, -1))) for r in range(4)], 2),
@@ -127,6 +131,7 @@ def test_width_rule_checker(capsys):
 
 def test_clip_and_sum_checker(capsys):
     import torch
+
     from dpeq_utils.exercises.dpsgd import check_clip_and_sum
 
     def right(grads, clip_norm):

@@ -194,14 +194,8 @@ def test_stopping_the_sweep_driver_stops_its_jobs_through_their_checkpoints(tmp_
         f"submit(make_executor('local', {str(logs)!r}), [RunConfig(**{config.to_dict()!r})], {str(folder)!r})")],
         cwd=Path(__file__).resolve().parents[1])
     path = checkpoint_path(record_path(config, folder))
-    deadline = time.monotonic() + 120
-    while not path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert path.exists(), "the job never checkpointed"
-    driver.send_signal(how)
-    assert driver.wait(timeout=120) != 0
 
-    def alive() -> list[str]:
+    def alive() -> list[tuple[int, str]]:
         found = []
         for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
             try:
@@ -209,12 +203,27 @@ def test_stopping_the_sweep_driver_stops_its_jobs_through_their_checkpoints(tmp_
             except OSError:
                 continue
             if str(logs) in text:
-                found.append(text)
+                found.append((int(cmdline.parent.name), text))
         return found
-    deadline = time.monotonic() + 10
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert alive() == [], "a job of the stopped sweep is still running"
+
+    try:
+        deadline = time.monotonic() + 120
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.exists(), "the job never checkpointed"
+        driver.send_signal(how)
+        assert driver.wait(timeout=120) != 0
+        deadline = time.monotonic() + 10
+        while alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert alive() == [], "a job of the stopped sweep is still running"
+    finally:  # a failing run of this test must not leave its 5,000-step job running (it would slow every later test)
+        for pid, _ in alive():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        driver.kill()
     from dpeq_utils.checkpoint import read_checkpoint
 
     assert 0 < read_checkpoint(path)["state"]["step"] < config.update_steps
