@@ -142,7 +142,8 @@ _LAUGHS = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
     f"&{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(5)] + [f"[{', '.join(['*f'] * 9)}]"]) + "]"
 
 
-@pytest.mark.parametrize("args, code, message", [
+#: (command-line arguments, exit status, what the one sentence says)
+FORESEEABLE = [
     (["--set", "widths=4"], 2, "widths must be three positive integers of at most 1024, got 4"),
     (["--set", "widths=[100000,8,8]"], 2, "at most 1024"),
     (["--set", "group=C4096"], 2, "more rotations than dpeq builds"),  # refused before any model is built
@@ -163,23 +164,67 @@ _LAUGHS = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
     (["--set", "update_steps=10000000000"], 2, "update_steps must be a positive integer of at most 100,000"),
     (["--set", "update_steps=null", "--set", "epochs=1e+9"], 1, "more than the 100,000 a run may take"),
     (["--set", "widths=[1024,1024,1024]"], 1, "needs about 27.0 GB of memory before training starts"),
-])
-def test_foreseeable_errors_get_one_sentence_and_no_traceback(args, code, message, tmp_path):
+]
+
+def _profiles(folder: Path) -> dict[str, str]:
+    """The profile files the cases name, written into ``folder``."""
     tiny = "train_size: 64, test_size: 16, batch_size: 16, physical_batch_size: 16, update_steps: 1, widths: [4, 4, 4]"
-    profiles = {"BAD_YAML": "run: {model: [unclosed\n",
-                "UNSAFE_YAML": f"run: !!python/object/apply:os.system ['touch {tmp_path / 'ran'}']\n",
-                "BILLION_LAUGHS": f"run: {{lr: {_LAUGHS}}}\n",
-                "LIST_FOR_NAME": f"run: {{dataset: [synthetic], {tiny}}}\n",
-                "LIST_AS_LABEL": f"run: {{profile: [a, b], {tiny}}}\n",
-                "ESCAPING_LABEL": f"run: {{profile: ../../escaped, {tiny}}}\n"}
+    return {"BAD_YAML": "run: {model: [unclosed\n",
+            "UNSAFE_YAML": f"run: !!python/object/apply:os.system ['touch {folder / 'ran'}']\n",
+            "BILLION_LAUGHS": f"run: {{lr: {_LAUGHS}}}\n",
+            "LIST_FOR_NAME": f"run: {{dataset: [synthetic], {tiny}}}\n",
+            "LIST_AS_LABEL": f"run: {{profile: [a, b], {tiny}}}\n",
+            "ESCAPING_LABEL": f"run: {{profile: ../../escaped, {tiny}}}\n"}
+
+
+#: Runs every case of FORESEEABLE through the real command line in **one** fresh process (no CUDA, a fixed
+#: memory limit), each with its own stderr and exit status: a process per case spent ~4 s of its ~4.5 s
+#: importing torch and escnn.
+_EVERY_CASE = """
+import contextlib, io, json, sys
+from dpeq_utils.__main__ import main
+results = []
+for args in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(["train", "--no-progress", *args])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    results.append({"code": code, "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def foreseeable_results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("foreseeable")
+    profiles = _profiles(folder)
     for name, text in profiles.items():
-        (tmp_path / f"{name}.yaml").write_text(text)
-    args = [str(tmp_path / f"{a}.yaml") if a in profiles else a for a in args]
-    result = _cli(*args, env={"CUDA_VISIBLE_DEVICES": "", "DPEQ_MEMORY_LIMIT_MB": "8000"})
-    assert not (tmp_path / "ran").exists() and not (tmp_path / "escaped").exists()
-    assert result.returncode == code, result.stderr
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr) < 2000, "one sentence, not an expanded value"
+        (folder / f"{name}.yaml").write_text(text)
+    argv = [[str(folder / f"{a}.yaml") if a in profiles else a for a in args] for args, _, _ in FORESEEABLE]
+    done = subprocess.run([sys.executable, "-c", _EVERY_CASE, json.dumps(argv)], capture_output=True, text=True,
+                          cwd=REPO, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "DPEQ_MEMORY_LIMIT_MB": "8000"})
+    assert done.returncode == 0, done.stderr
+    return folder, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", range(len(FORESEEABLE)), ids=[m[:40] for _, _, m in FORESEEABLE])
+def test_foreseeable_errors_get_one_sentence_and_no_traceback(case, foreseeable_results):
+    folder, results = foreseeable_results
+    _, code, message = FORESEEABLE[case]
+    result = results[case]
+    assert not (folder / "ran").exists() and not (folder / "escaped").exists() and not (REPO / "escaped").exists()
+    assert result["code"] == code, result["stderr"]
+    assert message in result["stderr"] and "Traceback" not in result["stderr"]
+    assert len(result["stderr"]) < 2000, "one sentence, not an expanded value"
+
+
+def test_the_command_line_speaks_in_its_own_process():
+    """The batched cases above call the command's main(); this one goes through ``python -m dpeq_utils``."""
+    result = _cli("--set", "widths=4")
+    assert result.returncode == 2 and "widths must be three positive integers" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_debug_shows_the_traceback():
