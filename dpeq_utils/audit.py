@@ -475,19 +475,25 @@ def all_right_bound(count: int, delta: float = 1e-5, confidence: float = 0.95, b
     return lower_bound(count, count, count, delta, confidence, bound)
 
 
-def ideal_white_box_bound(count: int, mechanism: dict, delta: float = 1e-5, confidence: float = 0.95,
-                          trials: int = 20, seed: int = 0, bound: str = "steinke") -> float:
-    """The median bound the white-box audit reaches on scores drawn from the subsampled Gaussian
-    mechanism itself (σ, q, T of the run; :func:`dpeq_utils.gradient_canaries.ideal_scores`): what a
-    perfect implementation of the same run would let this audit show. Non-private (σ None) and
-    noise-free runs separate perfectly: the ceiling."""
+def ideal_white_box_bounds(count: int, mechanism: dict, delta: float = 1e-5, confidence: float = 0.95,
+                           trials: int = 20, seed: int = 0, bound: str = "steinke") -> list[float]:
+    """The bounds the white-box audit reaches on ``trials`` draws of scores from the subsampled
+    Gaussian mechanism itself (σ, q, T of the run; :func:`dpeq_utils.gradient_canaries.ideal_scores`):
+    what perfect implementations of the same run let this audit show, draw by draw. Non-private
+    (σ None) and noise-free runs separate perfectly: the ceiling."""
     from .gradient_canaries import ideal_scores
 
     rng = np.random.default_rng(seed)
     sigma = mechanism["noise_multiplier"] or 0.0
-    bounds = [best_audit(*ideal_scores(count, sigma, mechanism["sample_rate"], mechanism["steps"], rng), delta,
-                         confidence, bound=bound).epsilon_lower_bound for _ in range(trials)]
-    return float(np.median(bounds))
+    return [best_audit(*ideal_scores(count, sigma, mechanism["sample_rate"], mechanism["steps"], rng), delta,
+                       confidence, bound=bound).epsilon_lower_bound for _ in range(trials)]
+
+
+def ideal_white_box_bound(count: int, mechanism: dict, delta: float = 1e-5, confidence: float = 0.95,
+                          trials: int = 20, seed: int = 0, bound: str = "steinke") -> float:
+    """The median of :func:`ideal_white_box_bounds`: where a perfect implementation of the same run
+    puts this audit's bound, typically."""
+    return float(np.median(ideal_white_box_bounds(count, mechanism, delta, confidence, trials, seed, bound)))
 
 
 # ---------------------------------------------------------------------------------------------- audit records

@@ -46,6 +46,26 @@ def _length_from_gram(gram: torch.Tensor) -> float:
     return math.sqrt(max(float(off_diagonal), 0.0))
 
 
+def clipped_signal(flat: torch.Tensor, clip_norm: float) -> dict[str, float]:
+    """Clip each row of ``flat`` (one per-example gradient per row, n ≥ 2) to norm ``clip_norm`` and
+    measure what their average keeps: the fraction clipped, the median norm before clipping, the mean
+    pairwise cosine and the unbiased length of the mean (both from one Gram matrix). When every row is
+    clipped, ``signal_norm`` is C·√(mean cosine): at a fixed clip norm the signal is set by how well
+    the examples' gradients agree, whatever their number of coordinates."""
+    if len(flat) < 2:
+        raise ValueError("the signal estimate needs at least two examples")
+    norms = flat.norm(dim=1)
+    clipped = flat * (clip_norm / (norms + 1e-6)).clamp(max=1.0).unsqueeze(1)
+    gram = _gram(clipped)
+    n = len(clipped)
+    lengths = gram.diagonal().sqrt()
+    cosines = gram / (lengths[:, None] * lengths[None, :]).clamp(min=1e-300)
+    mean_cosine = (cosines.sum() - cosines.diagonal().sum()) / (n * (n - 1))
+    return {"examples": n, "median gradient norm": float(norms.median()),
+            "clipped": float((norms > clip_norm).float().mean()), "signal_norm": _length_from_gram(gram),
+            "mean_cosine": float(mean_cosine)}
+
+
 def signal_and_noise(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, clip_norm: float,
                      noise_multiplier: float, batch_size: int, engine: str = "auto") -> dict[str, float]:
     """Measure the clipped signal of ``images`` (one view each) under ``model`` against one step's
@@ -54,19 +74,13 @@ def signal_and_noise(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         raise ValueError("the signal estimate needs at least two examples")
     grads, _ = per_sample_grads(model, images.unsqueeze(1), labels, engine)
     flat = torch.cat([g.detach().flatten(1) for g in grads.values()], 1)
-    norms = flat.norm(dim=1)
-    clipped = flat * (clip_norm / (norms + 1e-6)).clamp(max=1.0).unsqueeze(1)
-    gram = _gram(clipped)
-    n, d = len(clipped), clipped.shape[1]
-    lengths = gram.diagonal().sqrt()
-    cosines = gram / (lengths[:, None] * lengths[None, :]).clamp(min=1e-300)
-    mean_cosine = (cosines.sum() - cosines.diagonal().sum()) / (n * (n - 1))
-    signal = _length_from_gram(gram)  # the Gram matrix the cosines use, computed once
+    measured = clipped_signal(flat, clip_norm)
+    d = flat.shape[1]
+    signal = measured["signal_norm"]
     noise = noise_multiplier * clip_norm * math.sqrt(d) / batch_size
-    return {"parameters": d, "examples": n, "median gradient norm": float(norms.median()),
-            "clipped": float((norms > clip_norm).float().mean()), "signal_norm": signal,
-            "mean_cosine": float(mean_cosine), "noise_norm": noise,
-            "noise_to_signal": noise / signal if signal > 0 else math.inf,
+    return {"parameters": d, "examples": measured["examples"], "median gradient norm": measured["median gradient norm"],
+            "clipped": measured["clipped"], "signal_norm": signal, "mean_cosine": measured["mean_cosine"],
+            "noise_norm": noise, "noise_to_signal": noise / signal if signal > 0 else math.inf,
             "noise_to_max_signal": noise / clip_norm}
 
 

@@ -353,6 +353,22 @@ def test_the_measured_signal_is_the_length_of_the_mean_clipped_gradient():
     assert mixed["noise_to_signal"] > mixed["noise_to_max_signal"]
 
 
+def test_when_every_gradient_is_clipped_the_signal_is_set_by_alignment_alone():
+    """All rows longer than C: the signal is C·√(mean cosine), whatever the number of coordinates, so
+    two sets of gradients with equal alignment keep equal signals in 27 or in 108 coordinates."""
+    from dpeq_utils.mechanism import clipped_signal
+
+    generator = torch.Generator().manual_seed(0)
+    for d in (27, 108):
+        common = torch.randn(d, dtype=torch.float64, generator=generator)
+        rows = 5 * (common + 2 * torch.randn(40, d, dtype=torch.float64, generator=generator))
+        measured = clipped_signal(rows, 0.5)
+        assert measured["clipped"] == 1.0 and 0 < measured["mean_cosine"] < 1
+        assert measured["signal_norm"] == pytest.approx(0.5 * measured["mean_cosine"] ** 0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="two examples"):
+        clipped_signal(torch.ones(1, 3), 1.0)
+
+
 def test_measuring_along_a_run_does_not_change_the_run(tmp_path):
     """The measurements along training work on a copy with the global generators restored: the run
     ends where the same run trained without them ends; the record is verified when read back."""

@@ -90,19 +90,36 @@ def plot_c(ax, study: Study, records=None) -> None:
 
 
 def plot_d(ax, study: Study, records=None, value: str = "test_accuracy_ema") -> None:
-    """Part D: EMA test accuracy (or another history value) along training for each model and run length."""
+    """Part D: EMA test accuracy (or another history value) along training for each model and run
+    length: colour per model, line style and marker per length (so that a short run drawn over a
+    long one stays visible), the models set a little apart on the step axis; an accuracy's last point
+    carries its test-sampling interval (binomial, 95 %)."""
     from ..plotting import MODEL_COLOURS
+    from .stats import binomial_ci95
 
     d = part_d(study, records)
+    lengths = sorted(d["length"].unique()) if len(d) else []
+    styles = dict(zip(reversed(lengths), (("-", "o"), ("--", "^"), (":", "s"), ("-.", "D"))))
+    models = list(dict.fromkeys(d["model"])) if len(d) else []
+    shift = 0.012 * (max(lengths) if lengths else 0)
     for (model, length), part in d.groupby(["model", "length"], sort=False) if len(d) else []:
-        ax.plot(part["step"], part[value], marker="o", color=MODEL_COLOURS.get(model),
-                alpha=0.4 + 0.6 * (length == d["length"].max()), label=f"{MODEL_NAMES.get(model, model)}, {length} steps")
+        linestyle, marker = styles.get(length, ("-", "o"))
+        steps = part["step"] + (models.index(model) - (len(models) - 1) / 2) * shift
+        ax.plot(steps, part[value], marker=marker, linestyle=linestyle, color=MODEL_COLOURS.get(model), markersize=4,
+                label=f"{MODEL_NAMES.get(model, model)}, {length} steps")
+        if "accuracy" in value and study.base.test_size:
+            last = part[value].iloc[-1]
+            ax.errorbar(steps.iloc[-1], last, yerr=binomial_ci95(last, study.base.test_size),
+                        color=MODEL_COLOURS.get(model), capsize=3, linestyle="none")
     if len(d):
         if "accuracy" in value:
-            ax.axhline(0.1, color="grey", linestyle=":")
+            ax.axhline(0.1, color="grey", linestyle=":", linewidth=1)
         ax.legend(fontsize=6)
-    ax.set(xlabel="logical step", ylabel=value.replace("_", " ").replace("ema", "(EMA)"),
-           title=f"D · training length, σ per length ({study.profile})")
+    readable = {"test_accuracy_ema": "test accuracy (EMA weights)", "test_loss_ema": "test loss (EMA weights)",
+                "test_accuracy": "test accuracy (raw weights)", "test_loss": "test loss (raw weights)"}
+    ax.set(xlabel="logical step", ylabel=readable.get(value, value.replace("_", " ")),
+           title=f"D · training length, σ per length ({study.profile})"
+                 + ("; bar: test-sampling 95 %" if "accuracy" in value and len(d) else ""))
     _no_records(ax)
     stamp(ax, study)
 

@@ -184,10 +184,13 @@ def augmentation_verdicts(study: Study, records) -> list[str]:
                 f"(records so far: {have} of {planned} runs)."]
     delta = g["delta_interval"]
     before = as_first_trained(study, records, lambda r: part_g(study, r)["delta_interval"])
-    own = [f"{MODEL_NAMES.get(m, m)} {points(g['own_change'][m])}" for m in (eq, matched) if g["own_change"][m]]
+    own = [f"{MODEL_NAMES.get(m, m)} {points(g['own_change'][m])} "
+           f"({verdict_words(g['own_change'][m], 'higher with ' + str(k) + ' views', 'lower with ' + str(k) + ' views', 'not distinguishable from no change')})"
+           for m in (eq, matched) if g["own_change"][m]]
     return [f"{head}: with {k} views the gap (equivariant − matched) changes by {points(delta)} (paired t over seeds "
             f"{', '.join(map(str, delta['seeds']))}, {len(delta['seeds']) - 1} df: only a change far beyond the seed "
-            f"spread can show); each model's own change: " + ", ".join(own) + "."
+            f"spread can show): **{verdict_words(delta, 'the gap rises', 'the gap falls', 'not distinguishable from no change')}**"
+            "; each model's own accuracy change: " + ", ".join(own) + "."
             + (f" With the seed-0 one-view arm as first trained, by older code (kept in `superseded/`): {points(before)}."
                if before is not None else "")]
 
