@@ -184,8 +184,9 @@ def augmentation_verdicts(study: Study, records) -> list[str]:
                 f"(records so far: {have} of {planned} runs)."]
     delta = g["delta_interval"]
     before = as_first_trained(study, records, lambda r: part_g(study, r)["delta_interval"])
-    own = [f"{MODEL_NAMES.get(m, m)} {points(g['own_change'][m])} "
-           f"({verdict_words(g['own_change'][m], 'higher with ' + str(k) + ' views', 'lower with ' + str(k) + ' views', 'not distinguishable from no change')})"
+    own = [f"{MODEL_NAMES.get(m, m)} {points(g['own_change'][m])} ("
+           + verdict_words(g["own_change"][m], f"higher with {k} views", f"lower with {k} views",
+                           "not distinguishable from no change") + ")"
            for m in (eq, matched) if g["own_change"][m]]
     return [f"{head}: with {k} views the gap (equivariant − matched) changes by {points(delta)} (paired t over seeds "
             f"{', '.join(map(str, delta['seeds']))}, {len(delta['seeds']) - 1} df: only a change far beyond the seed "
