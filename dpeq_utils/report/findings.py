@@ -8,6 +8,7 @@ decided from that interval (:func:`.stats.verdict_words`), never from a point es
   (part F's seeds against part A's; Welch).
 * :func:`non_private_gaps`: the equivariant model minus the parameter-matched one without privacy, at
   both lengths (paired by seed).
+* :func:`non_private_table`: the same as a markdown table (notebooks 03 and 05).
 * :func:`privacy_costs`: every model's privacy cost at part F's length (F3, and H3 with part H's model).
 * :func:`findings_lines`: the closing section, one bullet per finding; a comparison whose runs are
   not all there says "not decided yet" and which records it waits for.
@@ -20,7 +21,7 @@ from ..plotting import display_name
 from ..study import Study
 from .noise_limited import cost_points, covers_zero, part_f, welch_interval
 from .sparsity import _parameters, part_h
-from .stats import mean_cell, points, verdict_words
+from .stats import mean_cell, mean_interval, percent, points, verdict_words
 from .tables import paired_by_seed, paired_gap, runs_by_seed
 
 
@@ -85,6 +86,23 @@ def non_private_gaps(study: Study, records=None, value: str = "test_accuracy_ema
     for row in rows:
         row["gap"] = paired_by_seed(row["runs"][eq], row["runs"][matched])
     return rows
+
+
+def non_private_table(study: Study, records=None) -> str:
+    """:func:`non_private_gaps` as a markdown table: each model's non-private EMA test accuracy (mean ±
+    95 % Student-t over seeds), the paired difference and its verdict, at each length."""
+    rows = []
+    models = _models(study)
+    for row in non_private_gaps(study, records):
+        cells = [percent(*mean_interval(list(v.values()))) if len(v) > 1 else (percent(next(iter(v.values()))) if v else "—")
+                 for v in row["runs"].values()]
+        gap = row["gap"]
+        rows.append(f"| {row['steps']} (part {row['part']}) | " + " | ".join(cells) + " | "
+                    + (f"{points(gap)} over seeds {', '.join(map(str, gap['seeds']))} | "
+                       f"{verdict_words(gap, 'higher', 'lower', 'not distinguishable')} |" if gap else "not decided yet | — |"))
+    return (f"From the `{study.profile}` study (EMA test accuracy, non-private; mean ± 95 % Student-t over seeds):\n\n"
+            f"| steps | {display_name(models[0])} | {display_name(models[1])} | difference, paired | the equivariant model is |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def privacy_costs(study: Study, records=None, value: str = "test_accuracy_ema") -> dict:
