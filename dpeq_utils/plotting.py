@@ -22,12 +22,13 @@ DISPLAY_NAMES = {**MODEL_LABELS, "wrn40_4": "WRN-40-4 (GN+WS)", "de_et_al": "De 
 
 
 def display_name(key: str) -> str:
-    """The readable name of ``key`` (a model, a baseline, a study label); a label with a seed keeps it
-    ("de_et_al seed 1" → "De et al. 2022 (…), seed 1"); an unknown key is returned as it is."""
+    """The readable name of ``key`` (a model, a baseline, a study label); a label that starts with a
+    known key keeps the rest ("de_et_al seed 1" → "De et al. 2022 (…), seed 1", "eq_resnet9 160 steps"
+    → "equivariant ResNet-9 (paper), 160 steps"); an unknown key is returned as it is."""
     if key in DISPLAY_NAMES:
         return DISPLAY_NAMES[key]
-    base, _, seed = key.partition(" seed ")
-    return f"{DISPLAY_NAMES[base]}, seed {seed}" if seed and base in DISPLAY_NAMES else key
+    base, _, rest = key.partition(" ")
+    return f"{DISPLAY_NAMES[base]}, {rest}" if rest and base in DISPLAY_NAMES else key
 
 
 def set_theme() -> None:

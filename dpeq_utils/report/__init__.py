@@ -15,6 +15,7 @@ part D's runs, notebook 03).
 """
 
 from ..plotting import MODEL_LABELS as MODEL_NAMES  # noqa: F401
+from ..plotting import display_name  # noqa: F401
 from .along_training import along_training, along_training_findings, plot_along_training  # noqa: F401
 from .cost import recipe_compute, step_seconds, typical_step_seconds  # noqa: F401
 from .figures import figure_overview, plot_a, plot_b, plot_c, plot_d, plot_f, shipped_reference, side_by_side, stamp  # noqa: F401

@@ -130,6 +130,7 @@ def findings_lines(study: Study, records=None) -> list[str]:
     "at this budget"; a finding whose runs are missing says "not decided yet" and what it waits for."""
     from ..config import config_from_profile
     from ..data import TRAIN_SIZES
+    from .baselines import method_gaps
     from .readme import baseline_gap
 
     records = study.records() if records is None else records
@@ -158,8 +159,17 @@ def findings_lines(study: Study, records=None) -> list[str]:
             table = study.table("E", records)
             have = sorted(int(s) for s in table[table["label"].str.startswith("de_et_al")]["seed"]) if len(table) else []
             lines_wanted = (study.spec.get("baseline_seeds") or {}).get("seeds", [b.seed])
-            line += (f" Against De et al.'s recipe: not decided yet (the paired comparison needs two of its seeds; "
-                     f"records so far: seed(s) {', '.join(map(str, have)) or 'none'} of {', '.join(map(str, lines_wanted))}).")
+            one_seed = next((g for g in method_gaps(study, records) if g["method"] == "de_et_al" and g["interval"]), None)
+            if one_seed is not None:  # notebook 06's estimate: one seed against one, the pooled one-seed interval
+                gap = {"mean": -one_seed["interval"]["mean"], "ci95": one_seed["interval"]["ci95"]}
+                line += (f" Against De et al.'s recipe, from one seed of it ({one_seed['how']}; as notebook 06): "
+                         f"**{verdict_words(gap)}** it, {points(gap)}; the paired comparison fixed for it needs two of its "
+                         f"seeds (records so far: seed(s) {', '.join(map(str, have)) or 'none'} of "
+                         f"{', '.join(map(str, lines_wanted))}).")
+            else:
+                line += (f" Against De et al.'s recipe: not decided yet (the paired comparison needs two of its seeds; "
+                         f"records so far: seed(s) {', '.join(map(str, have)) or 'none'} of "
+                         f"{', '.join(map(str, lines_wanted))}).")
         lines.append(line)
 
     # 2. equal parameter count, under DP, at both lengths
@@ -197,8 +207,8 @@ def findings_lines(study: Study, records=None) -> list[str]:
             behind.append(str(row["steps"]))
     line = "**Equal parameter count, without privacy** (each at its own non-private rate): " + "; ".join(parts) + "."
     if behind:
-        line += (f" Without any noise the {names[eq]} is behind at {' and '.join(behind)} steps: that part of its deficit is "
-                 "not a cost of privacy.")
+        line += (f" Without any noise the {names[eq]} is behind at {' and '.join(behind)} steps: a gap that exists without "
+                 "noise is not a cost of privacy (each model's privacy cost is the next finding).")
     lines.append(line)
 
     # 4. privacy costs, at this budget's length and at part F's
