@@ -1,5 +1,6 @@
 """The evidence study's protocol (dpeq_utils.study) on a tiny profile, and the shipped-record lookup."""
 
+import math
 import shutil
 
 import pytest
@@ -444,3 +445,39 @@ def test_findings_are_decided_from_intervals_and_say_what_is_missing(monkeypatch
     gap = paired_gap(study, "eq_resnet9", "wrn16_4", shifted)
     assert gap["mean"] - gap["ci95"] < 0 < gap["mean"] + gap["ci95"]
     assert "**not distinguishable from** WRN-16-4" in findings.findings_lines(study, shifted)[0]
+
+
+def test_signal_along_training_is_compared_from_the_probes_intervals():
+    """Four probes per point: two models whose probes overlap are 'not distinguishable' however far apart
+    their means are; probes well apart decide 'more'/'less'; a point whose interval reaches 0 is unresolved,
+    its ratio bounded below only."""
+    from dpeq_utils.report.along_training import along_training_findings, points_table
+
+    def record(model, probes_by_step):
+        points = [{"step": step, "epsilon": 0.0, "median gradient norm": 1.0, "clipped": 1.0, "mean_cosine": 0.01,
+                   "signal_norm": sum(p) / len(p), "signal_norm_probes": p, "noise_norm": 2.0,
+                   "noise_to_signal": 2.0 / (sum(p) / len(p))} for step, p in probes_by_step.items()]
+        return {"run_key": model, "noise_multiplier": 1.0, "steps_trained": 10, "probes": 4, "probe_size": 64,
+                "points": points, "test_accuracy": 0.3, "test_accuracy_ema": 0.3, "git_commit": "abc"}
+
+    found = {"eq_resnet9": record("eq_resnet9", {0: [0.30, 0.31, 0.29, 0.30], 10: [0.05, 0.30, 0.01, 0.20]}),
+             "resnet9_matched": record("resnet9_matched", {0: [0.10, 0.11, 0.09, 0.10], 10: [0.02, 0.25, 0.0, 0.15]})}
+    table = points_table(found)
+    assert table.set_index(["model", "step"])["resolved"].to_dict() == {
+        ("eq_resnet9", 0): True, ("eq_resnet9", 10): False, ("resnet9_matched", 0): True, ("resnet9_matched", 10): False}
+    assert math.isinf(table.set_index(["model", "step"]).loc[("eq_resnet9", 10), "noise ÷ signal, to"])
+    text = along_training_findings(table, found, {})
+    assert "more at step 0, less at no step, not distinguishable at step 10" in text
+    assert text.count("Which step's signal is longest the probes do not resolve") == 2  # step 10's interval is wide
+    tight = points_table({"eq_resnet9": record("eq_resnet9", {0: [0.30, 0.31, 0.29, 0.30], 5: [0.10, 0.11, 0.09, 0.10]})})
+    assert "The signal is longest at step 0, above every other step's interval." in along_training_findings(
+        tight, {"eq_resnet9": found["eq_resnet9"]}, {})
+    assert "at least" in text  # the unresolved end point: a lower bound only
+
+
+def test_display_names_keep_the_rest_of_a_label():
+    from dpeq_utils.plotting import display_name
+
+    assert display_name("eq_resnet9 160 steps") == "equivariant ResNet-9 (paper), 160 steps"
+    assert display_name("de_et_al seed 1").endswith(", seed 1") and display_name("de_et_al seed 1").startswith("De et al.")
+    assert display_name("DP-SGD, ε = 8") == "DP-SGD, ε = 8" and display_name("resnet9") == "ResNet-9 (same widths)"

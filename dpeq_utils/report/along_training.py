@@ -28,6 +28,11 @@ def along_training(study: Study, records: dict[str, dict] | None = None, train_m
         record = study.mechanism(model, records, train_missing=train_missing, echo=echo)
         if record is not None:
             found[model] = record
+    return points_table(found), found
+
+
+def points_table(found: dict[str, dict]) -> pd.DataFrame:
+    """The rows of :func:`along_training` from mechanism records by model."""
     rows = []
     for model, record in found.items():
         for p in record["points"]:
@@ -42,7 +47,7 @@ def along_training(study: Study, records: dict[str, dict] | None = None, train_m
                          "noise ÷ signal, from": p["noise_norm"] / high if high > 0 else math.inf,
                          "noise ÷ signal, to": p["noise_norm"] / low if low > 0 else math.inf,
                          "resolved": low > 0})
-    return pd.DataFrame(rows), found
+    return pd.DataFrame(rows)
 
 
 def _probe_half_width(probes) -> float:
