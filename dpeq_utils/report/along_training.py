@@ -76,7 +76,9 @@ def plot_along_training(axes, table: pd.DataFrame, study: Study) -> None:
         axes[1].plot(part["step"], part["noise ÷ signal"].where(part["resolved"]), color=colour, alpha=0.6, label=label)
         for resolved, points in part.groupby("resolved"):
             face = colour if resolved else "white"
-            axes[0].errorbar(points["step"], points["signal norm"], yerr=points["signal ± (95 %)"], color=colour,
+            # a norm is not negative: the interval is cut at 0 below
+            below = points[["signal ± (95 %)", "signal norm"]].min(axis=1)
+            axes[0].errorbar(points["step"], points["signal norm"], yerr=[below, points["signal ± (95 %)"]], color=colour,
                              marker="o", markerfacecolor=face, linestyle="none", capsize=3)
             if resolved:
                 axes[1].errorbar(points["step"], points["noise ÷ signal"],
@@ -92,7 +94,7 @@ def plot_along_training(axes, table: pd.DataFrame, study: Study) -> None:
                                  markerfacecolor="white", linestyle="none")
     axes[0].set(xlabel="logical step", ylabel="‖mean clipped gradient‖",
                 title=f"{study.profile}: the signal, 95 % over probes\n(hollow: not resolved)")
-    axes[0].set_ylim(bottom=min(0.0, axes[0].get_ylim()[0]))
+    axes[0].set_ylim(bottom=0.0)
     axes[1].set(xlabel="logical step", ylabel="noise norm ÷ signal norm", yscale="log",
                 title=f"{study.profile}: noise over signal\n(arrow: no upper bound)")
     axes[0].legend(fontsize=7)
@@ -115,8 +117,10 @@ def along_training_findings(table: pd.DataFrame, found: dict[str, dict], records
         lines.append(
             f"* **{MODEL_NAMES.get(model, model)}** (σ = {record['noise_multiplier']:.3f} for {record['steps_trained']} "
             f"steps): the signal's length goes from {_signal(first)} at step {first['step']} to {_signal(last)} at step "
-            f"{last['step']} (95 % over {record['probes']} probes of {record['probe_size']} examples), the mean pairwise "
-            f"cosine from {first['mean cosine']:.4f} to {last['mean cosine']:.4f}, and one step's noise from "
+            f"{last['step']} (95 % over {record['probes']} probes of {record['probe_size']} examples; "
+            + ("a change beyond both intervals" if _apart(first, last) else "the two intervals overlap: a change the probes "
+               "do not resolve") + "), the mean pairwise "
+            f"cosine (point estimates) from {first['mean cosine']:.4f} to {last['mean cosine']:.4f}, and one step's noise from "
             f"{_ratio(first)} to {_ratio(last)} the signal. " + _largest(part) + _unresolved(record)
             + " The measured run ends at "
             f"{record['test_accuracy_ema']:.1%} EMA "
@@ -146,6 +150,12 @@ def along_training_findings(table: pd.DataFrame, found: dict[str, dict], records
             "does to the gradient; accuracy also depends on how far a model gets with the signal it keeps, so the two "
             "need not agree.")
     return "\n".join(lines)
+
+
+def _apart(one, other) -> bool:
+    """Whether two points' signal intervals do not overlap."""
+    return (abs(one["signal norm"] - other["signal norm"])
+            > one["signal ± (95 %)"] + other["signal ± (95 %)"])
 
 
 def _signal(row) -> str:

@@ -104,7 +104,9 @@ def plot_d(ax, study: Study, records=None, value: str = "test_accuracy_ema") -> 
     shift = 0.012 * (max(lengths) if lengths else 0)
     for (model, length), part in d.groupby(["model", "length"], sort=False) if len(d) else []:
         linestyle, marker = styles.get(length, ("-", "o"))
-        steps = part["step"] + (models.index(model) - (len(models) - 1) / 2) * shift
+        # every (model, length) a little apart on the step axis: runs evaluated at the same step stay visible
+        slot = models.index(model) * len(lengths) + lengths.index(length)
+        steps = part["step"] + (slot - (len(models) * len(lengths) - 1) / 2) * shift / 2
         ax.plot(steps, part[value], marker=marker, linestyle=linestyle, color=MODEL_COLOURS.get(model), markersize=4,
                 label=f"{MODEL_NAMES.get(model, model)}, {length} steps")
         if "accuracy" in value and study.base.test_size:
