@@ -451,6 +451,25 @@ def _from_record(record: dict, delta: float, confidence: float) -> CanaryRun:
                      **white_fields)
 
 
+def separation_cap(included: np.ndarray, delta: float = 1e-5, confidence: float = 0.95, bound: str = "steinke") -> float:
+    """The bound :func:`best_audit` gives when the scores separate members from non-members perfectly:
+    the most these canaries, with this draw of members, can show whatever a run leaks."""
+    included = np.asarray(included, dtype=bool)
+    return best_audit(included.astype(float), included, delta, confidence, bound=bound).epsilon_lower_bound
+
+
+def white_box_noise(run: CanaryRun) -> dict[str, float]:
+    """The white-box canaries' check of the noise itself. A non-member gradient canary is never in a
+    batch, so its score is the noise alone, N(0, σ²T) in units of C: divided by σ√T its standard
+    deviation ``sd`` must be 1, within ``half`` (the 95 % sampling half-width of a normal sample's
+    standard deviation, 1.96/√(2(n − 1))) for a correct trainer. ``z`` holds the standardised scores."""
+    mechanism = run.mechanism
+    z = run.white_scores[~run.white_included] / (mechanism["noise_multiplier"] * np.sqrt(mechanism["steps"]))
+    half = 1.96 / np.sqrt(2 * (len(z) - 1))
+    sd = float(z.std(ddof=1))
+    return {"sd": sd, "half": float(half), "consistent": abs(sd - 1) <= half, "z": z}
+
+
 @functools.cache  # the notebook asks for the same ceiling once per row
 def audit_ceiling(count: int, delta: float = 1e-5, confidence: float = 0.95, trials: int = 20, seed: int = 0,
                   bound: str = "steinke") -> float:
@@ -460,11 +479,7 @@ def audit_ceiling(count: int, delta: float = 1e-5, confidence: float = 0.95, tri
     audit: guessing all ``count`` canaries right at the full confidence shows more
     (:func:`all_right_bound`: 5.78 against 4.35 at m = 1,000 for ``bound="steinke"``)."""
     rng = np.random.default_rng(seed)
-    bounds = []
-    for _ in range(trials):
-        included = rng.random(count) < 0.5
-        bounds.append(best_audit(included.astype(float), included, delta, confidence, bound=bound).epsilon_lower_bound)
-    return float(np.median(bounds))
+    return float(np.median([separation_cap(rng.random(count) < 0.5, delta, confidence, bound) for _ in range(trials)]))
 
 
 def all_right_bound(count: int, delta: float = 1e-5, confidence: float = 0.95, bound: str = "steinke") -> float:

@@ -192,7 +192,9 @@ def process_job(folder: str | os.PathLike) -> None:
         delayed = load_submission(paths.submitted_pickle)
         run = _run_name(delayed.function)
         environment._handle_signals(paths, delayed)  # preemption: checkpoint and requeue, as submitit does
-        result = delayed.result()  # calls the checked RunJob (DelayedSubmission.result runs it): no file is read here
+        # DelayedSubmission.result() calls its function, the RunJob load_submission checked; unlike submitit's
+        # Job.result() it reads no result file (the driver reads each job's JSON status, never a pickle)
+        result = delayed.result()
         write_status(status_path(paths.result_pickle), "done", run)
         with utils.temporary_save_path(paths.result_pickle) as temporary:
             utils.cloudpickle_dump(("success", result), temporary)

@@ -346,3 +346,23 @@ def test_audit_records_are_written_once_and_read_back_without_training(tmp_path,
         audit.load_or_audit(config, 16, runs_dir=tmp_path)
     with pytest.raises(ValueError, match="breakage must be one of"):
         audit.load_or_audit(config, 16, breakage="typo", runs_dir=tmp_path)
+
+
+def test_the_white_box_noise_check_finds_a_trainer_that_adds_less_noise_than_claimed():
+    """Scores drawn from the mechanism itself pass; the same scores read as if the run had claimed twice
+    the noise (σ doubled in its mechanism) fail. The separation cap is the bound of perfect scores."""
+    import numpy as np
+
+    from dpeq_utils.audit import CanaryRun, best_audit, separation_cap, white_box_noise
+    from dpeq_utils.gradient_canaries import ideal_scores
+
+    mechanism = {"noise_multiplier": 1.5, "sample_rate": 0.1, "steps": 100}
+    scores, included = ideal_scores(4000, 1.5, 0.1, 100, np.random.default_rng(0))
+    run = CanaryRun("x", 1.0, None, {}, 0.0, scores, included, white_scores=scores, white_included=included,
+                    mechanism=mechanism)
+    honest = white_box_noise(run)
+    assert honest["consistent"] and abs(honest["sd"] - 1) <= honest["half"]
+    overclaimed = white_box_noise(CanaryRun("x", 1.0, None, {}, 0.0, scores, included, white_scores=scores,
+                                            white_included=included, mechanism={**mechanism, "noise_multiplier": 3.0}))
+    assert not overclaimed["consistent"] and overclaimed["sd"] < 1 - overclaimed["half"]
+    assert separation_cap(included) >= best_audit(scores, included).epsilon_lower_bound

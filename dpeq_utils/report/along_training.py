@@ -173,8 +173,7 @@ def _largest(part: pd.DataFrame) -> str:
     """Where the signal is longest, said only where that step's interval lies above every other's."""
     top = part.loc[part["signal norm"].idxmax()]
     others = part.drop(index=top.name)
-    low = top["signal norm"] - top["signal ± (95 %)"]
-    if len(others) and (low > others["signal norm"] + others["signal ± (95 %)"]).all():
+    if len(others) and all(_apart(top, other) for _, other in others.iterrows()):  # the largest: apart means above
         return f"The signal is longest at step {top['step']}, above every other step's interval."
     return (f"Which step's signal is longest the probes do not resolve (the intervals overlap; the largest point "
             f"estimate is at step {top['step']}).")

@@ -159,17 +159,15 @@ def findings_lines(study: Study, records=None) -> list[str]:
             table = study.table("E", records)
             have = sorted(int(s) for s in table[table["label"].str.startswith("de_et_al")]["seed"]) if len(table) else []
             lines_wanted = (study.spec.get("baseline_seeds") or {}).get("seeds", [b.seed])
+            so_far = f"records so far: seed(s) {', '.join(map(str, have)) or 'none'} of {', '.join(map(str, lines_wanted))}"
             one_seed = next((g for g in method_gaps(study, records) if g["method"] == "de_et_al" and g["interval"]), None)
             if one_seed is not None:  # notebook 06's estimate: one seed against one, the pooled one-seed interval
                 gap = {"mean": -one_seed["interval"]["mean"], "ci95": one_seed["interval"]["ci95"]}
                 line += (f" Against De et al.'s recipe, from one seed of it ({one_seed['how']}; as notebook 06): "
                          f"**{verdict_words(gap)}** it, {points(gap)}; the paired comparison fixed for it needs two of its "
-                         f"seeds (records so far: seed(s) {', '.join(map(str, have)) or 'none'} of "
-                         f"{', '.join(map(str, lines_wanted))}).")
+                         f"seeds ({so_far}).")
             else:
-                line += (f" Against De et al.'s recipe: not decided yet (the paired comparison needs two of its seeds; "
-                         f"records so far: seed(s) {', '.join(map(str, have)) or 'none'} of "
-                         f"{', '.join(map(str, lines_wanted))}).")
+                line += f" Against De et al.'s recipe: not decided yet (the paired comparison needs two of its seeds; {so_far})."
         lines.append(line)
 
     # 2. equal parameter count, under DP, at both lengths
